@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Flow records: shared by the uplink and LAN programs. */
+#ifndef __MHBPF_FLOW_H
+#define __MHBPF_FLOW_H
+
+#include "maps.h"
+#include "parse.h"
+
+static __always_inline void flow_key_of(const struct packet *p, struct flow_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = p->family;
+	k->proto = p->proto;
+	k->sport = p->sport;
+	k->dport = p->dport;
+	__builtin_memcpy(k->saddr, p->saddr, 16);
+	__builtin_memcpy(k->daddr, p->daddr, 16);
+}
+
+static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *addr, __be16 port,
+					  struct remote_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = family;
+	k->proto = proto;
+	k->port = port;
+	__builtin_memcpy(k->addr, addr, 16);
+}
+
+static __always_inline void flow_seen(struct flow *f, __u64 len)
+{
+	f->last_seen = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, len);
+}
+
+static __always_inline void flow_record(const struct flow_key *k, __u8 uplink, __u8 origin, __u32 mark,
+					__u64 len)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct flow f = {
+		.mark = mark,
+		.uplink = uplink,
+		.origin = origin,
+		.first_seen = now,
+		.last_seen = now,
+		.packets = 1,
+		.bytes = len,
+	};
+	bpf_map_update_elem(&flows, k, &f, BPF_ANY);
+	count_new_flow(uplink);
+}
+
+static __always_inline void count_packet(__u32 uplink, __u64 len, bool rx)
+{
+	struct uplink_counters *c = bpf_map_lookup_elem(&counters, &uplink);
+	if (!c)
+		return;
+	if (rx) {
+		c->rx_packets++;
+		c->rx_bytes += len;
+	} else {
+		c->tx_packets++;
+		c->tx_bytes += len;
+	}
+}
+
+#endif

@@ -1,0 +1,284 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Every map of mhbpf and the value layouts Go shares with the programs.
+ * Each object includes this file; the loader creates the maps once and hands
+ * the same maps to all objects, so the definitions here must stay identical
+ * for all of them (they are: one header). Layouts are padded explicitly so
+ * that the Go types bpf2go generates match byte for byte. */
+#ifndef __MHBPF_MAPS_H
+#define __MHBPF_MAPS_H
+
+#include "common.h"
+
+#define MAX_UPLINKS 16
+#define MAX_RULES 64
+#define MAX_POLICY_UPLINKS 8
+#define MAX_PORT_RANGES 8
+#define POLICY_GENERATIONS 2
+
+/* Load-time settings (the loader rewrites them). */
+volatile const __u32 mark_mask = 0x00ff0000;
+/* The "no fallback" bit: fib rules send it to an unreachable route after the
+ * uplink rules, so a policy whose uplinks are all down fails closed instead
+ * of leaking out by main's default route. Inside mark_mask. */
+volatile const __u32 mark_strict = 0x00800000;
+volatile const __u64 sticky_ns = 600ULL * 1000000000ULL;
+
+enum origin {
+	ORIGIN_BALANCED = 1, /* default policy, weighted choice */
+	ORIGIN_POLICY = 2,   /* an explicit policy rule matched */
+	ORIGIN_INBOUND = 3,  /* started by a remote peer on an uplink */
+};
+
+enum sticky_mode {
+	STICKY_DST = 0, /* default: one destination keeps its uplink */
+	STICKY_FLOW = 1,
+	STICKY_PAIR = 2, /* source + destination */
+};
+
+enum fallback {
+	FALLBACK_MAIN = 0,
+	FALLBACK_UNREACHABLE = 1,
+};
+
+enum iface_role {
+	ROLE_UPLINK = 1,
+	ROLE_LAN = 2,
+};
+
+/* A connection (or UDP/ICMP exchange) as seen where it started: from a LAN
+ * host (LAN ingress) or from a remote peer (uplink ingress). IPv4 addresses
+ * use addr[0] only. ICMP echo uses sport for the identifier. */
+struct flow_key {
+	__u8 family; /* 4 or 6 */
+	__u8 proto;
+	__u16 pad;
+	__be16 sport;
+	__be16 dport;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+struct flow {
+	__u32 mark; /* mhbpf bits the flow's packets get */
+	__u8 uplink;
+	__u8 origin;
+	__u16 pad;
+	__u64 first_seen; /* CLOCK_MONOTONIC ns */
+	__u64 last_seen;
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* The remote end of a flow, which NAT on this box never rewrites: the key
+ * that finds a port-forwarded (DNAT) flow from its reply on the LAN side, and
+ * tells a UDP reply to one of our own flows from a new inbound exchange. */
+struct remote_key {
+	__u8 family;
+	__u8 proto;
+	__be16 port;
+	__u32 addr[4];
+};
+
+struct remote {
+	__u8 uplink;
+	__u8 origin;
+	__u16 pad;
+};
+
+struct uplink {
+	__u32 mark; /* this uplink's bit */
+	__u32 ifindex;
+	__u16 weight;
+	__u8 tier;
+	__u8 up;
+};
+
+struct iface {
+	__u8 role;
+	__u8 l3_off; /* 14 on Ethernet, 0 on ppp/tun */
+	__u8 uplink; /* for ROLE_UPLINK */
+	__u8 pad;
+};
+
+struct policy_entry {
+	__u8 uplink;
+	__u8 tier; /* lower is preferred; equal tiers balance by weight */
+	__u16 weight;
+};
+
+struct policy {
+	struct policy_entry entries[MAX_POLICY_UPLINKS];
+	__u8 nentries;
+	__u8 fallback;
+	__u8 sticky;
+	__u8 pad;
+	__u32 id; /* namespace of the sticky map; 0 is the default policy */
+};
+
+struct port_range {
+	__u16 lo; /* host byte order, inclusive */
+	__u16 hi;
+};
+
+struct policy_rule {
+	__u8 proto; /* 0: any */
+	__u8 nports; /* 0: any port */
+	__u16 pad;
+	struct port_range ports[MAX_PORT_RANGES];
+	struct policy policy;
+};
+
+/* One generation of the policy. The programs read policy_gen once per packet
+ * and then only that generation's entries, so replacing the whole policy is
+ * one 4-byte write after the new generation is complete. */
+struct policy_set {
+	__u64 any_dst; /* rules with no destination prefix */
+	__u64 any_src; /* rules with no source prefix */
+	__u32 nrules;
+	__u32 pad;
+	struct policy dflt;
+};
+
+/* LPM keys carry the generation in front of the address; the prefix length
+ * counts those 32 bits too. A prefix's value is the set of rules whose
+ * prefixes contain it (Go folds shorter prefixes into longer ones, because
+ * an LPM lookup returns only the longest match). */
+struct lpm4_key {
+	__u32 prefixlen;
+	__u32 gen;
+	__u32 addr;
+};
+
+struct lpm6_key {
+	__u32 prefixlen;
+	__u32 gen;
+	__u32 addr[4];
+};
+
+struct bypass4_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+struct bypass6_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct sticky_key {
+	__u32 policy;
+	__u8 family;
+	__u8 mode;
+	__u16 pad;
+	__u32 saddr[4]; /* zero unless STICKY_PAIR */
+	__u32 daddr[4];
+};
+
+struct sticky_entry {
+	__u8 uplink;
+	__u8 pad[7];
+	__u64 last_used;
+};
+
+struct uplink_counters {
+	__u64 rx_packets; /* arrived on the uplink */
+	__u64 rx_bytes;
+	__u64 tx_packets; /* forwarded from the LAN to the uplink */
+	__u64 tx_bytes;
+	__u64 new_flows; /* flows and sockets assigned to the uplink */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct remote_key);
+	__type(value, struct remote);
+} remotes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_UPLINKS);
+	__type(key, __u32);
+	__type(value, struct uplink);
+} uplinks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32); /* ifindex */
+	__type(value, struct iface);
+} ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} policy_gen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, POLICY_GENERATIONS);
+	__type(key, __u32);
+	__type(value, struct policy_set);
+} policy_meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, POLICY_GENERATIONS * MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct policy_rule);
+} policy_rules SEC(".maps");
+
+#define LPM_MAP(name, keytype)                              \
+	struct {                                            \
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);        \
+		__uint(max_entries, 16384);                 \
+		__uint(map_flags, BPF_F_NO_PREALLOC);       \
+		__type(key, struct keytype);                \
+		__type(value, __u64);                       \
+	} name SEC(".maps")
+
+LPM_MAP(policy_dst4, lpm4_key);
+LPM_MAP(policy_src4, lpm4_key);
+LPM_MAP(policy_dst6, lpm6_key);
+LPM_MAP(policy_src6, lpm6_key);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bypass4_key);
+	__type(value, __u8);
+} bypass4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bypass6_key);
+	__type(value, __u8);
+} bypass6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sticky_key);
+	__type(value, struct sticky_entry);
+} sticky SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_UPLINKS);
+	__type(key, __u32);
+	__type(value, struct uplink_counters);
+} counters SEC(".maps");
+
+#endif

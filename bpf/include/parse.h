@@ -1,0 +1,157 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Packet parsing shared by the tc programs. Reads with bpf_skb_load_bytes so
+ * that non-linear skbs parse the same as linear ones; any header that cannot
+ * be read whole makes the packet unparseable, and unparseable packets pass
+ * unchanged. */
+#ifndef __MHBPF_PARSE_H
+#define __MHBPF_PARSE_H
+
+#include "common.h"
+
+struct packet {
+	__u8 family; /* 4 or 6 */
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 fragment; /* a non-first fragment: no L4 header, no flow identity */
+	__u8 pad[3];
+	__be16 sport; /* ICMP echo: the identifier */
+	__be16 dport;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+/* IPv6 extension headers followed before giving up. */
+#define MAX_EXT_HEADERS 8
+
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	__u8 buf[14];
+
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		if (bpf_skb_load_bytes(skb, off, buf, 14) < 0)
+			return -1;
+		__builtin_memcpy(&p->sport, &buf[0], 2);
+		__builtin_memcpy(&p->dport, &buf[2], 2);
+		p->tcp_flags = buf[13];
+		return 0;
+	case IPPROTO_UDP:
+		if (bpf_skb_load_bytes(skb, off, buf, 8) < 0)
+			return -1;
+		__builtin_memcpy(&p->sport, &buf[0], 2);
+		__builtin_memcpy(&p->dport, &buf[2], 2);
+		return 0;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, off, buf, 8) < 0)
+			return -1;
+		p->icmp_type = buf[0];
+		__builtin_memcpy(&p->sport, &buf[4], 2);
+		return 0;
+	}
+	return 0; /* other protocols: identified by addresses and protocol */
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	struct iphdr4 ip;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+		return -1;
+	if ((ip.ver_ihl >> 4) != 4 || (ip.ver_ihl & 0xf) < 5)
+		return -1;
+	p->family = 4;
+	p->proto = ip.protocol;
+	p->saddr[0] = ip.saddr;
+	p->daddr[0] = ip.daddr;
+	if (bpf_ntohs(ip.frag_off) & IP_OFFSET) {
+		p->fragment = 1;
+		return 0;
+	}
+	return parse_l4(skb, off + (ip.ver_ihl & 0xf) * 4, p);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	struct iphdr6 ip;
+	__u8 nh;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+		return -1;
+	if ((ip.ver_tc >> 4) != 6)
+		return -1;
+	p->family = 6;
+	__builtin_memcpy(p->saddr, ip.saddr, 16);
+	__builtin_memcpy(p->daddr, ip.daddr, 16);
+	nh = ip.nexthdr;
+	off += sizeof(ip);
+
+	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
+		__u8 ext[8];
+
+		switch (nh) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return -1;
+			nh = ext[0];
+			off += (ext[1] + 1) * 8;
+			continue;
+		case IPPROTO_AH:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return -1;
+			nh = ext[0];
+			off += (ext[1] + 2) * 4;
+			continue;
+		case IPPROTO_FRAGMENT:
+			if (bpf_skb_load_bytes(skb, off, ext, 8) < 0)
+				return -1;
+			nh = ext[0];
+			off += 8;
+			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
+				p->proto = nh;
+				p->fragment = 1;
+				return 0;
+			}
+			continue;
+		}
+		p->proto = nh;
+		return parse_l4(skb, off, p);
+	}
+	return -1; /* chain longer than we follow: leave the packet alone */
+}
+
+/* l3_off is where the IP header starts: 14 behind an Ethernet header, 0 on
+ * ppp and tun devices. Global, so the verifier checks it once on its own. */
+__attribute__((noinline)) int parse_packet(struct __sk_buff *skb, __u32 l3_off, struct packet *p)
+{
+	if (!p)
+		return -1;
+	if (l3_off) {
+		__be16 proto;
+
+		if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+			return -1;
+		if (proto == bpf_htons(ETH_P_IP))
+			return parse_ipv4(skb, ETH_HLEN, p);
+		if (proto == bpf_htons(ETH_P_IPV6))
+			return parse_ipv6(skb, ETH_HLEN, p);
+		return -1;
+	}
+
+	__u8 ver;
+	if (bpf_skb_load_bytes(skb, 0, &ver, 1) < 0)
+		return -1;
+	if ((ver >> 4) == 4)
+		return parse_ipv4(skb, 0, p);
+	if ((ver >> 4) == 6)
+		return parse_ipv6(skb, 0, p);
+	return -1;
+}
+
+#endif

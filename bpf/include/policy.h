@@ -1,0 +1,320 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Policy lookup and uplink choice: the one implementation used by the LAN
+ * program and the socket hooks. */
+#ifndef __MHBPF_POLICY_H
+#define __MHBPF_POLICY_H
+
+#include "maps.h"
+
+/* What a new flow is about, as far as policy is concerned. */
+struct target {
+	__u8 family;
+	__u8 proto;
+	__u8 has_saddr; /* false for a socket before it is bound */
+	__u8 pad;
+	__u16 dport; /* host byte order */
+	__u16 pad2;
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u64 flow_hash; /* identity of the single flow, for STICKY_FLOW */
+};
+
+struct choice {
+	__u32 mark; /* mhbpf bits to set; 0 routes by main */
+	__s32 uplink; /* -1: none chosen */
+	__u8 origin;
+};
+
+static __always_inline __u64 mix64(__u64 h)
+{
+	/* MurmurHash3 fmix64: a full avalanche, so h % total splits evenly. */
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ULL;
+	h ^= h >> 33;
+	return h;
+}
+
+static __always_inline __u64 hash_words(const __u32 *w, int n, __u64 seed)
+{
+	__u64 h = seed;
+	for (int i = 0; i < n; i++)
+		h = mix64(h ^ w[i]);
+	return h;
+}
+
+static __always_inline bool is_bypassed(__u8 family, const __u32 *daddr)
+{
+	if (family == 4) {
+		__u32 a = bpf_ntohl(daddr[0]);
+		/* loopback, link-local, multicast, broadcast */
+		if ((a >> 24) == 127 || (a >> 16) == 0xa9fe || (a >> 28) == 0xe || a == 0xffffffff)
+			return true;
+		struct bypass4_key k = { .prefixlen = 32, .addr = daddr[0] };
+		return bpf_map_lookup_elem(&bypass4, &k) != NULL;
+	}
+	__u32 a0 = bpf_ntohl(daddr[0]);
+	/* ::1, fe80::/10, ff00::/8 */
+	if ((a0 >> 22) == (0xfe80 >> 6) || (a0 >> 24) == 0xff)
+		return true;
+	if (!daddr[0] && !daddr[1] && !daddr[2] && daddr[3] == bpf_htonl(1))
+		return true;
+	struct bypass6_key k = { .prefixlen = 128 };
+	__builtin_memcpy(k.addr, daddr, 16);
+	return bpf_map_lookup_elem(&bypass6, &k) != NULL;
+}
+
+static __always_inline __u64 lpm_rules(void *map4, void *map6, __u32 gen, __u8 family, const __u32 *addr)
+{
+	__u64 *bits;
+
+	if (family == 4) {
+		struct lpm4_key k = { .prefixlen = 64, .gen = gen, .addr = addr[0] };
+		bits = bpf_map_lookup_elem(map4, &k);
+	} else {
+		struct lpm6_key k = { .prefixlen = 160, .gen = gen };
+		__builtin_memcpy(k.addr, addr, 16);
+		bits = bpf_map_lookup_elem(map6, &k);
+	}
+	return bits ? *bits : 0;
+}
+
+struct match_ctx {
+	const struct target *t;
+	__u64 candidates;
+	__u32 gen;
+	__s32 found;
+};
+
+static long match_rule(__u32 i, void *data)
+{
+	struct match_ctx *m = data;
+	const struct target *t = m->t;
+
+	if (i >= MAX_RULES)
+		return 1;
+	if (!(m->candidates & (1ULL << i)))
+		return 0;
+	__u32 idx = m->gen * MAX_RULES + i;
+	struct policy_rule *r = bpf_map_lookup_elem(&policy_rules, &idx);
+	if (!r)
+		return 1;
+	if (r->proto && r->proto != t->proto)
+		return 0;
+	if (r->nports) {
+		bool hit = false;
+		for (int j = 0; j < MAX_PORT_RANGES; j++) {
+			if (j >= r->nports)
+				break;
+			if (t->dport >= r->ports[j].lo && t->dport <= r->ports[j].hi) {
+				hit = true;
+				break;
+			}
+		}
+		if (!hit)
+			return 0;
+	}
+	m->found = i;
+	return 1;
+}
+
+/* The policy for t: the first rule (in config order) whose every condition
+ * holds, else the default policy. Always non-NULL once the maps are loaded. */
+static __always_inline struct policy *policy_lookup(const struct target *t, __u8 *origin)
+{
+	__u32 zero = 0;
+	__u32 *genp = bpf_map_lookup_elem(&policy_gen, &zero);
+	if (!genp)
+		return NULL;
+	__u32 gen = *genp & 1;
+	struct policy_set *meta = bpf_map_lookup_elem(&policy_meta, &gen);
+	if (!meta)
+		return NULL;
+
+	*origin = ORIGIN_BALANCED;
+	if (!meta->nrules)
+		return &meta->dflt;
+
+	struct match_ctx m = { .t = t, .gen = gen, .found = -1 };
+	__u64 dst = lpm_rules(&policy_dst4, &policy_dst6, gen, t->family, t->daddr) | meta->any_dst;
+	__u64 src = meta->any_src;
+	if (t->has_saddr)
+		src |= lpm_rules(&policy_src4, &policy_src6, gen, t->family, t->saddr);
+	m.candidates = dst & src;
+	if (!m.candidates)
+		return &meta->dflt;
+
+	bpf_loop(meta->nrules < MAX_RULES ? meta->nrules : MAX_RULES, match_rule, &m, 0);
+	if (m.found < 0)
+		return &meta->dflt;
+	__u32 idx = gen * MAX_RULES + (m.found & (MAX_RULES - 1));
+	struct policy_rule *r = bpf_map_lookup_elem(&policy_rules, &idx);
+	if (!r)
+		return &meta->dflt;
+	*origin = ORIGIN_POLICY;
+	return &r->policy;
+}
+
+/* Which of a policy's entries are usable now: the up ones of the best tier. */
+struct usable {
+	__u8 tier;
+	__u8 ok[MAX_POLICY_UPLINKS];
+	__u32 total;
+};
+
+/* The helpers below are global functions: each is verified once, alone,
+ * which keeps the verifier's path count linear instead of multiplying the
+ * branches of every loop. */
+__attribute__((noinline)) int usable_entries(const struct policy *p, struct usable *u)
+{
+	if (!p || !u)
+		return -1;
+	__u8 up[MAX_POLICY_UPLINKS] = {};
+
+	u->tier = 255;
+	u->total = 0;
+	for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
+		if (i >= p->nentries)
+			break;
+		__u32 id = p->entries[i].uplink;
+		struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
+		up[i] = l && l->up && p->entries[i].weight;
+		if (up[i] && p->entries[i].tier < u->tier)
+			u->tier = p->entries[i].tier;
+	}
+	for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
+		u->ok[i] = up[i] && p->entries[i].tier == u->tier;
+		if (u->ok[i])
+			u->total += p->entries[i].weight;
+	}
+	return u->total ? 0 : -1;
+}
+
+__attribute__((noinline)) int pick_weighted(const struct policy *p, const struct usable *u, __u64 hash)
+{
+	if (!p || !u || !u->total)
+		return -1;
+	__u32 r = hash % u->total;
+
+	for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
+		if (!u->ok[i])
+			continue;
+		__u32 w = p->entries[i].weight;
+		if (r < w)
+			return p->entries[i].uplink;
+		r -= w;
+	}
+	return -1;
+}
+
+__attribute__((noinline)) int is_usable(const struct policy *p, const struct usable *u, __u32 uplink)
+{
+	if (!p || !u)
+		return false;
+	for (int i = 0; i < MAX_POLICY_UPLINKS; i++)
+		if (u->ok[i] && p->entries[i].uplink == uplink)
+			return true;
+	return false;
+}
+
+static __always_inline __u32 uplink_mark(__u32 id)
+{
+	struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
+	return l ? l->mark : 0;
+}
+
+/* The chosen uplink's bit, plus the bits of the policy's other uplinks that
+ * come later in fib rule order (uplink index order), so that the kernel
+ * falls through to them by itself if the chosen uplink's route vanishes
+ * before the daemon reacts. */
+__attribute__((noinline)) __u32 policy_mark(const struct policy *p, __s32 chosen)
+{
+	if (!p)
+		return 0;
+	__u32 mark = 0;
+
+	if (chosen >= 0) {
+		mark = uplink_mark(chosen);
+		for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
+			if (i >= p->nentries)
+				break;
+			if (p->entries[i].uplink > chosen)
+				mark |= uplink_mark(p->entries[i].uplink);
+		}
+	}
+	if (p->fallback == FALLBACK_UNREACHABLE)
+		mark |= mark_strict;
+	return mark & mark_mask;
+}
+
+__attribute__((noinline)) int choose_sticky(const struct policy *p, const struct usable *u, const struct target *t)
+{
+	if (!p || !u || !t)
+		return -1;
+	struct sticky_key k = {
+		.policy = p->id,
+		.family = t->family,
+		.mode = p->sticky,
+	};
+	__u64 now = bpf_ktime_get_ns();
+
+	__builtin_memcpy(k.daddr, t->daddr, 16);
+	if (p->sticky == STICKY_PAIR)
+		__builtin_memcpy(k.saddr, t->saddr, 16);
+
+	struct sticky_entry *s = bpf_map_lookup_elem(&sticky, &k);
+	if (s && now - s->last_used < sticky_ns && is_usable(p, u, s->uplink)) {
+		s->last_used = now;
+		return s->uplink;
+	}
+
+	__s32 chosen = pick_weighted(p, u, hash_words((const __u32 *)&k, sizeof(k) / 4, 0));
+	if (chosen >= 0) {
+		struct sticky_entry v = { .uplink = chosen, .last_used = now };
+		bpf_map_update_elem(&sticky, &k, &v, BPF_ANY);
+	}
+	return chosen;
+}
+
+/* Policy lookup and uplink choice for a new flow. Deterministic for a given
+ * map state (and, for sticky entries, clock). A global function: the
+ * verifier checks it once on its own instead of once per path of the
+ * caller's parsing, which keeps the programs far below the complexity limit. */
+__attribute__((noinline)) int choose(const struct target *t, struct choice *c)
+{
+	if (!t || !c)
+		return -1;
+	struct usable u;
+	__u8 origin = ORIGIN_BALANCED;
+
+	c->uplink = -1;
+	c->mark = 0;
+	struct policy *p = policy_lookup(t, &origin);
+	if (!p)
+		return -1;
+	c->origin = origin;
+
+	if (usable_entries(p, &u) == 0) {
+		if (p->sticky == STICKY_FLOW)
+			c->uplink = pick_weighted(p, &u, mix64(t->flow_hash));
+		else
+			c->uplink = choose_sticky(p, &u, t);
+	}
+	c->mark = policy_mark(p, c->uplink);
+	return 0;
+}
+
+static __always_inline void count_new_flow(__u32 uplink)
+{
+	struct uplink_counters *c = bpf_map_lookup_elem(&counters, &uplink);
+	if (c)
+		c->new_flows++;
+}
+
+static __always_inline __u32 apply_mark(__u32 old, __u32 bits)
+{
+	return (old & ~mark_mask) | (bits & mark_mask);
+}
+
+#endif

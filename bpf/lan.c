@@ -1,0 +1,84 @@
+//go:build ignore
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* tc ingress on each LAN interface: steer forwarded traffic. A known flow
+ * keeps its uplink; an answer from a port-forwarded host leaves by the uplink
+ * its peer came in on; a new flow gets a policy and an uplink. The mark set
+ * here is what the fib rules route by. */
+#include "include/common.h"
+#include "include/maps.h"
+#include "include/parse.h"
+#include "include/policy.h"
+#include "include/flow.h"
+
+static __always_inline bool uplink_is_up(__u32 id)
+{
+	struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
+	return l && l->up;
+}
+
+SEC("tc")
+int lan_ingress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!ifc || ifc->role != ROLE_LAN)
+		return TC_ACT_OK;
+
+	struct packet p = {};
+	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
+		return TC_ACT_OK;
+	if (is_bypassed(p.family, p.daddr))
+		return TC_ACT_OK;
+
+	struct flow_key k;
+	flow_key_of(&p, &k);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f && uplink_is_up(f->uplink)) {
+		flow_seen(f, skb->len);
+		count_packet(f->uplink, skb->len, false);
+		skb->mark = apply_mark(skb->mark, f->mark);
+		return TC_ACT_OK;
+	}
+
+	/* The answer of a port-forwarded host: its destination is the remote
+	 * peer, which DNAT left untouched. */
+	struct remote_key rk;
+	remote_key_of(p.family, p.proto, p.daddr, p.dport, &rk);
+	struct remote *r = bpf_map_lookup_elem(&remotes, &rk);
+	if (r && r->origin == ORIGIN_INBOUND) {
+		count_packet(r->uplink, skb->len, false);
+		skb->mark = apply_mark(skb->mark, uplink_mark(r->uplink));
+		return TC_ACT_OK;
+	}
+
+	/* A TCP segment of a connection we never saw open (it predates mhbpf,
+	 * or its record was evicted) already has a NAT binding on some uplink;
+	 * choosing one now could send it out with another uplink's address. */
+	if (!f && p.proto == IPPROTO_TCP && !(p.tcp_flags & TCP_FLAG_SYN))
+		return TC_ACT_OK;
+
+	struct target t = {
+		.family = p.family,
+		.proto = p.proto,
+		.has_saddr = 1,
+		.dport = bpf_ntohs(p.dport),
+	};
+	__builtin_memcpy(t.saddr, p.saddr, 16);
+	__builtin_memcpy(t.daddr, p.daddr, 16);
+	t.flow_hash = hash_words((const __u32 *)&k, sizeof(k) / 4, 0);
+
+	struct choice c;
+	if (choose(&t, &c) < 0)
+		return TC_ACT_OK;
+	skb->mark = apply_mark(skb->mark, c.mark);
+	if (c.uplink < 0)
+		return TC_ACT_OK; /* nothing up: main or unreachable, and ask again next packet */
+
+	flow_record(&k, c.uplink, c.origin, c.mark, skb->len);
+	count_packet(c.uplink, skb->len, false);
+	struct remote rv = { .uplink = c.uplink, .origin = c.origin };
+	bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+	return TC_ACT_OK;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

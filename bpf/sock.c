@@ -1,0 +1,102 @@
+//go:build ignore
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* cgroup socket hooks: the box's own traffic. The route of a local socket is
+ * looked up before any egress hook runs, so the choice must be on the socket
+ * itself (SO_MARK) when it connects or sends to an address. */
+#include "include/common.h"
+#include "include/maps.h"
+#include "include/policy.h"
+
+/* The socket is someone else's to steer: it carries a mark bit outside our
+ * mask (WireGuard, Tailscale, a firewall), or it is bound to a device (our
+ * health probes, ping -I). */
+static __always_inline bool foreign_socket(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return true;
+	return (sk->mark & ~mark_mask) || sk->bound_dev_if;
+}
+
+static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t)
+{
+	struct choice c;
+
+	if (is_bypassed(t->family, t->daddr))
+		return 1;
+	t->proto = ctx->protocol;
+	t->dport = bpf_ntohs(ctx->user_port);
+	t->flow_hash = bpf_get_socket_cookie(ctx);
+	if (choose(t, &c) < 0)
+		return 1;
+
+	__u32 mark = apply_mark(ctx->sk->mark, c.mark);
+	bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+	if (c.uplink >= 0)
+		count_new_flow(c.uplink);
+	return 1;
+}
+
+static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src)
+{
+	if (foreign_socket(ctx))
+		return 1;
+	struct target t = { .family = 4 };
+	t.daddr[0] = ctx->user_ip4;
+	if (src) {
+		t.saddr[0] = src;
+		t.has_saddr = 1;
+	}
+	return steer(ctx, &t);
+}
+
+static __always_inline int steer6(struct bpf_sock_addr *ctx, bool with_src)
+{
+	if (foreign_socket(ctx))
+		return 1;
+	struct target t = { .family = 6 };
+	t.daddr[0] = ctx->user_ip6[0];
+	t.daddr[1] = ctx->user_ip6[1];
+	t.daddr[2] = ctx->user_ip6[2];
+	t.daddr[3] = ctx->user_ip6[3];
+	/* An IPv4-mapped address on a dual-stack socket is IPv4 traffic. */
+	if (!t.daddr[0] && !t.daddr[1] && t.daddr[2] == bpf_htonl(0xffff)) {
+		t.family = 4;
+		t.daddr[0] = t.daddr[3];
+		t.daddr[2] = t.daddr[3] = 0;
+	}
+	if (with_src) {
+		t.saddr[0] = ctx->msg_src_ip6[0];
+		t.saddr[1] = ctx->msg_src_ip6[1];
+		t.saddr[2] = ctx->msg_src_ip6[2];
+		t.saddr[3] = ctx->msg_src_ip6[3];
+		t.has_saddr = t.saddr[0] | t.saddr[1] | t.saddr[2] | t.saddr[3] ? 1 : 0;
+	}
+	return steer(ctx, &t);
+}
+
+SEC("cgroup/connect4")
+int sock_connect4(struct bpf_sock_addr *ctx)
+{
+	return steer4(ctx, 0);
+}
+
+SEC("cgroup/sendmsg4")
+int sock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return steer4(ctx, ctx->msg_src_ip4);
+}
+
+SEC("cgroup/connect6")
+int sock_connect6(struct bpf_sock_addr *ctx)
+{
+	return steer6(ctx, false);
+}
+
+SEC("cgroup/sendmsg6")
+int sock_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return steer6(ctx, true);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,70 @@
+//go:build ignore
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* tc ingress on each uplink (ppp0, ppp1, tun0): remember which uplink a
+ * remotely started flow arrived on, and mark its packets with that uplink,
+ * so that answers (sockets via tcp_fwmark_accept, kernel replies via
+ * fwmark_reflect, port-forwarded hosts via the LAN program) leave by it. */
+#include "include/common.h"
+#include "include/maps.h"
+#include "include/parse.h"
+#include "include/policy.h"
+#include "include/flow.h"
+
+/* Does this packet open a new exchange from the remote side? Replies to our
+ * own outbound flows must not: their NATed tuple is unknown here, so TCP
+ * answers are told by their flags and UDP answers by the remote endpoint we
+ * sent to. */
+static __always_inline bool opens_inbound(const struct packet *p)
+{
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		return (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	case IPPROTO_ICMP:
+		return p->icmp_type == ICMP_ECHO;
+	case IPPROTO_ICMPV6:
+		return p->icmp_type == ICMPV6_ECHO_REQUEST;
+	}
+	struct remote_key rk;
+	remote_key_of(p->family, p->proto, p->saddr, p->sport, &rk);
+	struct remote *r = bpf_map_lookup_elem(&remotes, &rk);
+	return !r || r->origin == ORIGIN_INBOUND;
+}
+
+SEC("tc")
+int uplink_ingress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!ifc || ifc->role != ROLE_UPLINK)
+		return TC_ACT_OK;
+
+	count_packet(ifc->uplink, skb->len, true);
+
+	struct packet p = {};
+	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
+		return TC_ACT_OK;
+
+	struct flow_key k;
+	flow_key_of(&p, &k);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f) {
+		flow_seen(f, skb->len);
+		skb->mark = apply_mark(skb->mark, f->mark);
+		return TC_ACT_OK;
+	}
+	if (!opens_inbound(&p))
+		return TC_ACT_OK;
+
+	__u32 mark = uplink_mark(ifc->uplink) & mark_mask;
+	flow_record(&k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
+
+	struct remote_key rk;
+	remote_key_of(p.family, p.proto, p.saddr, p.sport, &rk);
+	struct remote r = { .uplink = ifc->uplink, .origin = ORIGIN_INBOUND };
+	bpf_map_update_elem(&remotes, &rk, &r, BPF_ANY);
+
+	skb->mark = apply_mark(skb->mark, mark);
+	return TC_ACT_OK;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,156 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	tc "github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
+	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/maps"
+)
+
+// On kernels without tcx (Debian 12's 6.1) the programs hang off a clsact
+// qdisc as direct-action cls_bpf filters. mhbpf's filter is the one with
+// this priority and handle whose name starts with filterPrefix; any other
+// filter on the interface is someone else's and is never touched.
+const (
+	filterPrio   = 0x4d48 // "MH"
+	filterHandle = 1
+	filterPrefix = "mhbpf_"
+	ethPAll      = 0x0003
+)
+
+func filterName(role maps.Role) string {
+	if role == maps.RoleLAN {
+		return filterPrefix + "lan"
+	}
+	return filterPrefix + "uplink"
+}
+
+func filterMsg(ifindex int) tc.Msg {
+	return tc.Msg{
+		Family:  unix.AF_UNSPEC,
+		Ifindex: uint32(ifindex),
+		Handle:  filterHandle,
+		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress),
+		Info:    filterPrio<<16 | uint32(htons(ethPAll)),
+	}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role maps.Role) error {
+	nl, err := tc.Open(&tc.Config{})
+	if err != nil {
+		return fmt.Errorf("open rtnetlink: %w", err)
+	}
+	defer nl.Close()
+
+	qdisc := tc.Object{
+		Msg: tc.Msg{
+			Family:  unix.AF_UNSPEC,
+			Ifindex: uint32(ifindex),
+			Handle:  core.BuildHandle(tc.HandleRoot, 0),
+			Parent:  tc.HandleIngress,
+		},
+		Attribute: tc.Attribute{Kind: "clsact"},
+	}
+	switch err := nl.Qdisc().Add(&qdisc); {
+	case err == nil:
+		// Ours to remove again when mhbpf goes.
+		if f, err := os.Create(qdiscMarker(pinDir, ifname)); err == nil {
+			f.Close()
+		}
+	case errors.Is(err, unix.EEXIST):
+	default:
+		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
+	}
+
+	fd := uint32(prog.FD())
+	name := filterName(role)
+	flags := uint32(tc.BpfActDirect)
+	filter := tc.Object{
+		Msg: filterMsg(ifindex),
+		Attribute: tc.Attribute{
+			Kind: "bpf",
+			BPF:  &tc.Bpf{FD: &fd, Name: &name, Flags: &flags},
+		},
+	}
+	// Replace swaps the program of an existing filter atomically.
+	if err := nl.Filter().Replace(&filter); err != nil {
+		return fmt.Errorf("add cls_bpf filter to %s: %w", ifname, err)
+	}
+	return nil
+}
+
+// detachClsact deletes mhbpf's filter from ifindex, and the clsact qdisc if
+// mhbpf created it and nothing else uses it.
+func detachClsact(pinDir, ifname string, ifindex int) error {
+	nl, err := tc.Open(&tc.Config{})
+	if err != nil {
+		return fmt.Errorf("open rtnetlink: %w", err)
+	}
+	defer nl.Close()
+
+	filters, err := nl.Filter().Get(&tc.Msg{
+		Family:  unix.AF_UNSPEC,
+		Ifindex: uint32(ifindex),
+		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress),
+	})
+	if err != nil {
+		// No clsact qdisc: nothing of ours can be there.
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			_ = os.Remove(qdiscMarker(pinDir, ifname))
+			return nil
+		}
+		return fmt.Errorf("list filters of %s: %w", ifname, err)
+	}
+	others := 0
+	for _, f := range filters {
+		if f.Kind == "bpf" && f.BPF != nil && f.BPF.Name != nil && strings.HasPrefix(*f.BPF.Name, filterPrefix) &&
+			f.Info>>16 == filterPrio && f.Handle == filterHandle {
+			del := tc.Object{Msg: filterMsg(ifindex), Attribute: tc.Attribute{Kind: "bpf"}}
+			if err := nl.Filter().Delete(&del); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("delete filter of %s: %w", ifname, err)
+			}
+			continue
+		}
+		if f.Handle != 0 { // chain/prio placeholders come back with handle 0
+			others++
+		}
+	}
+
+	marker := qdiscMarker(pinDir, ifname)
+	if !exists(marker) {
+		return nil
+	}
+	if others == 0 && !hasEgressFilters(nl, ifindex) {
+		qdisc := tc.Object{
+			Msg: tc.Msg{
+				Family:  unix.AF_UNSPEC,
+				Ifindex: uint32(ifindex),
+				Handle:  core.BuildHandle(tc.HandleRoot, 0),
+				Parent:  tc.HandleIngress,
+			},
+			Attribute: tc.Attribute{Kind: "clsact"},
+		}
+		if err := nl.Qdisc().Delete(&qdisc); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("delete clsact qdisc of %s: %w", ifname, err)
+		}
+	}
+	return os.Remove(marker)
+}
+
+func hasEgressFilters(nl *tc.Tc, ifindex int) bool {
+	filters, err := nl.Filter().Get(&tc.Msg{
+		Family:  unix.AF_UNSPEC,
+		Ifindex: uint32(ifindex),
+		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinEgress),
+	})
+	return err == nil && len(filters) > 0
+}

@@ -1,0 +1,352 @@
+// Package loader loads mhbpf's BPF objects, attaches them (tcx where the
+// kernel has it, else clsact + cls_bpf; cgroup socket hooks), pins maps and
+// links so that a restarted daemon picks up the same datapath, and removes
+// exactly what it added.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+	"github.com/vishvananda/netlink"
+
+	"github.com/mhbpf/mhbpf/bpf"
+	"github.com/mhbpf/mhbpf/internal/maps"
+)
+
+// Options are the load-time settings of the datapath.
+type Options struct {
+	PinDir string
+	// MarkMask is the part of the fwmark mhbpf owns; every other bit is
+	// preserved. MarkStrict is the "no fallback" bit inside it.
+	MarkMask   uint32
+	MarkStrict uint32
+	// StickyTimeout is how long a destination keeps its uplink while unused.
+	StickyTimeout time.Duration
+	// FlowMapSize is the capacity of the flow map (LRU).
+	FlowMapSize uint32
+}
+
+// Defaults used for zero fields of Options.
+const (
+	DefaultMarkMask      = 0x00ff0000
+	DefaultMarkStrict    = 0x00800000
+	DefaultStickyTimeout = 10 * time.Minute
+	DefaultFlowMapSize   = 262144
+)
+
+func (o *Options) withDefaults() Options {
+	r := *o
+	if r.PinDir == "" {
+		r.PinDir = DefaultPinDir
+	}
+	if r.MarkMask == 0 {
+		r.MarkMask = DefaultMarkMask
+	}
+	if r.MarkStrict == 0 {
+		r.MarkStrict = DefaultMarkStrict
+	}
+	if r.StickyTimeout == 0 {
+		r.StickyTimeout = DefaultStickyTimeout
+	}
+	if r.FlowMapSize == 0 {
+		r.FlowMapSize = DefaultFlowMapSize
+	}
+	return r
+}
+
+// Datapath is a loaded set of programs with their (pinned) maps. Closing it
+// releases file descriptors only: attachments and maps stay pinned.
+type Datapath struct {
+	Maps *maps.Maps
+	opts Options
+
+	uplinkProg *ebpf.Program
+	lanProg    *ebpf.Program
+	sock       bpf.SockPrograms
+}
+
+// Load loads the programs and creates, or reopens, the pinned maps.
+func Load(o Options) (*Datapath, error) {
+	opts := o.withDefaults()
+	if opts.MarkStrict&opts.MarkMask == 0 || opts.MarkStrict&(opts.MarkStrict-1) != 0 {
+		return nil, fmt.Errorf("strict mark %#x must be one bit inside the mask %#x", opts.MarkStrict, opts.MarkMask)
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("remove memlock limit: %w", err)
+	}
+	if err := preparePinDir(opts.PinDir); err != nil {
+		return nil, err
+	}
+
+	uplinkSpec, err := bpf.LoadUplink()
+	if err != nil {
+		return nil, err
+	}
+	lanSpec, err := bpf.LoadLan()
+	if err != nil {
+		return nil, err
+	}
+	sockSpec, err := bpf.LoadSock()
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range []*ebpf.CollectionSpec{uplinkSpec, lanSpec, sockSpec} {
+		if err := configure(s, &opts); err != nil {
+			return nil, err
+		}
+	}
+	collOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)}}
+
+	d := &Datapath{opts: opts}
+	var up bpf.UplinkObjects
+	if err := uplinkSpec.LoadAndAssign(&up, collOpts); err != nil {
+		return nil, loadError("uplink", err)
+	}
+	d.Maps = maps.FromObjects(&up.UplinkMaps)
+	d.uplinkProg = up.UplinkIngress
+
+	var lan bpf.LanPrograms
+	if err := lanSpec.LoadAndAssign(&lan, collOpts); err != nil {
+		d.Close()
+		return nil, loadError("lan", err)
+	}
+	d.lanProg = lan.LanIngress
+	if err := sockSpec.LoadAndAssign(&d.sock, collOpts); err != nil {
+		d.Close()
+		return nil, loadError("sock", err)
+	}
+	return d, nil
+}
+
+func loadError(obj string, err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("load %s programs: %+v", obj, ve)
+	}
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return fmt.Errorf("load %s programs: %w (the pinned maps have another layout or size: run 'mhbpf down' to remove them; their flows are lost)", obj, err)
+	}
+	return fmt.Errorf("load %s programs: %w", obj, err)
+}
+
+// configure sets the load-time constants and map sizes of one object and
+// makes every map pinned by name, so the three objects share one set.
+func configure(s *ebpf.CollectionSpec, o *Options) error {
+	for name, v := range map[string]any{
+		"mark_mask":   o.MarkMask,
+		"mark_strict": o.MarkStrict,
+		"sticky_ns":   uint64(o.StickyTimeout.Nanoseconds()),
+	} {
+		vs, ok := s.Variables[name]
+		if !ok {
+			return fmt.Errorf("BPF object has no variable %s", name)
+		}
+		if err := vs.Set(v); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	for name, m := range s.Maps {
+		if name == ".rodata" || name == ".data" || name == ".bss" || len(name) > 0 && name[0] == '.' {
+			continue
+		}
+		m.Pinning = ebpf.PinByName
+		if name == "flows" || name == "remotes" {
+			m.MaxEntries = o.FlowMapSize
+		}
+	}
+	return nil
+}
+
+// Close releases file descriptors. What is attached and pinned stays.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, p := range []*ebpf.Program{d.uplinkProg, d.lanProg, d.sock.SockConnect4, d.sock.SockConnect6,
+		d.sock.SockSendmsg4, d.sock.SockSendmsg6} {
+		if p != nil {
+			errs = append(errs, p.Close())
+		}
+	}
+	if d.Maps != nil {
+		errs = append(errs, d.Maps.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Programs for tests and benchmarks that run them with BPF_PROG_TEST_RUN.
+func (d *Datapath) UplinkProgram() *ebpf.Program { return d.uplinkProg }
+func (d *Datapath) LANProgram() *ebpf.Program    { return d.lanProg }
+
+// PinDir is where this datapath's pins live.
+func (d *Datapath) PinDir() string { return d.opts.PinDir }
+
+// Mode is how a tc program is attached.
+type Mode string
+
+const (
+	ModeTCX    Mode = "tcx"
+	ModeClsact Mode = "clsact"
+)
+
+// AttachTC attaches the program for role to ifname's ingress and records
+// the interface in the ifaces map. On an interface where mhbpf is attached
+// already, it swaps the program in place (no window without one).
+func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, error) {
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return "", fmt.Errorf("interface %s: %w", ifname, err)
+	}
+	prog := d.uplinkProg
+	if role == maps.RoleLAN {
+		prog = d.lanProg
+	}
+	// The interface entry goes first: a program that runs before it is
+	// written lets the packet pass untouched.
+	if err := d.Maps.SetIface(l.Attrs().Index, maps.Iface{Role: role, L3Offset: l3Offset(l), Uplink: uint8(uplink)}); err != nil {
+		return "", fmt.Errorf("interface %s: %w", ifname, err)
+	}
+	mode, err := attachTCX(d.opts.PinDir, ifname, l.Attrs().Index, prog)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return ModeClsact, attachClsact(d.opts.PinDir, ifname, l.Attrs().Index, prog, role)
+	}
+	if err != nil {
+		return "", fmt.Errorf("attach to %s: %w", ifname, err)
+	}
+	// tcx won: a cls_bpf filter left by an older kernel's run must go.
+	if err := detachClsact(d.opts.PinDir, ifname, l.Attrs().Index); err != nil {
+		return mode, fmt.Errorf("remove old clsact filter on %s: %w", ifname, err)
+	}
+	return mode, nil
+}
+
+// DetachTC removes mhbpf's program from ifname, if the interface still
+// exists; the pin goes either way.
+func (d *Datapath) DetachTC(ifname string) error {
+	var errs []error
+	errs = append(errs, detachTCX(d.opts.PinDir, ifname))
+	if l, err := netlink.LinkByName(ifname); err == nil {
+		errs = append(errs, detachClsact(d.opts.PinDir, ifname, l.Attrs().Index))
+		errs = append(errs, d.Maps.DeleteIface(l.Attrs().Index))
+	} else {
+		_ = os.Remove(qdiscMarker(d.opts.PinDir, ifname))
+	}
+	return errors.Join(errs...)
+}
+
+// l3Offset is where the IP header starts in a packet seen by tc on l.
+func l3Offset(l netlink.Link) uint8 {
+	if l.Attrs().EncapType == "ether" {
+		return 14
+	}
+	return 0 // ppp, tun, none: no link-layer header
+}
+
+func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) (Mode, error) {
+	pin := tcLinkPin(pinDir, ifname)
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := old.Info()
+		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
+			err := old.Update(prog)
+			old.Close()
+			if err != nil {
+				return "", fmt.Errorf("update pinned link: %w", err)
+			}
+			return ModeTCX, nil
+		}
+		// The interface was recreated (pppd reconnected): the old link is
+		// dead or points to a device that no longer is ifname.
+		_ = old.Unpin()
+		old.Close()
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return "", fmt.Errorf("pin link: %w", err)
+	}
+	return ModeTCX, nil
+}
+
+func detachTCX(pinDir, ifname string) error {
+	pin := tcLinkPin(pinDir, ifname)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		// Not a link we can open any more: the pin is all that is left.
+		return os.Remove(pin)
+	}
+	defer l.Close()
+	return l.Unpin()
+}
+
+// CgroupHooks are the socket hooks, by pin name.
+func (d *Datapath) cgroupHooks() map[string]struct {
+	prog   *ebpf.Program
+	attach ebpf.AttachType
+} {
+	return map[string]struct {
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		"connect4": {d.sock.SockConnect4, ebpf.AttachCGroupInet4Connect},
+		"connect6": {d.sock.SockConnect6, ebpf.AttachCGroupInet6Connect},
+		"sendmsg4": {d.sock.SockSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		"sendmsg6": {d.sock.SockSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+	}
+}
+
+// AttachCgroup attaches the socket hooks to the cgroup v2 directory path
+// (normally the root), or swaps the programs of an earlier attachment.
+func (d *Datapath) AttachCgroup(path string) error {
+	for name, h := range d.cgroupHooks() {
+		pin := cgroupLinkPin(d.opts.PinDir, name)
+		if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+			err = old.Update(h.prog)
+			old.Close()
+			if err == nil {
+				continue
+			}
+			return fmt.Errorf("update cgroup hook %s: %w", name, err)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: h.attach, Program: h.prog})
+		if err != nil {
+			return fmt.Errorf("attach %s to cgroup %s: %w", name, path, err)
+		}
+		err = l.Pin(pin)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("pin cgroup hook %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// DetachCgroup removes the socket hooks.
+func (d *Datapath) DetachCgroup() error {
+	var errs []error
+	for name := range d.cgroupHooks() {
+		errs = append(errs, unpinLink(cgroupLinkPin(d.opts.PinDir, name)))
+	}
+	return errors.Join(errs...)
+}
+
+func unpinLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return os.Remove(pin)
+	}
+	defer l.Close()
+	return l.Unpin()
+}

@@ -1,0 +1,75 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Everything mhbpf pins lives below one directory on bpffs:
+//
+//	PinDir/maps/<map name>        every map (the flows survive restarts here)
+//	PinDir/links/tc-<ifname>      tcx link of an interface
+//	PinDir/links/cgroup-<hook>    cgroup socket hook links
+//	PinDir/qdisc-<ifname>         marker: mhbpf created this clsact qdisc
+const DefaultPinDir = "/sys/fs/bpf/mhbpf"
+
+const bpffsRoot = "/sys/fs/bpf"
+
+func mapsDir(pinDir string) string  { return filepath.Join(pinDir, "maps") }
+func linksDir(pinDir string) string { return filepath.Join(pinDir, "links") }
+func tcLinkPin(pinDir, ifname string) string {
+	return filepath.Join(linksDir(pinDir), "tc-"+ifname)
+}
+func cgroupLinkPin(pinDir, hook string) string {
+	return filepath.Join(linksDir(pinDir), "cgroup-"+hook)
+}
+func qdiscMarker(pinDir, ifname string) string {
+	return filepath.Join(pinDir, "qdisc-"+ifname)
+}
+
+// preparePinDir makes sure pinDir exists on a bpffs, mounting bpffs at
+// /sys/fs/bpf when nothing is mounted there and pinDir is below it.
+func preparePinDir(pinDir string) error {
+	parent := filepath.Dir(filepath.Clean(pinDir))
+	if !onBPFFS(parent) {
+		if parent != bpffsRoot && !isBelow(parent, bpffsRoot) {
+			return fmt.Errorf("pin directory %s: %s is not on a bpf filesystem", pinDir, parent)
+		}
+		if err := os.MkdirAll(bpffsRoot, 0o755); err != nil {
+			return err
+		}
+		if !onBPFFS(bpffsRoot) {
+			if err := unix.Mount("bpf", bpffsRoot, "bpf", 0, "mode=0700"); err != nil {
+				return fmt.Errorf("mount bpffs at %s: %w", bpffsRoot, err)
+			}
+		}
+		if !onBPFFS(parent) {
+			return fmt.Errorf("pin directory %s: %s is not on a bpf filesystem", pinDir, parent)
+		}
+	}
+	for _, d := range []string{pinDir, mapsDir(pinDir), linksDir(pinDir)} {
+		if err := os.Mkdir(d, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+func onBPFFS(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.BPF_FS_MAGIC
+}
+
+func isBelow(path, root string) bool {
+	rel, err := filepath.Rel(root, path)
+	return err == nil && rel != "." && !filepath.IsAbs(rel) && rel[:min(2, len(rel))] != ".."
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}
