@@ -29,11 +29,12 @@ struct packet {
 
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct packet *p)
 {
-	__u8 buf[14];
+	__u8 buf[20];
 
 	switch (p->proto) {
 	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, buf, 14) < 0)
+		/* The whole fixed header: a cut one is not a TCP segment. */
+		if (bpf_skb_load_bytes(skb, off, buf, 20) < 0)
 			return -1;
 		__builtin_memcpy(&p->sport, &buf[0], 2);
 		__builtin_memcpy(&p->dport, &buf[2], 2);

@@ -1,0 +1,670 @@
+package bpf_test
+
+// Tests of the tc programs on crafted packets, run by the kernel with
+// BPF_PROG_TEST_RUN against real maps. The socket hooks have no test run in
+// the kernel; they are tested with real sockets in test/.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
+	"github.com/mhbpf/mhbpf/internal/packet"
+	"github.com/mhbpf/mhbpf/internal/testutil"
+)
+
+const (
+	markISP1   = 0x00010000
+	markISP2   = 0x00020000
+	markVPN    = 0x00040000
+	markStrict = 0x00800000
+	markMask   = 0x00ff0000
+
+	isp1, isp2, vpn = 0, 1, 2
+
+	// BPF_PROG_TEST_RUN runs tc programs on the loopback device unless told
+	// otherwise: the interface entry for the test packets is ifindex 1.
+	testIfindex = 1
+)
+
+// skbContext is struct __sk_buff (192 bytes on this UAPI) as far as a test
+// run reads it: only mark goes in, and mark is what the tests read back.
+type skbContext struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto,
+	Priority, IngressIfindex, Ifindex uint32
+	_ [192 - 44]byte
+}
+
+type env struct {
+	t *testing.T
+	d *loader.Datapath
+	m *maps.Maps
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	d, err := loader.Load(loader.Options{PinDir: dir, MarkMask: markMask, MarkStrict: markStrict})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	e := &env{t: t, d: d, m: d.Maps}
+	e.uplink(isp1, markISP1, 8, true)
+	e.uplink(isp2, markISP2, 2, true)
+	e.uplink(vpn, markVPN, 1, true)
+	e.policy(maps.Policy{Default: balanced()})
+	e.lan(false)
+	return e
+}
+
+func balanced() maps.Action {
+	return maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 8}, {Uplink: isp2, Weight: 2}}}
+}
+
+func (e *env) uplink(id int, mark uint32, weight uint16, up bool) {
+	e.t.Helper()
+	if err := e.m.SetUplink(id, maps.Uplink{Mark: mark, Weight: weight, Up: up}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *env) policy(p maps.Policy) {
+	e.t.Helper()
+	if err := e.m.ReplacePolicy(p); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// lan makes the test interface a LAN interface; l3 for bare IP framing.
+func (e *env) lan(l3 bool) {
+	e.t.Helper()
+	if err := e.m.SetIface(testIfindex, maps.Iface{Role: maps.RoleLAN, L3Offset: l3off(l3)}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// arrivesOn makes the test interface uplink id.
+func (e *env) arrivesOn(id int, l3 bool) {
+	e.t.Helper()
+	if err := e.m.SetIface(testIfindex, maps.Iface{Role: maps.RoleUplink, L3Offset: l3off(l3), Uplink: uint8(id)}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func l3off(l3 bool) uint8 {
+	if l3 {
+		return 0
+	}
+	return 14
+}
+
+// run runs prog on data with an incoming mark and returns the mark after.
+func run(t testing.TB, prog *ebpf.Program, data []byte, mark uint32) uint32 {
+	t.Helper()
+	in := skbContext{Mark: mark}
+	var out skbContext
+	ret, err := prog.Run(&ebpf.RunOptions{Data: data, Context: in, ContextOut: &out})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if ret != 0 {
+		t.Fatalf("program returned %d, want TC_ACT_OK (0): mhbpf never drops", ret)
+	}
+	return out.Mark
+}
+
+func (e *env) lanRun(p packet.Packet, mark uint32) uint32 {
+	e.t.Helper()
+	return run(e.t, e.d.LANProgram(), p.Bytes(), mark)
+}
+
+func (e *env) uplinkRun(p packet.Packet, mark uint32) uint32 {
+	e.t.Helper()
+	return run(e.t, e.d.UplinkProgram(), p.Bytes(), mark)
+}
+
+func (e *env) flowCount() int {
+	n := 0
+	if err := e.m.WalkFlows(func(maps.Flow) bool { n++; return true }); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+func (e *env) flow(p packet.Packet) (maps.Flow, bool) {
+	e.t.Helper()
+	f, ok, err := e.m.LookupFlow(maps.FlowKey{Proto: p.Proto, Src: p.Src, Dst: p.Dst})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return f, ok
+}
+
+var (
+	lanHost  = netip.MustParseAddr("100.64.2.10")
+	lanHost6 = netip.MustParseAddr("2001:db8:2::10")
+	remote   = netip.MustParseAddr("203.0.113.7")
+	remote6  = netip.MustParseAddr("2001:db8:ff::7")
+)
+
+func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
+
+func syn(src, dst netip.AddrPort) packet.Packet {
+	return packet.Packet{Src: src, Dst: dst, Proto: packet.ProtoTCP, TCPFlags: packet.TCPSyn}
+}
+
+// uplinkOf tells which uplink a mark selects first in fib rule order.
+func uplinkOf(mark uint32) int {
+	switch {
+	case mark&markISP1 != 0:
+		return isp1
+	case mark&markISP2 != 0:
+		return isp2
+	case mark&markVPN != 0:
+		return vpn
+	}
+	return -1
+}
+
+func TestLANNewFlowIsRecordedAndKept(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		p    packet.Packet
+	}{
+		{"tcp4", syn(ap(lanHost, 40000), ap(remote, 443))},
+		{"udp4", packet.Packet{Src: ap(lanHost, 40001), Dst: ap(remote, 53), Proto: packet.ProtoUDP}},
+		{"icmp4", packet.Packet{Src: ap(lanHost, 77), Dst: ap(remote, 0), Proto: packet.ProtoICMP, ICMPType: 8}},
+		{"tcp6", syn(ap(lanHost6, 40000), ap(remote6, 443))},
+		{"udp6", packet.Packet{Src: ap(lanHost6, 40001), Dst: ap(remote6, 53), Proto: packet.ProtoUDP}},
+		{"icmp6", packet.Packet{Src: ap(lanHost6, 77), Dst: ap(remote6, 0), Proto: packet.ProtoICMPv6, ICMPType: 128}},
+		{"tcp6-ext", func() packet.Packet {
+			p := syn(ap(lanHost6, 40002), ap(remote6, 443))
+			p.Ext = []uint8{0, 60, 44}
+			return p
+		}()},
+		{"tcp4-options", func() packet.Packet {
+			p := syn(ap(lanHost, 40003), ap(remote, 443))
+			p.IPv4Options = []byte{1, 1, 1, 0, 1, 1, 1, 0}
+			return p
+		}()},
+	} {
+		for _, l3 := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/l3=%v", tc.name, l3), func(t *testing.T) {
+				e := newEnv(t)
+				e.lan(l3)
+				p := tc.p
+				p.L3 = l3
+				mark := e.lanRun(p, 0)
+				up := uplinkOf(mark)
+				if up != isp1 && up != isp2 {
+					t.Fatalf("mark %#x selects no balanced uplink", mark)
+				}
+				f, ok := e.flow(p)
+				if !ok {
+					t.Fatalf("no flow recorded for %v", p.Src)
+				}
+				if f.Uplink != up || f.Origin != maps.OriginBalanced || f.Packets != 1 {
+					t.Fatalf("flow %+v, want uplink %d origin balanced 1 packet", f, up)
+				}
+				// Later packets of the flow keep the uplink and are counted.
+				p.TCPFlags = packet.TCPAck
+				for i := 0; i < 3; i++ {
+					if m := e.lanRun(p, 0); m != mark {
+						t.Fatalf("packet %d: mark %#x, want %#x", i+2, m, mark)
+					}
+				}
+				f, _ = e.flow(p)
+				if f.Packets != 4 {
+					t.Fatalf("flow counted %d packets, want 4", f.Packets)
+				}
+			})
+		}
+	}
+}
+
+// The scenario's 8:2 over many destinations.
+func TestBalanceSplitsByWeight(t *testing.T) {
+	e := newEnv(t)
+	const n = 10000
+	count := map[int]int{}
+	for i := 0; i < n; i++ {
+		dst := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		count[uplinkOf(e.lanRun(syn(ap(lanHost, 30000), ap(dst, 443)), 0))]++
+	}
+	share := float64(count[isp1]) / n * 100
+	t.Logf("isp1 %d, isp2 %d (%.1f%% / %.1f%%)", count[isp1], count[isp2], share, 100-share)
+	if count[isp1]+count[isp2] != n {
+		t.Fatalf("some flows got neither uplink: %v", count)
+	}
+	if math.Abs(share-80) > 3 {
+		t.Fatalf("isp1 share %.1f%%, want 80%% ± 3", share)
+	}
+}
+
+func TestStickiness(t *testing.T) {
+	t.Run("destination", func(t *testing.T) {
+		e := newEnv(t)
+		for d := 0; d < 50; d++ {
+			dst := netip.AddrFrom4([4]byte{198, 18, 0, byte(d)})
+			first := e.lanRun(syn(ap(lanHost, 20000), ap(dst, 443)), 0)
+			for port := uint16(20001); port < 20010; port++ {
+				src := netip.AddrFrom4([4]byte{100, 64, 2, byte(port)})
+				if m := e.lanRun(syn(ap(src, port), ap(dst, 443)), 0); m != first {
+					t.Fatalf("destination %v: connection from %v got %#x, first got %#x", dst, src, m, first)
+				}
+			}
+		}
+	})
+	t.Run("flow", func(t *testing.T) {
+		e := newEnv(t)
+		a := balanced()
+		a.Sticky = maps.StickyFlow
+		e.policy(maps.Policy{Default: a})
+		count := map[int]int{}
+		for port := uint16(1000); port < 3000; port++ {
+			count[uplinkOf(e.lanRun(syn(ap(lanHost, port), ap(remote, 443)), 0))]++
+		}
+		// One destination, many connections: per-flow choice spreads them.
+		if count[isp1] < 1400 || count[isp2] < 200 {
+			t.Fatalf("per-flow split over one destination: %v, want about 1600:400", count)
+		}
+	})
+	t.Run("pair", func(t *testing.T) {
+		e := newEnv(t)
+		a := balanced()
+		a.Sticky = maps.StickyPair
+		e.policy(maps.Policy{Default: a})
+		count := map[int]int{}
+		for h := 0; h < 200; h++ {
+			src := netip.AddrFrom4([4]byte{100, 64, 2, byte(h)})
+			first := e.lanRun(syn(ap(src, 1000), ap(remote, 443)), 0)
+			count[uplinkOf(first)]++
+			for port := uint16(1001); port < 1005; port++ {
+				if m := e.lanRun(syn(ap(src, port), ap(remote, 443)), 0); m != first {
+					t.Fatalf("pair %v->%v: %#x then %#x", src, remote, first, m)
+				}
+			}
+		}
+		if count[isp1] == 0 || count[isp2] == 0 {
+			t.Fatalf("all sources of one destination on one uplink: %v", count)
+		}
+	})
+}
+
+func TestDownUplinkIsNeverChosen(t *testing.T) {
+	e := newEnv(t)
+	// A flow on isp1, then isp1 goes down: the flow moves, new flows avoid it.
+	var onISP1 packet.Packet
+	for i := 0; ; i++ {
+		p := syn(ap(lanHost, uint16(1000+i)), ap(netip.AddrFrom4([4]byte{198, 18, 1, byte(i)}), 80))
+		if uplinkOf(e.lanRun(p, 0)) == isp1 {
+			onISP1 = p
+			break
+		}
+	}
+	if err := e.m.SetUplinkUp(isp1, false); err != nil {
+		t.Fatal(err)
+	}
+	onISP1.TCPFlags = packet.TCPAck
+	if m := e.lanRun(onISP1, 0); uplinkOf(m) != isp2 {
+		t.Fatalf("flow of a down uplink got mark %#x, want isp2", m)
+	}
+	for i := 0; i < 1000; i++ {
+		dst := netip.AddrFrom4([4]byte{198, 18, 2 + byte(i>>8), byte(i)})
+		if m := e.lanRun(syn(ap(lanHost, 2000), ap(dst, 80)), 0); uplinkOf(m) != isp2 || m&markISP1 != 0 {
+			t.Fatalf("flow %d got mark %#x with isp1 down", i, m)
+		}
+	}
+	// Nothing up: default policy falls back to main (no mhbpf bits).
+	if err := e.m.SetUplinkUp(isp2, false); err != nil {
+		t.Fatal(err)
+	}
+	p := syn(ap(lanHost, 3000), ap(remote, 80))
+	if m := e.lanRun(p, 0x1); m != 0x1 {
+		t.Fatalf("nothing up: mark %#x, want 0x1 (main, foreign bit kept)", m)
+	}
+	if _, ok := e.flow(p); ok {
+		t.Fatal("a flow was recorded while no uplink was up")
+	}
+}
+
+func TestPolicyMatches(t *testing.T) {
+	e := newEnv(t)
+	smtp := maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 1}}, Fallback: maps.FallbackUnreachable}
+	panel := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}
+	vpnServer := maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 1}, {Uplink: isp2, Tier: 1, Weight: 1}}}
+	viaVPN := maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}}
+	e.policy(maps.Policy{
+		Default: balanced(),
+		Rules: []maps.Rule{
+			{Proto: packet.ProtoTCP, Ports: []maps.PortRange{{Lo: 25, Hi: 25}, {Lo: 465, Hi: 465}, {Lo: 587, Hi: 587}}, Action: smtp},
+			{Dst: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Action: panel},
+			{Dst: []netip.Prefix{netip.MustParsePrefix("192.0.2.1/32")}, Proto: packet.ProtoUDP,
+				Ports: []maps.PortRange{{Lo: 1194, Hi: 1194}}, Action: vpnServer},
+			{Src: []netip.Prefix{netip.MustParsePrefix("100.64.2.128/25")}, Action: viaVPN},
+			{Dst: []netip.Prefix{netip.MustParsePrefix("2001:db8:99::/48")}, Action: panel},
+			// Nested in rule 1's prefix, a later rule: rule 1 still wins
+			// for its addresses, and this one matches only UDP there.
+			{Dst: []netip.Prefix{netip.MustParsePrefix("198.51.100.128/25")}, Proto: packet.ProtoUDP, Action: viaVPN},
+		},
+	})
+	udp := func(src, dst netip.AddrPort) packet.Packet {
+		return packet.Packet{Src: src, Dst: dst, Proto: packet.ProtoUDP}
+	}
+	for _, tc := range []struct {
+		name string
+		p    packet.Packet
+		mark uint32
+	}{
+		{"smtp 25", syn(ap(lanHost, 1), ap(remote, 25)), markISP1 | markStrict},
+		{"smtp 587", syn(ap(lanHost, 2), ap(remote, 587)), markISP1 | markStrict},
+		{"smtp port but udp", udp(ap(lanHost, 3), ap(netip.MustParseAddr("198.18.9.9"), 25)), 0},
+		{"panel", syn(ap(lanHost, 4), ap(netip.MustParseAddr("198.51.100.20"), 443)), markISP2},
+		{"panel nested prefix", syn(ap(lanHost, 5), ap(netip.MustParseAddr("198.51.100.200"), 443)), markISP2},
+		{"vpn server", udp(ap(lanHost, 6), ap(netip.MustParseAddr("192.0.2.1"), 1194)), markISP1 | markISP2},
+		{"vpn server other port", udp(ap(lanHost, 7), ap(netip.MustParseAddr("192.0.2.1"), 1195)), 0},
+		{"source prefix", syn(ap(netip.MustParseAddr("100.64.2.200"), 8), ap(remote, 443)), markVPN},
+		{"panel v6", syn(ap(lanHost6, 9), ap(netip.MustParseAddr("2001:db8:99::1"), 443)), markISP2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := e.lanRun(tc.p, 0)
+			if tc.mark == 0 { // not matched: balanced
+				if u := uplinkOf(m); (u != isp1 && u != isp2) || m&(markStrict|markVPN) != 0 {
+					t.Fatalf("mark %#x, want the default balance", m)
+				}
+				if f, _ := e.flow(tc.p); f.Origin != maps.OriginBalanced {
+					t.Fatalf("origin %v, want balanced", f.Origin)
+				}
+				return
+			}
+			if m != tc.mark {
+				t.Fatalf("mark %#x, want %#x", m, tc.mark)
+			}
+			if f, _ := e.flow(tc.p); f.Origin != maps.OriginPolicy {
+				t.Fatalf("origin %v, want policy", f.Origin)
+			}
+		})
+	}
+
+	// isp1 down: SMTP fails closed, the VPN server goes by isp2.
+	if err := e.m.SetUplinkUp(isp1, false); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.lanRun(syn(ap(lanHost, 100), ap(remote, 25)), 0); m != markStrict {
+		t.Fatalf("smtp with isp1 down: mark %#x, want only the strict bit %#x", m, markStrict)
+	}
+	if m := e.lanRun(udp(ap(lanHost, 101), ap(netip.MustParseAddr("192.0.2.1"), 1194)), 0); m != markISP2 {
+		t.Fatalf("vpn server with isp1 down: mark %#x, want isp2", m)
+	}
+}
+
+func TestPolicyReplaceIsWhole(t *testing.T) {
+	e := newEnv(t)
+	toISP2 := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}
+	toVPN := maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}}
+	dst := netip.MustParsePrefix("198.51.100.0/24")
+	p := syn(ap(lanHost, 1), ap(netip.MustParseAddr("198.51.100.1"), 80))
+	for i := 0; i < 5; i++ {
+		want, act := uint32(markISP2), toISP2
+		if i%2 == 1 {
+			want, act = markVPN, toVPN
+		}
+		e.policy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: []netip.Prefix{dst}, Action: act}}})
+		p.Src = ap(lanHost, uint16(100+i))
+		if m := e.lanRun(p, 0); m != want {
+			t.Fatalf("after replace %d: mark %#x, want %#x", i, m, want)
+		}
+	}
+	// An empty policy leaves no rule behind.
+	e.policy(maps.Policy{Default: balanced()})
+	p.Src = ap(lanHost, 999)
+	if m := e.lanRun(p, 0); m&(markVPN) != 0 || uplinkOf(m) < 0 {
+		t.Fatalf("after clearing: mark %#x, want the default balance", m)
+	}
+}
+
+func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
+	e := newEnv(t)
+	visitor := ap(netip.MustParseAddr("198.51.100.50"), 51000)
+	public := ap(netip.MustParseAddr("100.64.1.2"), 80) // the box's isp2 address
+	in := syn(visitor, public)
+	in.L3 = true
+	e.arrivesOn(isp2, true)
+	if m := e.uplinkRun(in, 0x1); m != markISP2|0x1 {
+		t.Fatalf("inbound SYN on isp2: mark %#x, want %#x", m, markISP2|0x1)
+	}
+	f, ok := e.flow(in)
+	if !ok || f.Origin != maps.OriginInbound || f.Uplink != isp2 {
+		t.Fatalf("inbound flow %+v (found %v), want inbound on isp2", f, ok)
+	}
+	// Later packets of the flow are counted and marked too.
+	in.TCPFlags = packet.TCPAck
+	if m := e.uplinkRun(in, 0); m != markISP2 {
+		t.Fatalf("inbound ACK: mark %#x", m)
+	}
+
+	// The port-forwarded LAN host answers: DNAT rewrote the box's address
+	// and port, the visitor's stayed. Balance would pick either uplink;
+	// the answer must take isp2.
+	e.lan(false)
+	reply := packet.Packet{Src: ap(lanHost, 8080), Dst: visitor, Proto: packet.ProtoTCP, TCPFlags: packet.TCPSyn | packet.TCPAck}
+	if m := e.lanRun(reply, 0); m != markISP2 {
+		t.Fatalf("DNAT reply: mark %#x, want isp2 %#x", m, markISP2)
+	}
+}
+
+func TestRepliesToOwnFlowsAreNotInbound(t *testing.T) {
+	e := newEnv(t)
+	// Outbound UDP from the LAN, then its answer arrives on the uplink with
+	// the masqueraded address.
+	out := packet.Packet{Src: ap(lanHost, 5353), Dst: ap(remote, 53), Proto: packet.ProtoUDP}
+	e.lanRun(out, 0)
+	e.arrivesOn(isp1, false)
+	answer := packet.Packet{Src: ap(remote, 53), Dst: ap(netip.MustParseAddr("100.64.0.2"), 5353), Proto: packet.ProtoUDP}
+	if m := e.uplinkRun(answer, 0); m != 0 {
+		t.Fatalf("answer to our UDP: mark %#x, want none", m)
+	}
+	synAck := packet.Packet{Src: ap(remote, 443), Dst: ap(netip.MustParseAddr("100.64.0.2"), 40000), Proto: packet.ProtoTCP,
+		TCPFlags: packet.TCPSyn | packet.TCPAck}
+	if m := e.uplinkRun(synAck, 0); m != 0 {
+		t.Fatalf("SYN-ACK: mark %#x, want none", m)
+	}
+	echoReply := packet.Packet{Src: ap(remote, 9), Dst: ap(netip.MustParseAddr("100.64.0.2"), 0), Proto: packet.ProtoICMP}
+	if m := e.uplinkRun(echoReply, 0); m != 0 {
+		t.Fatalf("echo reply: mark %#x, want none", m)
+	}
+	if n := e.flowCount(); n != 1 {
+		t.Fatalf("%d flows, want only the outbound one", n)
+	}
+	// The inbound echo request is a new flow.
+	echo := packet.Packet{Src: ap(remote, 9), Dst: ap(netip.MustParseAddr("100.64.0.2"), 0), Proto: packet.ProtoICMP, ICMPType: 8}
+	if m := e.uplinkRun(echo, 0); m != markISP1 {
+		t.Fatalf("inbound echo request: mark %#x, want isp1", m)
+	}
+}
+
+func TestForeignMarkBitsArePreserved(t *testing.T) {
+	e := newEnv(t)
+	for _, foreign := range []uint32{0, 0x1, 0xff00ffff, 0x80000000} {
+		p := syn(ap(lanHost, uint16(foreign>>16|1)), ap(remote, 443))
+		// Bits of our mask already set by someone are ours to replace.
+		m := e.lanRun(p, foreign|markVPN)
+		if m&^markMask != foreign&^markMask {
+			t.Fatalf("foreign %#x: mark after %#x lost bits outside the mask", foreign, m)
+		}
+		if m&markVPN != 0 {
+			t.Fatalf("foreign %#x: stale mhbpf bit kept: %#x", foreign, m)
+		}
+	}
+}
+
+func TestBypassedDestinationsPassUntouched(t *testing.T) {
+	e := newEnv(t)
+	if err := e.m.SetBypass([]netip.Prefix{netip.MustParsePrefix("100.64.0.0/10"), netip.MustParsePrefix("2001:db8:2::/48")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, dst := range []string{"100.64.2.20", "100.100.1.1", "169.254.1.1", "224.0.0.251", "255.255.255.255", "127.0.0.1",
+		"2001:db8:2::20", "fe80::1", "ff02::fb"} {
+		src := lanHost
+		if netip.MustParseAddr(dst).Is6() {
+			src = lanHost6
+		}
+		p := packet.Packet{Src: ap(src, 5000), Dst: ap(netip.MustParseAddr(dst), 5000), Proto: packet.ProtoUDP}
+		if m := e.lanRun(p, 0x7); m != 0x7 {
+			t.Fatalf("%s: mark %#x, want unchanged", dst, m)
+		}
+	}
+	if n := e.flowCount(); n != 0 {
+		t.Fatalf("%d flows recorded for bypassed destinations", n)
+	}
+}
+
+// Every prefix of a valid packet, and packets with broken headers, pass
+// unchanged and create no flow.
+func TestMalformedPacketsPassUnchanged(t *testing.T) {
+	e := newEnv(t)
+	check := func(t *testing.T, name string, data []byte) {
+		t.Helper()
+		for _, prog := range []*ebpf.Program{e.d.LANProgram(), e.d.UplinkProgram()} {
+			if m := run(t, prog, data, 0x5); m != 0x5 {
+				t.Fatalf("%s (%d bytes): mark %#x, want unchanged", name, len(data), m)
+			}
+		}
+		if n := e.flowCount(); n != 0 {
+			t.Fatalf("%s (%d bytes): %d flows created", name, len(data), n)
+		}
+	}
+	for _, l3 := range []bool{false, true} {
+		for _, proto := range []uint8{packet.ProtoTCP, packet.ProtoUDP, packet.ProtoICMP} {
+			for _, v6 := range []bool{false, true} {
+				src, dst := ap(lanHost, 1234), ap(remote, 80)
+				if v6 {
+					src, dst = ap(lanHost6, 1234), ap(remote6, 80)
+				}
+				p := packet.Packet{Src: src, Dst: dst, Proto: proto, TCPFlags: packet.TCPSyn, ICMPType: 8, L3: l3}
+				if v6 && proto == packet.ProtoICMP {
+					p.Proto = packet.ProtoICMPv6
+					p.ICMPType = 128
+				}
+				full := p.Bytes()
+				e.lan(l3)
+				// Truncations. BPF_PROG_TEST_RUN refuses packets shorter than
+				// an Ethernet header, and (on this kernel) Ethernet-framed IP
+				// packets whose IP header is cut short: those lengths are
+				// asserted to be refused, and the same cuts are exercised
+				// through bare-IP framing, where the kernel takes them.
+				ipHeader := 20
+				if v6 {
+					ipHeader = 40
+				}
+				for n := 14; n < len(full); n++ {
+					refusable := !l3 && n < 14+ipHeader
+					for _, role := range []maps.Role{maps.RoleUplink, maps.RoleLAN} {
+						if err := e.m.SetIface(testIfindex, maps.Iface{Role: role, L3Offset: l3off(l3)}); err != nil {
+							t.Fatal(err)
+						}
+						prog := e.d.UplinkProgram()
+						if role == maps.RoleLAN {
+							prog = e.d.LANProgram()
+						}
+						var out skbContext
+						ret, err := prog.Run(&ebpf.RunOptions{Data: full[:n], Context: skbContext{Mark: 0x5}, ContextOut: &out})
+						if refusable {
+							if !errors.Is(err, unix.EINVAL) {
+								t.Fatalf("%v l3=%v truncated to %d: kernel ran it (%v); this test's premise changed", p.Proto, l3, n, err)
+							}
+							continue
+						}
+						if err != nil || ret != 0 || out.Mark != 0x5 {
+							t.Fatalf("role %d %v v6=%v l3=%v truncated to %d: ret %d mark %#x err %v", role, p.Proto, v6, l3, n, ret, out.Mark, err)
+						}
+					}
+				}
+				if n := e.flowCount(); n != 0 {
+					t.Fatalf("truncated packets created %d flows", n)
+				}
+			}
+		}
+	}
+	e.lan(false)
+
+	base := syn(ap(lanHost, 1234), ap(remote, 80)).Bytes()
+	for ihl := 0; ihl < 5; ihl++ {
+		b := append([]byte(nil), base...)
+		b[14] = 0x40 | byte(ihl)
+		check(t, fmt.Sprintf("ihl=%d", ihl), b)
+	}
+	// IHL larger than the packet: the TCP header would be past the end.
+	b := append([]byte(nil), base...)
+	b[14] = 0x4f
+	check(t, "ihl=15", b)
+	// Wrong IP version behind an IPv4 ethertype.
+	b = append([]byte(nil), base...)
+	b[14] = 0x65
+	check(t, "version 6 in ipv4", b)
+
+	// IPv6 extension chains: one that runs past the packet, one longer
+	// than the parser follows.
+	p6 := syn(ap(lanHost6, 1234), ap(remote6, 80))
+	p6.Ext = []uint8{0}
+	b = p6.Bytes()
+	b[14+40+1] = 200 // hop-by-hop length far past the end
+	check(t, "ipv6 ext past end", b)
+	p6.Ext = []uint8{0, 60, 60, 60, 60, 60, 60, 60, 60}
+	check(t, "ipv6 ext chain too long", p6.Bytes())
+
+	// Non-first fragments carry no ports: no flow, no mark.
+	frag := syn(ap(lanHost, 1234), ap(remote, 80))
+	frag.FragOffset = 185
+	check(t, "ipv4 non-first fragment", frag.Bytes())
+	frag6 := syn(ap(lanHost6, 1234), ap(remote6, 80))
+	frag6.Ext = []uint8{44}
+	b = frag6.Bytes()
+	binary.BigEndian.PutUint16(b[14+40+2:], 185<<3)
+	check(t, "ipv6 non-first fragment", b)
+
+	// Not IP at all.
+	arp := append([]byte(nil), base...)
+	binary.BigEndian.PutUint16(arp[12:], 0x0806)
+	check(t, "arp", arp)
+}
+
+// A first fragment has ports and is an ordinary new flow.
+func TestFirstFragmentMakesAFlow(t *testing.T) {
+	e := newEnv(t)
+	p := packet.Packet{Src: ap(lanHost, 4000), Dst: ap(remote, 4000), Proto: packet.ProtoUDP, MoreFragments: true, Payload: 100}
+	if m := e.lanRun(p, 0); uplinkOf(m) < 0 {
+		t.Fatalf("first fragment: mark %#x", m)
+	}
+	if _, ok := e.flow(p); !ok {
+		t.Fatal("first fragment made no flow")
+	}
+}
+
+func TestCounters(t *testing.T) {
+	e := newEnv(t)
+	a := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}
+	e.policy(maps.Policy{Default: a})
+	p := packet.Packet{Src: ap(lanHost, 4000), Dst: ap(remote, 4000), Proto: packet.ProtoUDP, Payload: 72}
+	for i := 0; i < 3; i++ {
+		e.lanRun(p, 0)
+	}
+	c, err := e.m.UplinkCounters(isp2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := uint64(len(p.Bytes()))
+	if c.TxPackets != 3 || c.TxBytes != 3*size || c.NewFlows != 1 {
+		t.Fatalf("counters %+v, want 3 packets, %d bytes, 1 new flow", c, 3*size)
+	}
+}
