@@ -1,12 +1,18 @@
 # One pinned compiler for the committed BPF objects: Debian 12's clang-19.
 BPF2GO_CC ?= clang-19
 BPF2GO_CFLAGS ?= -O2 -g -Wall -Werror
+BPF2GO_STRIP ?= llvm-strip-19
 GO ?= go
-export BPF2GO_CC BPF2GO_CFLAGS
+export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
+export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all generate build test check-generated
+.PHONY: all deps generate build test check-generated
 
 all: build
+
+# Installs the apt packages and Go modules the build and the tests need.
+deps:
+	bash scripts/deps.sh
 
 generate:
 	cd bpf && $(GO) generate ./...
@@ -14,5 +20,13 @@ generate:
 build:
 	$(GO) build -o bin/mhbpf ./cmd/mhbpf
 
+# The committed bpf2go output must be what the pinned compiler makes of the
+# committed C.
 check-generated: generate
-	git diff --exit-code -- bpf/ || (echo "generated BPF code is stale: run make generate and commit" >&2; exit 1)
+	@git diff --exit-code --stat -- bpf/ || { echo "generated BPF code is stale: run 'make generate' and commit" >&2; exit 1; }
+
+# Everything CI runs. Needs root: the tests load BPF programs and build
+# network namespaces.
+test: deps check-generated
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 20m ./...

@@ -9,8 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/vishvananda/netns"
 )
 
 // RequireRoot fails the test unless it runs as root. mhbpf's tests need
@@ -56,4 +59,67 @@ func Run(tb testing.TB, name string, args ...string) string {
 		tb.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// InNetNS runs fn on a locked OS thread switched into the named network
+// namespace, so netlink and BPF attach calls made by fn act there.
+func InNetNS(tb testing.TB, name string, fn func()) {
+	tb.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer orig.Close()
+	target, err := netns.GetFromName(name)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		tb.Fatal(err)
+	}
+	defer func() {
+		if err := netns.Set(orig); err != nil {
+			panic(err) // a thread left in a test namespace must not run anything else
+		}
+	}()
+	fn()
+}
+
+// CgroupRoot finds the cgroup v2 mount (unified hierarchy).
+func CgroupRoot(tb testing.TB) string {
+	tb.Helper()
+	data, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	tb.Fatal("no cgroup2 mount: the socket hooks cannot be tested")
+	return ""
+}
+
+// Cgroup makes a child cgroup for the test and removes it afterwards.
+func Cgroup(tb testing.TB) string {
+	tb.Helper()
+	dir := filepath.Join(CgroupRoot(tb), UniqueName("mhbpf-test-"))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		// Processes still in it (a stuck client) go back to the root first.
+		if procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
+			for _, pid := range strings.Fields(string(procs)) {
+				_ = os.WriteFile(filepath.Join(filepath.Dir(dir), "cgroup.procs"), []byte(pid), 0)
+			}
+		}
+		_ = os.Remove(dir)
+	})
+	return dir
 }

@@ -1,0 +1,181 @@
+// Package topology builds the scenario's network in namespaces: a router
+// with two uplinks (ppp0, ppp1: veth here, Ethernet framing) to two ISPs,
+// a LAN behind eth2, and "internet" hosts inside the ISPs. Tests and the lab
+// share it. It runs iproute2 (tests may; the daemon never does) and uses only
+// 100.64.0.0/10 and the documentation ranges.
+package topology
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"time"
+)
+
+// Addresses of the scenario.
+var (
+	ISP1Local  = netip.MustParseAddr("100.64.0.2") // router's ppp0 (isp1, "static")
+	ISP1Peer   = netip.MustParseAddr("100.64.0.1")
+	ISP2Local  = netip.MustParseAddr("100.64.1.2") // router's ppp1 (isp2)
+	ISP2Peer   = netip.MustParseAddr("100.64.1.1")
+	RouterLAN  = netip.MustParseAddr("100.64.2.1")
+	LANHost    = netip.MustParseAddr("100.64.2.10")
+	LANPrefix  = netip.MustParsePrefix("100.64.2.0/24")
+	Internet   = netip.MustParseAddr("203.0.113.10") // answers in both ISPs
+	ISP2Client = netip.MustParseAddr("198.51.100.50") // a host in isp2's network
+)
+
+// Topology is one built scenario. Namespace names are unique per build.
+type Topology struct {
+	Router, ISP1, ISP2, LAN string
+}
+
+// Build makes the namespaces and links. On error, whatever was made is
+// removed again.
+func Build() (*Topology, error) {
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	id := hex.EncodeToString(b[:])
+	t := &Topology{Router: "mh" + id + "-rt", ISP1: "mh" + id + "-isp1", ISP2: "mh" + id + "-isp2", LAN: "mh" + id + "-lan"}
+	if err := t.build(); err != nil {
+		t.Close()
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *Topology) build() error {
+	steps := [][]string{
+		{"netns", "add", t.Router}, {"netns", "add", t.ISP1}, {"netns", "add", t.ISP2}, {"netns", "add", t.LAN},
+		{"-n", t.Router, "link", "add", "ppp0", "type", "veth", "peer", "name", "wan", "netns", t.ISP1},
+		{"-n", t.Router, "link", "add", "ppp1", "type", "veth", "peer", "name", "wan", "netns", t.ISP2},
+		{"-n", t.Router, "link", "add", "eth2", "type", "veth", "peer", "name", "eth0", "netns", t.LAN},
+
+		{"-n", t.Router, "addr", "add", ISP1Local.String() + "/30", "dev", "ppp0"},
+		{"-n", t.Router, "addr", "add", ISP2Local.String() + "/30", "dev", "ppp1"},
+		{"-n", t.Router, "addr", "add", RouterLAN.String() + "/24", "dev", "eth2"},
+		{"-n", t.ISP1, "addr", "add", ISP1Peer.String() + "/30", "dev", "wan"},
+		{"-n", t.ISP1, "addr", "add", Internet.String() + "/32", "dev", "lo"},
+		{"-n", t.ISP2, "addr", "add", ISP2Peer.String() + "/30", "dev", "wan"},
+		{"-n", t.ISP2, "addr", "add", Internet.String() + "/32", "dev", "lo"},
+		{"-n", t.ISP2, "addr", "add", ISP2Client.String() + "/32", "dev", "lo"},
+		{"-n", t.LAN, "addr", "add", LANHost.String() + "/24", "dev", "eth0"},
+	}
+	for _, ns := range []string{t.Router, t.ISP1, t.ISP2, t.LAN} {
+		steps = append(steps, []string{"-n", ns, "link", "set", "lo", "up"})
+	}
+	steps = append(steps,
+		[]string{"-n", t.Router, "link", "set", "ppp0", "up"},
+		[]string{"-n", t.Router, "link", "set", "ppp1", "up"},
+		[]string{"-n", t.Router, "link", "set", "eth2", "up"},
+		[]string{"-n", t.ISP1, "link", "set", "wan", "up"},
+		[]string{"-n", t.ISP2, "link", "set", "wan", "up"},
+		[]string{"-n", t.LAN, "link", "set", "eth0", "up"},
+		// The ISPs know the LAN only behind the router (no NAT in this
+		// topology: the far end sees the LAN host's own address, which is
+		// what tells a test the path a packet took).
+		[]string{"-n", t.ISP1, "route", "add", LANPrefix.String(), "via", ISP1Local.String()},
+		[]string{"-n", t.ISP2, "route", "add", LANPrefix.String(), "via", ISP2Local.String()},
+		[]string{"-n", t.LAN, "route", "add", "default", "via", RouterLAN.String()},
+	)
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return err
+		}
+	}
+	for _, kv := range []string{
+		"net.ipv4.ip_forward=1",
+		"net.ipv4.tcp_fwmark_accept=1",
+		"net.ipv4.fwmark_reflect=1",
+		"net.ipv4.conf.all.rp_filter=2",
+		"net.ipv4.conf.default.rp_filter=2",
+	} {
+		if err := t.Exec(t.Router, "sysctl", "-qw", kv).Run(); err != nil {
+			return fmt.Errorf("sysctl %s: %w", kv, err)
+		}
+	}
+	return nil
+}
+
+// Close removes the namespaces (and with them every link in them).
+func (t *Topology) Close() {
+	for _, ns := range []string{t.Router, t.ISP1, t.ISP2, t.LAN} {
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	}
+}
+
+// Exec prepares a command inside namespace ns.
+func (t *Topology) Exec(ns string, name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", ns, name}, args...)...)
+}
+
+// IP runs an iproute2 command inside namespace ns.
+func (t *Topology) IP(ns string, args ...string) error {
+	return ip(append([]string{"-n", ns}, args...)...)
+}
+
+func ip(args ...string) error {
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Server is a TCP server that answers every connection with its name and the
+// peer address it saw, then closes.
+type Server struct {
+	cmd *exec.Cmd
+}
+
+// Serve starts a Server in ns on addr:port, answering "name peeraddr".
+func (t *Topology) Serve(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
+	cmd := t.Exec(ns, "socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,fork,reuseaddr", port, addr),
+		"SYSTEM:echo "+name+" $SOCAT_PEERADDR")
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	s := &Server{cmd: cmd}
+	// Wait until it listens.
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		out, _ := t.Exec(ns, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port)).Output()
+		if strings.Contains(string(out), "LISTEN") {
+			return s, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.Close()
+	return nil, fmt.Errorf("server %s in %s did not start listening", name, ns)
+}
+
+func (s *Server) Close() {
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+}
+
+// Dial connects from ns (optionally from inside cgroup dir) to addr:port
+// and returns what the server said, trimmed.
+func (t *Topology) Dial(ns, cgroup string, addr netip.Addr, port uint16) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	target := fmt.Sprintf("TCP:%s:%d,connect-timeout=2", addr, port)
+	var cmd *exec.Cmd
+	if cgroup != "" {
+		// Join the cgroup first, then enter the namespace: membership is
+		// inherited by what the shell execs.
+		cmd = exec.CommandContext(ctx, "sh", "-c", `echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" socat -T3 -u "$3" STDOUT`,
+			"sh", cgroup, ns, target)
+	} else {
+		cmd = exec.CommandContext(ctx, "ip", "netns", "exec", ns, "socat", "-T3", "-u", target, "STDOUT")
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("dial %s:%d from %s: %v: %s", addr, port, ns, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing mhbpf needs on Debian 12, idempotently:
+# the pinned BPF compiler, the programs the tests run as real peers, and the
+# Go modules. Run as root.
+set -euo pipefail
+
+packages=(
+	clang-19 llvm-19      # the pinned BPF compiler (make generate) and its llvm-strip
+	iproute2              # ip netns / ip link / tc for the test topology
+	nftables              # masquerade in the scenario tests
+	openvpn               # the real tun0 of the scenario
+	iperf3 socat          # real servers and clients
+	git make ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cd "$(dirname "$0")/.."
+go mod download

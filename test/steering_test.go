@@ -1,0 +1,237 @@
+// Package test holds the integration tests: mhbpf's datapath on the running
+// kernel, in network namespaces, with real TCP servers and clients.
+package test
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
+	"github.com/mhbpf/mhbpf/internal/testutil"
+	"github.com/mhbpf/mhbpf/internal/topology"
+)
+
+const (
+	markISP1   = 0x00010000
+	markISP2   = 0x00020000
+	markStrict = 0x00800000
+	isp1, isp2 = 0, 1
+	tableISP1  = "101"
+	tableISP2  = "102"
+)
+
+type scenario struct {
+	topo *topology.Topology
+	d    *loader.Datapath
+}
+
+// newScenario builds the namespaces, the fib rules and tables of the mark
+// scheme (what the daemon installs; here by hand), and loads the datapath.
+// main's default route points to isp1 only, so anything that leaves by isp2
+// was steered.
+func newScenario(t *testing.T) *scenario {
+	t.Helper()
+	testutil.RequireRoot(t)
+	topo, err := topology.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(topo.Close)
+	rt := topo.Router
+	for _, args := range [][]string{
+		{"route", "add", "default", "via", topology.ISP1Peer.String(), "table", tableISP1},
+		{"route", "add", "default", "via", topology.ISP2Peer.String(), "table", tableISP2},
+		{"route", "add", "default", "via", topology.ISP1Peer.String()},
+		// Packets arriving from an uplink route by main (they are for the
+		// box or, after DNAT, the LAN): their mark is for the answers.
+		{"rule", "add", "pref", "1000", "iif", "ppp0", "lookup", "main"},
+		{"rule", "add", "pref", "1001", "iif", "ppp1", "lookup", "main"},
+		{"rule", "add", "pref", "1010", "fwmark", "0x10000/0x10000", "lookup", tableISP1},
+		{"rule", "add", "pref", "1011", "fwmark", "0x20000/0x20000", "lookup", tableISP2},
+		{"rule", "add", "pref", "1020", "fwmark", "0x800000/0x800000", "unreachable"},
+	} {
+		if err := topo.IP(rt, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0x00ff0000, MarkStrict: markStrict})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	for id, mark := range map[int]uint32{isp1: markISP1, isp2: markISP2} {
+		if err := d.Maps.SetUplink(id, maps.Uplink{Mark: mark, Weight: uint16(8 - 6*id), Up: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Maps.SetBypass([]netip.Prefix{topology.LANPrefix}); err != nil {
+		t.Fatal(err)
+	}
+	return &scenario{topo: topo, d: d}
+}
+
+func (s *scenario) attach(t *testing.T, ifname string, role maps.Role, uplink int) {
+	t.Helper()
+	testutil.InNetNS(t, s.topo.Router, func() {
+		mode, err := s.d.AttachTC(ifname, role, uplink)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s attached with %s", ifname, mode)
+	})
+}
+
+func (s *scenario) policy(t *testing.T, rules ...maps.Rule) {
+	t.Helper()
+	p := maps.Policy{
+		Default: maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 8}, {Uplink: isp2, Weight: 2}}},
+		Rules:   rules,
+	}
+	if err := s.d.Maps.ReplacePolicy(p); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s *scenario) serveInternet(t *testing.T, port uint16) {
+	t.Helper()
+	for ns, name := range map[string]string{s.topo.ISP1: "isp1", s.topo.ISP2: "isp2"} {
+		srv, err := s.topo.Serve(ns, name, topology.Internet, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+	}
+}
+
+func only(id uint8) maps.Action {
+	return maps.Action{Uplinks: []maps.Choice{{Uplink: id, Weight: 1}}}
+}
+
+// A LAN host's connection leaves by the uplink the datapath chose.
+func TestLANConnectionLeavesByChosenUplink(t *testing.T) {
+	s := newScenario(t)
+	s.serveInternet(t, 8000)
+	s.serveInternet(t, 8001)
+	s.policy(t, maps.Rule{Proto: 6, Ports: []maps.PortRange{{Lo: 8001, Hi: 8001}}, Action: only(isp2)})
+
+	// Before the LAN program is attached, main sends everything to isp1:
+	// the test can tell the paths apart.
+	got, err := s.topo.Dial(s.topo.LAN, "", topology.Internet, 8001)
+	if err != nil || !strings.HasPrefix(got, "isp1 ") {
+		t.Fatalf("unsteered: %q, %v; want isp1 by main", got, err)
+	}
+
+	s.attach(t, "eth2", maps.RoleLAN, 0)
+	got, err = s.topo.Dial(s.topo.LAN, "", topology.Internet, 8001)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "isp2 "+topology.LANHost.String() {
+		t.Fatalf("policy to isp2: server said %q", got)
+	}
+
+	// Balanced: the server that answered is the uplink the flow map holds.
+	seen := map[string]bool{}
+	for i := 0; i < 12; i++ {
+		got, err := s.topo.Dial(s.topo.LAN, "", topology.Internet, 8000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var flowUplink = -1
+		_ = s.d.Maps.WalkFlows(func(f maps.Flow) bool {
+			if f.Key.Dst.Port() == 8000 && f.Origin == maps.OriginBalanced {
+				flowUplink = f.Uplink
+			}
+			return true
+		})
+		want := fmt.Sprintf("isp%d %s", flowUplink+1, topology.LANHost)
+		if got != want {
+			t.Fatalf("connection %d: server said %q, flow map says %q", i, got, want)
+		}
+		seen[got] = true
+		// Forget the flows so the next connection is a new choice; the
+		// destination's stickiness still holds, so vary nothing else.
+		if _, err := s.d.Maps.DeleteFlowsOfUplink(flowUplink); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(seen) != 1 {
+		t.Fatalf("one destination changed uplink between connections: %v", seen)
+	}
+}
+
+// A process on the router itself: the socket hook marks the socket, and the
+// source address follows the chosen uplink's table.
+func TestLocalConnectionLeavesByChosenUplinkWithItsAddress(t *testing.T) {
+	s := newScenario(t)
+	s.serveInternet(t, 8002)
+	s.policy(t, maps.Rule{Dst: []netip.Prefix{netip.PrefixFrom(topology.Internet, 32)}, Proto: 6,
+		Ports: []maps.PortRange{{Lo: 8002, Hi: 8002}}, Action: only(isp2)})
+	cg := testutil.Cgroup(t)
+
+	got, err := s.topo.Dial(s.topo.Router, cg, topology.Internet, 8002)
+	if err != nil || got != "isp1 "+topology.ISP1Local.String() {
+		t.Fatalf("without hooks: %q, %v; want isp1 with isp1's address", got, err)
+	}
+	if err := s.d.AttachCgroup(cg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.d.DetachCgroup() })
+	got, err = s.topo.Dial(s.topo.Router, cg, topology.Internet, 8002)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "isp2 "+topology.ISP2Local.String() {
+		t.Fatalf("with hooks: server said %q, want isp2 seeing %s", got, topology.ISP2Local)
+	}
+	c, err := s.d.Maps.UplinkCounters(isp2)
+	if err != nil || c.NewFlows == 0 {
+		t.Fatalf("isp2 counted no new flow: %+v %v", c, err)
+	}
+}
+
+// A connection that came in on ppp1 is answered via ppp1, although main's
+// route to the client points to ppp0.
+func TestInboundConnectionIsAnsweredByArrivalUplink(t *testing.T) {
+	s := newScenario(t)
+	rt := s.topo.Router
+	if err := s.topo.IP(rt, "route", "add", topology.ISP2Client.String()+"/32", "via", topology.ISP1Peer.String()); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := s.topo.Serve(rt, "router", topology.ISP2Local, 9000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	// isp2's client must reach the router's isp2 address from its own one.
+	if err := s.topo.IP(s.topo.ISP2, "route", "add", topology.ISP2Local.String()+"/32", "dev", "wan", "src", topology.ISP2Client.String()); err != nil {
+		t.Fatal(err)
+	}
+
+	if got, err := s.topo.Dial(s.topo.ISP2, "", topology.ISP2Local, 9000); err == nil {
+		t.Fatalf("without the uplink program the answer should go astray via ppp0, but got %q", got)
+	}
+	s.attach(t, "ppp0", maps.RoleUplink, isp1)
+	s.attach(t, "ppp1", maps.RoleUplink, isp2)
+	got, err := s.topo.Dial(s.topo.ISP2, "", topology.ISP2Local, 9000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "router "+topology.ISP2Client.String() {
+		t.Fatalf("server said %q", got)
+	}
+	var inbound int
+	_ = s.d.Maps.WalkFlows(func(f maps.Flow) bool {
+		if f.Origin == maps.OriginInbound && f.Uplink == isp2 && f.Key.Dst.Port() == 9000 {
+			inbound++
+		}
+		return true
+	})
+	if inbound != 1 {
+		t.Fatalf("%d inbound flows on isp2 for port 9000, want 1", inbound)
+	}
+}
