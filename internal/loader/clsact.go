@@ -62,9 +62,10 @@ func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role m
 	}
 	switch err := nl.Qdisc().Add(&qdisc); {
 	case err == nil:
-		// Ours to remove again when mhbpf goes.
-		if f, err := os.Create(qdiscMarker(pinDir, ifname)); err == nil {
-			f.Close()
+		// Ours to remove again when mhbpf goes. bpffs holds no regular
+		// files: the marker is an empty directory.
+		if err := os.Mkdir(qdiscMarker(pinDir, ifname), 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("record clsact qdisc of %s: %w", ifname, err)
 		}
 	case errors.Is(err, unix.EEXIST):
 	default:

@@ -30,6 +30,9 @@ type Options struct {
 	StickyTimeout time.Duration
 	// FlowMapSize is the capacity of the flow map (LRU).
 	FlowMapSize uint32
+	// TCMode forces an attach mechanism; empty means tcx where the kernel
+	// has it, else clsact.
+	TCMode Mode
 }
 
 // Defaults used for zero fields of Options.
@@ -210,18 +213,28 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 	if err := d.Maps.SetIface(l.Attrs().Index, maps.Iface{Role: role, L3Offset: l3Offset(l), Uplink: uint8(uplink)}); err != nil {
 		return "", fmt.Errorf("interface %s: %w", ifname, err)
 	}
-	mode, err := attachTCX(d.opts.PinDir, ifname, l.Attrs().Index, prog)
-	if errors.Is(err, ebpf.ErrNotSupported) {
-		return ModeClsact, attachClsact(d.opts.PinDir, ifname, l.Attrs().Index, prog, role)
+	ifindex := l.Attrs().Index
+	if d.opts.TCMode != ModeClsact {
+		err := attachTCX(d.opts.PinDir, ifname, ifindex, prog)
+		if err == nil {
+			// tcx won: a cls_bpf filter left by a run on an older kernel
+			// (or in clsact mode) must go.
+			if err := detachClsact(d.opts.PinDir, ifname, ifindex); err != nil {
+				return ModeTCX, fmt.Errorf("remove old clsact filter on %s: %w", ifname, err)
+			}
+			return ModeTCX, nil
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) || d.opts.TCMode == ModeTCX {
+			return "", fmt.Errorf("attach to %s: %w", ifname, err)
+		}
 	}
-	if err != nil {
-		return "", fmt.Errorf("attach to %s: %w", ifname, err)
+	if err := attachClsact(d.opts.PinDir, ifname, ifindex, prog, role); err != nil {
+		return "", err
 	}
-	// tcx won: a cls_bpf filter left by an older kernel's run must go.
-	if err := detachClsact(d.opts.PinDir, ifname, l.Attrs().Index); err != nil {
-		return mode, fmt.Errorf("remove old clsact filter on %s: %w", ifname, err)
+	if err := detachTCX(d.opts.PinDir, ifname); err != nil {
+		return ModeClsact, fmt.Errorf("remove old tcx link on %s: %w", ifname, err)
 	}
-	return mode, nil
+	return ModeClsact, nil
 }
 
 // DetachTC removes mhbpf's program from ifname, if the interface still
@@ -246,7 +259,7 @@ func l3Offset(l netlink.Link) uint8 {
 	return 0 // ppp, tun, none: no link-layer header
 }
 
-func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) (Mode, error) {
+func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) error {
 	pin := tcLinkPin(pinDir, ifname)
 	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
 		info, ierr := old.Info()
@@ -254,9 +267,9 @@ func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) (Mode, er
 			err := old.Update(prog)
 			old.Close()
 			if err != nil {
-				return "", fmt.Errorf("update pinned link: %w", err)
+				return fmt.Errorf("update pinned link: %w", err)
 			}
-			return ModeTCX, nil
+			return nil
 		}
 		// The interface was recreated (pppd reconnected): the old link is
 		// dead or points to a device that no longer is ifname.
@@ -265,13 +278,13 @@ func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) (Mode, er
 	}
 	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXIngress})
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer l.Close()
 	if err := l.Pin(pin); err != nil {
-		return "", fmt.Errorf("pin link: %w", err)
+		return fmt.Errorf("pin link: %w", err)
 	}
-	return ModeTCX, nil
+	return nil
 }
 
 func detachTCX(pinDir, ifname string) error {

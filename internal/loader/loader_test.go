@@ -1,18 +1,343 @@
 package loader_test
 
 import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	tc "github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 )
 
+// netnsWithVeth makes a namespace holding a veth pair "up0"/"up1" and
+// returns its name.
+func netnsWithVeth(t *testing.T) string {
+	t.Helper()
+	testutil.RequireRoot(t)
+	ns := testutil.UniqueName("mhl")
+	testutil.Run(t, "ip", "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "up0", "up")
+	return ns
+}
+
+func passProgram(t *testing.T, typ ebpf.ProgramType, name string) *ebpf.Program {
+	t.Helper()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: name, Type: typ, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func ifindex(t *testing.T, name string) int {
+	t.Helper()
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Attrs().Index
+}
+
+// tcxPrograms lists the names of the programs attached with tcx at ingress.
+func tcxPrograms(t *testing.T, ifname string) []string {
+	t.Helper()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex(t, ifname), Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, p := range res.Programs {
+		prog, err := ebpf.NewProgramFromID(p.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, _ := prog.Info()
+		prog.Close()
+		names = append(names, info.Name)
+	}
+	return names
+}
+
+// clsactFilters lists the names of the cls_bpf filters at ingress.
+func clsactFilters(t *testing.T, ifname string) []string {
+	t.Helper()
+	nl, err := tc.Open(&tc.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	fs, err := nl.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex(t, ifname)),
+		Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress)})
+	if err != nil {
+		return nil // no clsact qdisc
+	}
+	var names []string
+	for _, f := range fs {
+		if f.BPF != nil && f.BPF.Name != nil {
+			names = append(names, *f.BPF.Name)
+		}
+	}
+	return names
+}
+
+func count(names []string, prefix string) int {
+	n := 0
+	for _, s := range names {
+		if strings.HasPrefix(s, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
 func TestLoadVerifies(t *testing.T) {
 	testutil.RequireRoot(t)
-	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{PinDir: dir})
+	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	d.Close()
+}
+
+func TestBadOptionsAreRefused(t *testing.T) {
+	testutil.RequireRoot(t)
+	_, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0xff, MarkStrict: 0x100})
+	if err == nil || !strings.Contains(err.Error(), "strict mark") {
+		t.Fatalf("strict bit outside the mask: err %v", err)
+	}
+	_, err = loader.Load(loader.Options{PinDir: "/tmp/not-bpffs/mhbpf"})
+	if err == nil || !strings.Contains(err.Error(), "bpf filesystem") {
+		t.Fatalf("pin dir off bpffs: err %v", err)
+	}
+}
+
+// Attaching twice leaves one program; a foreign program on the same hook
+// survives attach and removal; the mechanism in use is reported.
+func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
+	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeClsact} {
+		t.Run(string(mode), func(t *testing.T) {
+			ns := netnsWithVeth(t)
+			dir := testutil.PinDir(t, func(dir string) error {
+				var err error
+				testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
+				return err
+			})
+			testutil.InNetNS(t, ns, func() {
+				// Someone else's program first.
+				foreign := passProgram(t, ebpf.SchedCLS, "foreign")
+				var foreignLink link.Link
+				if mode == loader.ModeTCX {
+					l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex(t, "up0"), Program: foreign, Attach: ebpf.AttachTCXIngress})
+					if err != nil {
+						t.Fatal(err)
+					}
+					foreignLink = l
+					defer l.Close()
+				} else {
+					testutil.Run(t, "tc", "qdisc", "add", "dev", "up0", "clsact")
+					fd := uint32(foreign.FD())
+					name, flags := "foreign", uint32(tc.BpfActDirect)
+					nl, err := tc.Open(&tc.Config{})
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer nl.Close()
+					if err := nl.Filter().Add(&tc.Object{
+						Msg: tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex(t, "up0")), Handle: 1,
+							Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress), Info: 1<<16 | 0x0300},
+						Attribute: tc.Attribute{Kind: "bpf", BPF: &tc.Bpf{FD: &fd, Name: &name, Flags: &flags}},
+					}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				list := func() []string {
+					if mode == loader.ModeTCX {
+						return tcxPrograms(t, "up0")
+					}
+					return clsactFilters(t, "up0")
+				}
+				ours := "uplink_ingress"
+				if mode == loader.ModeClsact {
+					ours = "mhbpf_uplink"
+				}
+
+				d, err := loader.Load(loader.Options{PinDir: dir, TCMode: mode})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer d.Close()
+				for i := 0; i < 2; i++ {
+					got, err := d.AttachTC("up0", maps.RoleUplink, 0)
+					if err != nil {
+						t.Fatalf("attach %d: %v", i+1, err)
+					}
+					if got != mode {
+						t.Fatalf("attach reported %s, want %s", got, mode)
+					}
+					names := list()
+					if count(names, ours) != 1 || count(names, "foreign") != 1 {
+						t.Fatalf("after attach %d: programs %v, want one of ours and the foreign one", i+1, names)
+					}
+				}
+				// A reload (the restart path) swaps in place.
+				d2, err := loader.Load(loader.Options{PinDir: dir, TCMode: mode})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer d2.Close()
+				if _, err := d2.AttachTC("up0", maps.RoleUplink, 0); err != nil {
+					t.Fatal(err)
+				}
+				if names := list(); count(names, ours) != 1 {
+					t.Fatalf("after reload: %v", names)
+				}
+
+				if err := loader.Remove(dir); err != nil {
+					t.Fatal(err)
+				}
+				names := list()
+				if count(names, ours) != 0 || count(names, "foreign") != 1 {
+					t.Fatalf("after remove: programs %v, want only the foreign one", names)
+				}
+				if err := loader.Remove(dir); err != nil {
+					t.Fatalf("second remove: %v", err)
+				}
+				_ = foreignLink
+			})
+		})
+	}
+}
+
+// The clsact qdisc mhbpf created goes with it; one it found stays.
+func TestClsactQdiscOwnership(t *testing.T) {
+	ns := netnsWithVeth(t)
+	dir := testutil.PinDir(t, func(dir string) error {
+		var err error
+		testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
+		return err
+	})
+	testutil.InNetNS(t, ns, func() {
+		d, err := loader.Load(loader.Options{PinDir: dir, TCMode: loader.ModeClsact})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
+			t.Fatal(err)
+		}
+		if out := testutil.Run(t, "tc", "qdisc", "show", "dev", "up0"); !strings.Contains(out, "clsact") {
+			t.Fatalf("no clsact qdisc after attach: %s", out)
+		}
+		if err := d.DetachTC("up0"); err != nil {
+			t.Fatal(err)
+		}
+		if out := testutil.Run(t, "tc", "qdisc", "show", "dev", "up0"); strings.Contains(out, "clsact") {
+			t.Fatalf("clsact qdisc mhbpf created is still there: %s", out)
+		}
+	})
+}
+
+// A second process with the same pin directory finds the maps, with the
+// flows in them, and swaps the programs without detaching.
+func TestRestartKeepsFlows(t *testing.T) {
+	if os.Getenv("MHBPF_RESTART_HELPER") != "" {
+		return // the helper half runs in TestRestartHelper
+	}
+	ns := netnsWithVeth(t)
+	dir := testutil.PinDir(t, func(dir string) error {
+		var err error
+		testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
+		return err
+	})
+	flow := maps.Flow{
+		Key:    maps.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("100.64.2.10:40000"), Dst: netip.MustParseAddrPort("203.0.113.7:443")},
+		Uplink: 1, Origin: maps.OriginBalanced, Mark: 0x20000, Packets: 7,
+	}
+	testutil.InNetNS(t, ns, func() {
+		d, err := loader.Load(loader.Options{PinDir: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Maps.PutFlow(flow); err != nil {
+			t.Fatal(err)
+		}
+		d.Close() // the first "daemon" is gone: only pins hold the datapath
+		if n := count(tcxPrograms(t, "up0"), "lan_ingress"); n != 1 {
+			t.Fatalf("program detached when the loader closed: %d attached", n)
+		}
+	})
+
+	// Not through 'ip netns exec': it mounts a fresh /sys, and with it an
+	// empty bpffs. The helper enters the namespace itself.
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe, "-test.run=^TestRestartHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), "MHBPF_RESTART_HELPER="+dir, "MHBPF_RESTART_NETNS="+ns)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 packets 7") {
+		t.Fatalf("second process: %v\n%s", err, out)
+	}
+	testutil.InNetNS(t, ns, func() {
+		if n := count(tcxPrograms(t, "up0"), "lan_ingress"); n != 1 {
+			t.Fatalf("after the second process attached: %d programs, want 1", n)
+		}
+	})
+}
+
+// TestRestartHelper is the second process of TestRestartKeepsFlows.
+func TestRestartHelper(t *testing.T) {
+	dir := os.Getenv("MHBPF_RESTART_HELPER")
+	if dir == "" {
+		t.Skip("helper process of TestRestartKeepsFlows; runs only from it")
+	}
+	d, err := loader.Load(loader.Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	f, ok, err := d.Maps.LookupFlow(maps.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("100.64.2.10:40000"),
+		Dst: netip.MustParseAddrPort("203.0.113.7:443")})
+	if err != nil || !ok {
+		t.Fatalf("flow lost across restart: ok=%v err=%v", ok, err)
+	}
+	testutil.InNetNS(t, os.Getenv("MHBPF_RESTART_NETNS"), func() {
+		if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("flow found: uplink %d packets %d", f.Uplink, f.Packets)
+}
+
+// A pinned map of another size is refused with a clear error, not replaced.
+func TestIncompatiblePinnedMapIsRefused(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	d, err := loader.Load(loader.Options{PinDir: dir, FlowMapSize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	_, err = loader.Load(loader.Options{PinDir: dir, FlowMapSize: 2048})
+	if err == nil || !strings.Contains(err.Error(), "mhbpf down") {
+		t.Fatalf("flow map size changed: err %v", err)
+	}
 }

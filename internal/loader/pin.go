@@ -14,7 +14,7 @@ import (
 //	PinDir/maps/<map name>        every map (the flows survive restarts here)
 //	PinDir/links/tc-<ifname>      tcx link of an interface
 //	PinDir/links/cgroup-<hook>    cgroup socket hook links
-//	PinDir/qdisc-<ifname>         marker: mhbpf created this clsact qdisc
+//	PinDir/qdisc-<ifname>/        marker (empty dir): mhbpf created this clsact qdisc
 const DefaultPinDir = "/sys/fs/bpf/mhbpf"
 
 const bpffsRoot = "/sys/fs/bpf"

@@ -25,7 +25,7 @@ var (
 	RouterLAN  = netip.MustParseAddr("100.64.2.1")
 	LANHost    = netip.MustParseAddr("100.64.2.10")
 	LANPrefix  = netip.MustParsePrefix("100.64.2.0/24")
-	Internet   = netip.MustParseAddr("203.0.113.10") // answers in both ISPs
+	Internet   = netip.MustParseAddr("203.0.113.10")  // answers in both ISPs
 	ISP2Client = netip.MustParseAddr("198.51.100.50") // a host in isp2's network
 )
 
