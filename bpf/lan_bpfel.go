@@ -157,6 +157,8 @@ type LanUplink struct {
 	Weight  uint16
 	Tier    uint8
 	Up      uint8
+	Addr4   uint32
+	Addr6   [4]uint32
 }
 
 type LanUplinkCounters struct {

@@ -18,7 +18,35 @@ static __always_inline bool foreign_socket(struct bpf_sock_addr *ctx)
 	return (sk->mark & ~mark_mask) || sk->bound_dev_if;
 }
 
-static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t)
+enum hook { CONNECT = 0, SENDMSG4 = 4, SENDMSG6 = 6 };
+
+/* The source address sendmsg should use for uplink id, if the application
+ * chose none: the kernel has already taken the socket's mark for this
+ * datagram's route lookup when the hook runs (udp_sendmsg reads it first),
+ * so only the source address can steer the first datagram. */
+static __always_inline void set_sendmsg_source(struct bpf_sock_addr *ctx, __s32 id, int hook)
+{
+	__u32 key = id;
+	struct uplink *u = bpf_map_lookup_elem(&uplinks, &key);
+	if (!u)
+		return;
+	/* hook is a constant at each call site: the verifier only allows the
+	 * msg_src field of the hook's own family. */
+	if (hook == SENDMSG4) {
+		if (!ctx->msg_src_ip4 && u->addr4)
+			ctx->msg_src_ip4 = u->addr4;
+		return;
+	}
+	if (!(ctx->msg_src_ip6[0] | ctx->msg_src_ip6[1] | ctx->msg_src_ip6[2] | ctx->msg_src_ip6[3]) &&
+	    (u->addr6[0] | u->addr6[1] | u->addr6[2] | u->addr6[3])) {
+		ctx->msg_src_ip6[0] = u->addr6[0];
+		ctx->msg_src_ip6[1] = u->addr6[1];
+		ctx->msg_src_ip6[2] = u->addr6[2];
+		ctx->msg_src_ip6[3] = u->addr6[3];
+	}
+}
+
+static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t, int hook)
 {
 	struct choice c;
 
@@ -32,12 +60,17 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t)
 
 	__u32 mark = apply_mark(ctx->sk->mark, c.mark);
 	bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
-	if (c.uplink >= 0)
+	if (c.uplink >= 0) {
 		count_new_flow(c.uplink);
+		/* Only for a native-family destination: a mapped IPv4 address on
+		 * an IPv6 socket has no IPv6 source to pick. */
+		if ((hook == SENDMSG4 && t->family == 4) || (hook == SENDMSG6 && t->family == 6))
+			set_sendmsg_source(ctx, c.uplink, hook);
+	}
 	return 1;
 }
 
-static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src)
+static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src, int hook)
 {
 	if (foreign_socket(ctx))
 		return 1;
@@ -47,10 +80,10 @@ static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src)
 		t.saddr[0] = src;
 		t.has_saddr = 1;
 	}
-	return steer(ctx, &t);
+	return steer(ctx, &t, hook);
 }
 
-static __always_inline int steer6(struct bpf_sock_addr *ctx, bool with_src)
+static __always_inline int steer6(struct bpf_sock_addr *ctx, int hook)
 {
 	if (foreign_socket(ctx))
 		return 1;
@@ -65,38 +98,38 @@ static __always_inline int steer6(struct bpf_sock_addr *ctx, bool with_src)
 		t.daddr[0] = t.daddr[3];
 		t.daddr[2] = t.daddr[3] = 0;
 	}
-	if (with_src) {
+	if (hook == SENDMSG6) {
 		t.saddr[0] = ctx->msg_src_ip6[0];
 		t.saddr[1] = ctx->msg_src_ip6[1];
 		t.saddr[2] = ctx->msg_src_ip6[2];
 		t.saddr[3] = ctx->msg_src_ip6[3];
 		t.has_saddr = t.saddr[0] | t.saddr[1] | t.saddr[2] | t.saddr[3] ? 1 : 0;
 	}
-	return steer(ctx, &t);
+	return steer(ctx, &t, hook);
 }
 
 SEC("cgroup/connect4")
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return steer4(ctx, 0);
+	return steer4(ctx, 0, CONNECT);
 }
 
 SEC("cgroup/sendmsg4")
 int sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return steer4(ctx, ctx->msg_src_ip4);
+	return steer4(ctx, ctx->msg_src_ip4, SENDMSG4);
 }
 
 SEC("cgroup/connect6")
 int sock_connect6(struct bpf_sock_addr *ctx)
 {
-	return steer6(ctx, false);
+	return steer6(ctx, CONNECT);
 }
 
 SEC("cgroup/sendmsg6")
 int sock_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return steer6(ctx, true);
+	return steer6(ctx, SENDMSG6);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

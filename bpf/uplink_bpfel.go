@@ -150,6 +150,8 @@ type UplinkUplink struct {
 	Weight  uint16
 	Tier    uint8
 	Up      uint8
+	Addr4   uint32
+	Addr6   [4]uint32
 }
 
 type UplinkUplinkCounters struct {

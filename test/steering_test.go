@@ -3,10 +3,19 @@
 package test
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
+	"os"
+	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
@@ -52,6 +61,9 @@ func newScenario(t *testing.T) *scenario {
 		{"rule", "add", "pref", "1010", "fwmark", "0x10000/0x10000", "lookup", tableISP1},
 		{"rule", "add", "pref", "1011", "fwmark", "0x20000/0x20000", "lookup", tableISP2},
 		{"rule", "add", "pref", "1020", "fwmark", "0x800000/0x800000", "unreachable"},
+		// Traffic from an uplink's own address leaves by that uplink.
+		{"rule", "add", "pref", "1030", "from", topology.ISP1Local.String(), "lookup", tableISP1},
+		{"rule", "add", "pref", "1031", "from", topology.ISP2Local.String(), "lookup", tableISP2},
 	} {
 		if err := topo.IP(rt, args...); err != nil {
 			t.Fatal(err)
@@ -63,8 +75,11 @@ func newScenario(t *testing.T) *scenario {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.Close() })
-	for id, mark := range map[int]uint32{isp1: markISP1, isp2: markISP2} {
-		if err := d.Maps.SetUplink(id, maps.Uplink{Mark: mark, Weight: uint16(8 - 6*id), Up: true}); err != nil {
+	for id, u := range map[int]maps.Uplink{
+		isp1: {Mark: markISP1, Weight: 8, Up: true, Addr4: topology.ISP1Local},
+		isp2: {Mark: markISP2, Weight: 2, Up: true, Addr4: topology.ISP2Local},
+	} {
+		if err := d.Maps.SetUplink(id, u); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -194,6 +209,84 @@ func TestLocalConnectionLeavesByChosenUplinkWithItsAddress(t *testing.T) {
 	}
 }
 
+// Unconnected UDP (sendmsg) is steered per datagram; a socket that carries
+// a mark bit outside mhbpf's mask is someone else's and is left alone.
+func TestLocalUDPAndForeignMarkedSockets(t *testing.T) {
+	s := newScenario(t)
+	for ns, name := range map[string]string{s.topo.ISP1: "isp1", s.topo.ISP2: "isp2"} {
+		srv, err := s.topo.ServeUDP(ns, name, topology.Internet, 8003)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+		tcp, err := s.topo.Serve(ns, name, topology.Internet, 8004)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(tcp.Close)
+	}
+	s.policy(t, maps.Rule{Dst: []netip.Prefix{netip.PrefixFrom(topology.Internet, 32)}, Action: only(isp2)})
+	cg := testutil.Cgroup(t)
+	if err := s.d.AttachCgroup(cg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.d.DetachCgroup() })
+
+	udp := fmt.Sprintf("UDP4-SENDTO:%s:8003", topology.Internet)
+	got, err := s.topo.Socat(s.topo.Router, cg, "hello\n", udp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(got, "isp2 "+topology.ISP2Local.String()) {
+		t.Fatalf("sendto: server said %q, want isp2 seeing %s", got, topology.ISP2Local)
+	}
+
+	// SO_MARK 0x1 set before connect: outside the mask, so the hook leaves
+	// the socket to main's route, isp1. (socat sets socket options only
+	// after connecting, so this client is the test binary itself.)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sh", "-c", `echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" "$3" -test.v -test.run='^TestHelperMarkedDial$'`,
+		"sh", cg, s.topo.Router, exe)
+	cmd.Env = append(os.Environ(), "MHBPF_MARKED_DIAL="+netip.AddrPortFrom(topology.Internet, 8004).String())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("marked dial: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "said: isp1 "+topology.ISP1Local.String()) {
+		t.Fatalf("foreign-marked socket: %s\nwant isp1 by main", out)
+	}
+	// The same connection without the foreign mark is steered.
+	got, err = s.topo.Dial(s.topo.Router, cg, topology.Internet, 8004)
+	if err != nil || got != "isp2 "+topology.ISP2Local.String() {
+		t.Fatalf("unmarked socket: %q, %v", got, err)
+	}
+}
+
+// TestHelperMarkedDial is the client of TestLocalUDPAndForeignMarkedSockets:
+// a TCP connection whose socket carries SO_MARK 0x1 before it connects.
+func TestHelperMarkedDial(t *testing.T) {
+	target := os.Getenv("MHBPF_MARKED_DIAL")
+	if target == "" {
+		t.Skip("helper process; runs only from TestLocalUDPAndForeignMarkedSockets")
+	}
+	d := net.Dialer{Timeout: 3 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, 1) })
+		return errors.Join(err, serr)
+	}}
+	conn, err := d.Dial("tcp4", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	b, _ := io.ReadAll(conn)
+	t.Logf("said: %s", strings.TrimSpace(string(b)))
+}
+
 // A connection that came in on ppp1 is answered via ppp1, although main's
 // route to the client points to ppp0.
 func TestInboundConnectionIsAnsweredByArrivalUplink(t *testing.T) {
@@ -201,6 +294,13 @@ func TestInboundConnectionIsAnsweredByArrivalUplink(t *testing.T) {
 	rt := s.topo.Router
 	if err := s.topo.IP(rt, "route", "add", topology.ISP2Client.String()+"/32", "via", topology.ISP1Peer.String()); err != nil {
 		t.Fatal(err)
+	}
+	// The "from <address>" rules would route the answer by its source
+	// address alone; without them, only the mark can.
+	for _, pref := range []string{"1030", "1031"} {
+		if err := s.topo.IP(rt, "rule", "del", "pref", pref); err != nil {
+			t.Fatal(err)
+		}
 	}
 	srv, err := s.topo.Serve(rt, "router", topology.ISP2Local, 9000)
 	if err != nil {

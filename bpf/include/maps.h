@@ -91,6 +91,12 @@ struct uplink {
 	__u16 weight;
 	__u8 tier;
 	__u8 up;
+	/* The uplink's own addresses (network order; 0 if none). An unconnected
+	 * UDP socket's first datagram is routed with the mark it had before the
+	 * sendmsg hook ran, so the hook also picks this source address, which
+	 * the uplink's "from" rule routes by. */
+	__u32 addr4;
+	__u32 addr6[4];
 };
 
 struct iface {

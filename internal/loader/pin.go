@@ -6,7 +6,10 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/maps"
 )
 
 // Everything mhbpf pins lives below one directory on bpffs:
@@ -72,4 +75,31 @@ func isBelow(path, root string) bool {
 func exists(path string) bool {
 	_, err := os.Lstat(path)
 	return err == nil
+}
+
+// OpenPinned opens the pinned maps under pinDir without loading programs:
+// what the CLI needs to show flows whether or not a daemon runs.
+func OpenPinned(pinDir string) (*maps.Maps, error) {
+	if !exists(mapsDir(pinDir)) {
+		return nil, fmt.Errorf("no mhbpf datapath pinned at %s", pinDir)
+	}
+	m := &maps.Maps{}
+	for name, dst := range map[string]**ebpf.Map{
+		"flows": &m.Flows, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "ifaces": &m.Ifaces,
+		"policy_gen": &m.PolicyGen, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
+		"policy_dst4": &m.PolicyDst4, "policy_src4": &m.PolicySrc4, "policy_dst6": &m.PolicyDst6,
+		"policy_src6": &m.PolicySrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,
+		"sticky": &m.Sticky, "counters": &m.Counters,
+	} {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(pinDir), name), nil)
+		if err != nil {
+			m.Close()
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("no mhbpf datapath pinned at %s (map %s missing)", pinDir, name)
+			}
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		*dst = mp
+	}
+	return m, nil
 }

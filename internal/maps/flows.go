@@ -41,7 +41,7 @@ type FlowKey struct {
 }
 
 func (k FlowKey) String() string {
-	return fmt.Sprintf("%s %s -> %s", protoName(k.Proto), k.Src, k.Dst)
+	return fmt.Sprintf("%s %s -> %s", ProtoName(k.Proto), k.Src, k.Dst)
 }
 
 // Flow is one flow record.
@@ -166,7 +166,8 @@ func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 	return n, rit.Err()
 }
 
-func protoName(p uint8) string {
+// ProtoName is the usual name of an IP protocol number.
+func ProtoName(p uint8) string {
 	switch p {
 	case 1:
 		return "icmp"

@@ -74,6 +74,9 @@ type Uplink struct {
 	Weight  uint16
 	Tier    uint8
 	Up      bool
+	// Addr4 and Addr6 are the uplink's own addresses (invalid: none). The
+	// socket hooks use them as the source of unconnected UDP.
+	Addr4, Addr6 netip.Addr
 }
 
 // SetUplink writes uplink id (0..MaxUplinks-1). The id is also the uplink's
@@ -86,6 +89,18 @@ func (m *Maps) SetUplink(id int, u Uplink) error {
 		return fmt.Errorf("uplink %d: mark %#x must be a single bit", id, u.Mark)
 	}
 	v := bpf.UplinkUplink{Mark: u.Mark, Ifindex: u.Ifindex, Weight: u.Weight, Tier: u.Tier, Up: b2u8(u.Up)}
+	if u.Addr4.IsValid() {
+		if !u.Addr4.Is4() {
+			return fmt.Errorf("uplink %d: %v is not an IPv4 address", id, u.Addr4)
+		}
+		v.Addr4 = addr4(u.Addr4)
+	}
+	if u.Addr6.IsValid() {
+		if !u.Addr6.Is6() || u.Addr6.Is4In6() {
+			return fmt.Errorf("uplink %d: %v is not an IPv6 address", id, u.Addr6)
+		}
+		v.Addr6 = addr16(u.Addr6)
+	}
 	return m.Uplinks.Put(uint32(id), &v)
 }
 
@@ -100,7 +115,14 @@ func (m *Maps) LookupUplink(id int) (Uplink, error) {
 	if err := m.Uplinks.Lookup(uint32(id), &v); err != nil {
 		return Uplink{}, err
 	}
-	return Uplink{Mark: v.Mark, Ifindex: v.Ifindex, Weight: v.Weight, Tier: v.Tier, Up: v.Up != 0}, nil
+	u := Uplink{Mark: v.Mark, Ifindex: v.Ifindex, Weight: v.Weight, Tier: v.Tier, Up: v.Up != 0}
+	if v.Addr4 != 0 {
+		u.Addr4 = addrFrom(4, [4]uint32{v.Addr4})
+	}
+	if v.Addr6 != [4]uint32{} {
+		u.Addr6 = addrFrom(6, v.Addr6)
+	}
+	return u, nil
 }
 
 // SetUplinkUp flips only the up/down state of uplink id.

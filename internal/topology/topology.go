@@ -161,21 +161,49 @@ func (s *Server) Close() {
 // Dial connects from ns (optionally from inside cgroup dir) to addr:port
 // and returns what the server said, trimmed.
 func (t *Topology) Dial(ns, cgroup string, addr netip.Addr, port uint16) (string, error) {
+	return t.Socat(ns, cgroup, "", fmt.Sprintf("TCP:%s:%d,connect-timeout=2", addr, port))
+}
+
+// Socat runs a socat client in ns (and, if cgroup is set, inside that
+// cgroup v2 directory) between its stdin/stdout and address, feeding it
+// input; it returns the trimmed output.
+func (t *Topology) Socat(ns, cgroup, input, address string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	target := fmt.Sprintf("TCP:%s:%d,connect-timeout=2", addr, port)
-	var cmd *exec.Cmd
-	if cgroup != "" {
-		// Join the cgroup first, then enter the namespace: membership is
-		// inherited by what the shell execs.
-		cmd = exec.CommandContext(ctx, "sh", "-c", `echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" socat -T3 -u "$3" STDOUT`,
-			"sh", cgroup, ns, target)
-	} else {
-		cmd = exec.CommandContext(ctx, "ip", "netns", "exec", ns, "socat", "-T3", "-u", target, "STDOUT")
+	mode := "-u" // read only: the server speaks first and last
+	if input != "" {
+		mode = "-t1" // send input, then wait a second for the answer
 	}
+	// Join the cgroup first, then enter the namespace: membership is
+	// inherited by what the shell execs.
+	cmd := exec.CommandContext(ctx, "sh", "-c",
+		`[ -z "$1" ] || echo $$ > "$1/cgroup.procs" || exit 1; exec ip netns exec "$2" socat -T3 "$3" "$4" STDIO`,
+		"sh", cgroup, ns, mode, address)
+	cmd.Stdin = strings.NewReader(input)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return "", fmt.Errorf("dial %s:%d from %s: %v: %s", addr, port, ns, err, strings.TrimSpace(string(out)))
+		return "", fmt.Errorf("socat %s from %s: %v: %s", address, ns, err, strings.TrimSpace(string(out)))
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// ServeUDP starts a UDP server in ns that answers every datagram with its
+// name and the peer address it saw.
+func (t *Topology) ServeUDP(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
+	cmd := t.Exec(ns, "socat", fmt.Sprintf("UDP4-RECVFROM:%d,bind=%s,fork,reuseaddr", port, addr),
+		"SYSTEM:echo "+name+" $SOCAT_PEERADDR")
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	s := &Server{cmd: cmd}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		out, _ := t.Exec(ns, "ss", "-Hlun", fmt.Sprintf("sport = :%d", port)).Output()
+		if strings.Contains(string(out), fmt.Sprintf(":%d", port)) {
+			return s, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.Close()
+	return nil, fmt.Errorf("udp server %s in %s did not start", name, ns)
 }

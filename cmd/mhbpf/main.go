@@ -1,0 +1,26 @@
+// Command mhbpf is the multi-homing router: the daemon and its CLI.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "mhbpf",
+		Short:         "Multi-uplink routing with eBPF: balance, stickiness, policy, symmetric answers",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	pinDir := root.PersistentFlags().String("pin-dir", loader.DefaultPinDir, "bpffs directory of mhbpf's pinned maps and links")
+	root.AddCommand(flowsCmd(pinDir), uplinksCmd(pinDir), downCmd(pinDir))
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "mhbpf:", err)
+		os.Exit(1)
+	}
+}

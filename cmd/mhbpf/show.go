@@ -1,0 +1,114 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
+)
+
+func flowsCmd(pinDir *string) *cobra.Command {
+	var uplink int
+	cmd := &cobra.Command{
+		Use:   "flows",
+		Short: "List the flow map (works without the daemon)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := loader.OpenPinned(*pinDir)
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			var flows []maps.Flow
+			err = m.WalkFlows(func(f maps.Flow) bool {
+				if uplink < 0 || f.Uplink == uplink {
+					flows = append(flows, f)
+				}
+				return true
+			})
+			if err != nil {
+				return err
+			}
+			sort.Slice(flows, func(i, j int) bool { return flows[i].LastSeen > flows[j].LastSeen })
+			now := monotonicNow()
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tPACKETS\tBYTES\tAGE\tIDLE")
+			for _, f := range flows {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\n", maps.ProtoName(f.Key.Proto), f.Key.Src, f.Key.Dst,
+					f.Uplink, f.Origin, f.Packets, f.Bytes, ago(now, f.FirstSeen), ago(now, f.LastSeen))
+			}
+			return w.Flush()
+		},
+	}
+	cmd.Flags().IntVar(&uplink, "uplink", -1, "only flows on this uplink id")
+	return cmd
+}
+
+func uplinksCmd(pinDir *string) *cobra.Command {
+	return &cobra.Command{
+		Use:   "uplinks",
+		Short: "Show each uplink's state and counters from the pinned maps",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := loader.OpenPinned(*pinDir)
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ID\tMARK\tIFINDEX\tWEIGHT\tSTATE\tRX PKTS\tRX BYTES\tTX PKTS\tTX BYTES\tNEW FLOWS")
+			for id := 0; id < maps.MaxUplinks; id++ {
+				u, err := m.LookupUplink(id)
+				if err != nil {
+					return err
+				}
+				if u.Mark == 0 {
+					continue // unused slot
+				}
+				c, err := m.UplinkCounters(id)
+				if err != nil {
+					return err
+				}
+				state := "down"
+				if u.Up {
+					state = "up"
+				}
+				fmt.Fprintf(w, "%d\t%#x\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%d\n", id, u.Mark, u.Ifindex, u.Weight, state,
+					c.RxPackets, c.RxBytes, c.TxPackets, c.TxBytes, c.NewFlows)
+			}
+			return w.Flush()
+		},
+	}
+}
+
+func downCmd(pinDir *string) *cobra.Command {
+	return &cobra.Command{
+		Use:   "down",
+		Short: "Remove every attachment and pin of mhbpf (also after a crash)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return loader.Remove(*pinDir)
+		},
+	}
+}
+
+// The flow map's times are CLOCK_MONOTONIC (bpf_ktime_get_ns).
+func monotonicNow() time.Duration {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return time.Duration(ts.Nano())
+}
+
+func ago(now, t time.Duration) string {
+	if t == 0 || t > now {
+		return "-"
+	}
+	return (now - t).Truncate(time.Second).String()
+}
