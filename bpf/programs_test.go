@@ -44,12 +44,14 @@ type skbContext struct {
 }
 
 type env struct {
-	t *testing.T
+	t testing.TB
 	d *loader.Datapath
 	m *maps.Maps
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvTB(t) }
+
+func newEnvTB(t testing.TB) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
 	dir := testutil.PinDir(t, loader.Remove)
