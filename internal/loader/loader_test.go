@@ -33,6 +33,16 @@ func netnsWithVeth(t *testing.T) string {
 	return ns
 }
 
+// pinDirIn is a test pin directory whose cleanup runs loader.Remove inside
+// ns, where the tc attachments are.
+func pinDirIn(t *testing.T, ns string) string {
+	return testutil.PinDir(t, func(dir string) error {
+		var err error
+		testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
+		return err
+	})
+}
+
 func passProgram(t *testing.T, typ ebpf.ProgramType, name string) *ebpf.Program {
 	t.Helper()
 	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
@@ -134,11 +144,7 @@ func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
 	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeClsact} {
 		t.Run(string(mode), func(t *testing.T) {
 			ns := netnsWithVeth(t)
-			dir := testutil.PinDir(t, func(dir string) error {
-				var err error
-				testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
-				return err
-			})
+			dir := pinDirIn(t, ns)
 			testutil.InNetNS(t, ns, func() {
 				// Someone else's program first.
 				foreign := passProgram(t, ebpf.SchedCLS, "foreign")
@@ -228,11 +234,7 @@ func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
 // The clsact qdisc mhbpf created goes with it; one it found stays.
 func TestClsactQdiscOwnership(t *testing.T) {
 	ns := netnsWithVeth(t)
-	dir := testutil.PinDir(t, func(dir string) error {
-		var err error
-		testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
-		return err
-	})
+	dir := pinDirIn(t, ns)
 	testutil.InNetNS(t, ns, func() {
 		d, err := loader.Load(loader.Options{PinDir: dir, TCMode: loader.ModeClsact})
 		if err != nil {
@@ -261,11 +263,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 		return // the helper half runs in TestRestartHelper
 	}
 	ns := netnsWithVeth(t)
-	dir := testutil.PinDir(t, func(dir string) error {
-		var err error
-		testutil.InNetNS(t, ns, func() { err = loader.Remove(dir) })
-		return err
-	})
+	dir := pinDirIn(t, ns)
 	flow := maps.Flow{
 		Key:    maps.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("100.64.2.10:40000"), Dst: netip.MustParseAddrPort("203.0.113.7:443")},
 		Uplink: 1, Origin: maps.OriginBalanced, Mark: 0x20000, Packets: 7,

@@ -132,25 +132,33 @@ type Server struct {
 	cmd *exec.Cmd
 }
 
-// Serve starts a Server in ns on addr:port, answering "name peeraddr".
+// Serve starts a TCP Server in ns on addr:port, answering "name peeraddr".
 func (t *Topology) Serve(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
-	cmd := t.Exec(ns, "socat", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,fork,reuseaddr", port, addr),
-		"SYSTEM:echo "+name+" $SOCAT_PEERADDR")
+	return t.serve(ns, name, fmt.Sprintf("TCP-LISTEN:%d,bind=%s,fork,reuseaddr", port, addr), "-Hltn", port)
+}
+
+// ServeUDP starts a UDP server in ns that answers every datagram with its
+// name and the peer address it saw.
+func (t *Topology) ServeUDP(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
+	return t.serve(ns, name, fmt.Sprintf("UDP4-RECVFROM:%d,bind=%s,fork,reuseaddr", port, addr), "-Hlun", port)
+}
+
+func (t *Topology) serve(ns, name, listen, ssFlags string, port uint16) (*Server, error) {
+	cmd := t.Exec(ns, "socat", listen, "SYSTEM:echo "+name+" $SOCAT_PEERADDR")
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	s := &Server{cmd: cmd}
-	// Wait until it listens.
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
-		out, _ := t.Exec(ns, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port)).Output()
-		if strings.Contains(string(out), "LISTEN") {
+		out, _ := t.Exec(ns, "ss", ssFlags, fmt.Sprintf("sport = :%d", port)).Output()
+		if strings.Contains(string(out), fmt.Sprintf(":%d", port)) {
 			return s, nil
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	s.Close()
-	return nil, fmt.Errorf("server %s in %s did not start listening", name, ns)
+	return nil, fmt.Errorf("server %s (%s) in %s did not start", name, listen, ns)
 }
 
 func (s *Server) Close() {
@@ -185,25 +193,4 @@ func (t *Topology) Socat(ns, cgroup, input, address string) (string, error) {
 		return "", fmt.Errorf("socat %s from %s: %v: %s", address, ns, err, strings.TrimSpace(string(out)))
 	}
 	return strings.TrimSpace(string(out)), nil
-}
-
-// ServeUDP starts a UDP server in ns that answers every datagram with its
-// name and the peer address it saw.
-func (t *Topology) ServeUDP(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
-	cmd := t.Exec(ns, "socat", fmt.Sprintf("UDP4-RECVFROM:%d,bind=%s,fork,reuseaddr", port, addr),
-		"SYSTEM:echo "+name+" $SOCAT_PEERADDR")
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	s := &Server{cmd: cmd}
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		out, _ := t.Exec(ns, "ss", "-Hlun", fmt.Sprintf("sport = :%d", port)).Output()
-		if strings.Contains(string(out), fmt.Sprintf(":%d", port)) {
-			return s, nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	s.Close()
-	return nil, fmt.Errorf("udp server %s in %s did not start", name, ns)
 }
