@@ -1,0 +1,705 @@
+// Package config reads mhbpf's TOML configuration into a validated model.
+// Every error names the file, the line and the key; nothing here touches
+// the system.
+package config
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"math/bits"
+	"net/netip"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is a validated configuration.
+type Config struct {
+	Global   Global
+	Uplinks  []Uplink // in preference order: index = uplink id = rule order
+	LAN      LAN
+	Policies []Policy
+}
+
+type Global struct {
+	MarkMask      uint32
+	StrictMark    uint32 // the "no fallback" bit, inside MarkMask
+	TableMin      int
+	TableMax      int
+	RulePriority  int // first priority of mhbpf's block of fib rules
+	RouteProtocol int // the routes mhbpf installs carry it
+	PinDir        string
+	CgroupPath    string // empty: detect
+	FlowMapSize   uint32
+	StickyTimeout time.Duration
+	UpDelay       time.Duration // a link must stay up this long before use
+	MetricsListen string
+	ResyncEvery   time.Duration
+	// TeardownOnExit removes the datapath on SIGTERM instead of leaving it.
+	TeardownOnExit bool
+	// NFTable is the name of mhbpf's nftables table (family inet).
+	NFTable string
+}
+
+type Uplink struct {
+	Name       string
+	Interface  string
+	Table      int
+	Mark       uint32
+	Weight     uint16
+	Tier       uint8
+	Balance    bool       // part of the default balance
+	Gateway    netip.Addr // Ethernet uplinks; invalid for ppp/tun
+	Masquerade bool
+	Health     *Health
+}
+
+type Health struct {
+	Method    string // "icmp" or "tcp"
+	Targets   []netip.Addr
+	Port      uint16
+	Interval  time.Duration
+	Timeout   time.Duration
+	Failures  int
+	Successes int
+}
+
+type LAN struct {
+	Interfaces []string
+	Bypass     []netip.Prefix
+}
+
+type PortRange struct{ Lo, Hi uint16 }
+
+type Policy struct {
+	Name         string
+	Protocol     uint8 // 0: any
+	Ports        []PortRange
+	Destinations []netip.Prefix
+	Sources      []netip.Prefix
+	Uplinks      []int // uplink ids in preference order
+	Balance      bool  // the uplinks share one tier by weight
+	Unreachable  bool  // last resort: fail closed (else route by main)
+	Sticky       string
+}
+
+// Defaults.
+const (
+	DefaultMarkMask      = 0x00ff0000
+	DefaultTableMin      = 100
+	DefaultTableMax      = 199
+	DefaultRulePriority  = 10000
+	DefaultRouteProtocol = 77
+	DefaultPinDir        = "/sys/fs/bpf/mhbpf"
+	DefaultNFTable       = "mhbpf"
+)
+
+// Raw file layout.
+type rawFile struct {
+	Global  rawGlobal   `toml:"global"`
+	Uplink  []rawUplink `toml:"uplink"`
+	LAN     rawLAN      `toml:"lan"`
+	Policy  []rawPolicy `toml:"policy"`
+}
+
+type rawGlobal struct {
+	MarkMask       *uint32   `toml:"mark_mask"`
+	StrictMark     *uint32   `toml:"strict_mark"`
+	Tables         []int     `toml:"tables"`
+	RulePriority   *int      `toml:"rule_priority"`
+	RouteProtocol  *int      `toml:"route_protocol"`
+	PinDir         string    `toml:"pin_dir"`
+	Cgroup         string    `toml:"cgroup"`
+	FlowMapSize    *uint32   `toml:"flow_map_size"`
+	StickyTimeout  *duration `toml:"sticky_timeout"`
+	UpDelay        *duration `toml:"up_delay"`
+	ResyncEvery    *duration `toml:"resync_every"`
+	MetricsListen  string    `toml:"metrics_listen"`
+	TeardownOnExit bool      `toml:"teardown_on_exit"`
+	NFTable        string    `toml:"nft_table"`
+}
+
+type rawUplink struct {
+	Name       string     `toml:"name"`
+	Interface  string     `toml:"interface"`
+	Table      *tableRef  `toml:"table"`
+	Mark       *uint32    `toml:"mark"`
+	Weight     *int       `toml:"weight"`
+	Tier       int        `toml:"tier"`
+	Balance    *bool      `toml:"balance"`
+	Gateway    string     `toml:"gateway"`
+	Masquerade bool       `toml:"masquerade"`
+	Health     *rawHealth `toml:"health"`
+}
+
+type rawHealth struct {
+	Method    string    `toml:"method"`
+	Targets   []string  `toml:"targets"`
+	Port      int       `toml:"port"`
+	Interval  *duration `toml:"interval"`
+	Timeout   *duration `toml:"timeout"`
+	Failures  int       `toml:"failures"`
+	Successes int       `toml:"successes"`
+}
+
+type rawLAN struct {
+	Interfaces []string `toml:"interfaces"`
+	Bypass     []string `toml:"bypass"`
+}
+
+type rawPolicy struct {
+	Name         string     `toml:"name"`
+	Protocol     string     `toml:"protocol"`
+	Ports        []portSpec `toml:"ports"`
+	Destinations []string   `toml:"destinations"`
+	Sources      []string   `toml:"sources"`
+	Uplinks      []string   `toml:"uplinks"`
+	Balance      bool       `toml:"balance"`
+	LastResort   string     `toml:"last_resort"`
+	Sticky       string     `toml:"sticky"`
+}
+
+type duration struct{ time.Duration }
+
+func (d *duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("not a duration (like \"1s\", \"500ms\"): %q", b)
+	}
+	if v < 0 {
+		return fmt.Errorf("negative duration %q", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// tableRef is a routing table given by number or by a name from
+// /etc/iproute2/rt_tables.
+type tableRef struct {
+	num  int
+	name string
+}
+
+func (t *tableRef) UnmarshalTOML(v any) error {
+	switch x := v.(type) {
+	case int64:
+		t.num = int(x)
+	case string:
+		t.name = x
+	default:
+		return fmt.Errorf("table must be a number or a name, not %T", v)
+	}
+	return nil
+}
+
+// portSpec is 25 or "25" or "1000-2000".
+type portSpec PortRange
+
+func (p *portSpec) UnmarshalTOML(v any) error {
+	switch x := v.(type) {
+	case int64:
+		if x < 1 || x > 65535 {
+			return fmt.Errorf("port %d out of range 1-65535", x)
+		}
+		p.Lo, p.Hi = uint16(x), uint16(x)
+		return nil
+	case string:
+		lo, hi, isRange := strings.Cut(x, "-")
+		a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+		b := a
+		var err2 error
+		if isRange {
+			b, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+		}
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			return fmt.Errorf("bad port or range %q (want 25 or \"1000-2000\")", x)
+		}
+		p.Lo, p.Hi = uint16(a), uint16(b)
+		return nil
+	}
+	return fmt.Errorf("port must be a number or a string, not %T", v)
+}
+
+// Error is a configuration error at a place in the file.
+type Error struct {
+	File string
+	Line int
+	Key  string
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	where := e.File
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
+	}
+	if e.Key != "" {
+		return fmt.Sprintf("%s: %s: %s", where, e.Key, e.Msg)
+	}
+	return fmt.Sprintf("%s: %s", where, e.Msg)
+}
+
+var typeErrRE = regexp.MustCompile(`last key "([^"]+)"\): incompatible types: TOML value has type (\w+); destination has type (\S+)`)
+
+// Load reads and validates the file.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(path, data)
+}
+
+// Parse validates data; name is used in errors.
+func Parse(name string, data []byte) (*Config, error) {
+	var raw rawFile
+	pos := locate(data)
+	md, err := toml.Decode(string(data), &raw)
+	if err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			key, line := pe.LastKey, pe.Position.Line
+			if k, n := pos.find(key); key != "" && n > 0 && strings.Contains(pe.Message, "port") {
+				key, line = k, n // a value our own types refused
+			}
+			if strings.HasSuffix(pe.Message, `got '\n' instead`) && line > 1 {
+				line-- // the lexer stands on the next line when a line ends early
+			}
+			return nil, &Error{File: name, Line: line, Key: key, Msg: pe.Message}
+		}
+		// A type error names the last key without its table index (and
+		// the line of its last occurrence): find the occurrence whose
+		// value has the reported type.
+		if m := typeErrRE.FindStringSubmatch(err.Error()); m != nil {
+			k, n := pos.findTyped(m[1], m[2])
+			return nil, &Error{File: name, Line: n, Key: k, Msg: fmt.Sprintf("value has type %s, want %s", m[2], m[3])}
+		}
+		return nil, &Error{File: name, Msg: err.Error()}
+	}
+	v := &validator{file: name, pos: pos}
+	if und := md.Undecoded(); len(und) > 0 {
+		k, line := pos.find(strings.Join(und[0], "."))
+		return nil, &Error{File: name, Line: line, Key: k, Msg: "unknown key"}
+	}
+	return v.build(&raw)
+}
+
+type validator struct {
+	file string
+	pos  positions
+}
+
+func (v *validator) err(key, format string, args ...any) error {
+	return &Error{File: v.file, Line: v.pos.line(key), Key: key, Msg: fmt.Sprintf(format, args...)}
+}
+
+func (v *validator) build(raw *rawFile) (*Config, error) {
+	c := &Config{}
+	if err := v.global(&raw.Global, &c.Global); err != nil {
+		return nil, err
+	}
+	if err := v.uplinks(raw.Uplink, c); err != nil {
+		return nil, err
+	}
+	if err := v.lan(&raw.LAN, c); err != nil {
+		return nil, err
+	}
+	if err := v.policies(raw.Policy, c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (v *validator) global(r *rawGlobal, g *Global) error {
+	g.MarkMask = DefaultMarkMask
+	if r.MarkMask != nil {
+		g.MarkMask = *r.MarkMask
+	}
+	if bits.OnesCount32(g.MarkMask) < 2 {
+		return v.err("global.mark_mask", "mask %#x needs at least two bits (one per uplink and the strict bit)", g.MarkMask)
+	}
+	g.StrictMark = 1 << (31 - bits.LeadingZeros32(g.MarkMask)) // the mask's highest bit
+	if r.StrictMark != nil {
+		g.StrictMark = *r.StrictMark
+		if bits.OnesCount32(g.StrictMark) != 1 || g.StrictMark&g.MarkMask == 0 {
+			return v.err("global.strict_mark", "%#x must be a single bit inside mark_mask %#x", g.StrictMark, g.MarkMask)
+		}
+	}
+	g.TableMin, g.TableMax = DefaultTableMin, DefaultTableMax
+	if r.Tables != nil {
+		if len(r.Tables) != 2 || r.Tables[0] < 1 || r.Tables[0] > r.Tables[1] || r.Tables[1] >= 252 && r.Tables[0] <= 255 {
+			return v.err("global.tables", "want [first, last] of a free table range, not touching 252-255 (default, main, local)")
+		}
+		g.TableMin, g.TableMax = r.Tables[0], r.Tables[1]
+	}
+	g.RulePriority = DefaultRulePriority
+	if r.RulePriority != nil {
+		if *r.RulePriority < 1 || *r.RulePriority > 32000 {
+			return v.err("global.rule_priority", "%d out of range 1-32000 (32766 is main)", *r.RulePriority)
+		}
+		g.RulePriority = *r.RulePriority
+	}
+	g.RouteProtocol = DefaultRouteProtocol
+	if r.RouteProtocol != nil {
+		if *r.RouteProtocol < 5 || *r.RouteProtocol > 255 {
+			return v.err("global.route_protocol", "%d out of range 5-255 (0-4 belong to the kernel)", *r.RouteProtocol)
+		}
+		g.RouteProtocol = *r.RouteProtocol
+	}
+	g.PinDir = DefaultPinDir
+	if r.PinDir != "" {
+		g.PinDir = r.PinDir
+	}
+	g.CgroupPath = r.Cgroup
+	g.FlowMapSize = 262144
+	if r.FlowMapSize != nil {
+		if *r.FlowMapSize < 1024 {
+			return v.err("global.flow_map_size", "%d is too small (at least 1024)", *r.FlowMapSize)
+		}
+		g.FlowMapSize = *r.FlowMapSize
+	}
+	g.StickyTimeout = 10 * time.Minute
+	if r.StickyTimeout != nil {
+		g.StickyTimeout = r.StickyTimeout.Duration
+	}
+	g.UpDelay = time.Second
+	if r.UpDelay != nil {
+		g.UpDelay = r.UpDelay.Duration
+	}
+	g.ResyncEvery = 30 * time.Second
+	if r.ResyncEvery != nil {
+		if r.ResyncEvery.Duration < time.Second {
+			return v.err("global.resync_every", "at least 1s")
+		}
+		g.ResyncEvery = r.ResyncEvery.Duration
+	}
+	g.MetricsListen = r.MetricsListen
+	g.TeardownOnExit = r.TeardownOnExit
+	g.NFTable = DefaultNFTable
+	if r.NFTable != "" {
+		g.NFTable = r.NFTable
+	}
+	return nil
+}
+
+func (v *validator) uplinks(raws []rawUplink, c *Config) error {
+	g := &c.Global
+	if len(raws) == 0 {
+		return v.err("uplink", "no [[uplink]] configured")
+	}
+	free := g.MarkMask &^ g.StrictMark
+	if len(raws) > bits.OnesCount32(free) || len(raws) > 16 {
+		return v.err("uplink", "%d uplinks, but mark_mask %#x leaves %d bits (and at most 16 uplinks)", len(raws), g.MarkMask, bits.OnesCount32(free))
+	}
+	names, ifaces, tables, marks := map[string]int{}, map[string]int{}, map[int]int{}, map[uint32]int{}
+	// Explicit marks first, so automatic ones avoid them.
+	for i, r := range raws {
+		if r.Mark != nil {
+			free &^= *r.Mark
+		}
+		_ = i
+	}
+	for i, r := range raws {
+		key := fmt.Sprintf("uplink[%d]", i)
+		u := Uplink{Name: r.Name, Interface: r.Interface, Masquerade: r.Masquerade}
+		if r.Name == "" {
+			return v.err(key+".name", "missing")
+		}
+		if j, dup := names[r.Name]; dup {
+			return v.err(key+".name", "uplink %q is defined twice (also uplink[%d])", r.Name, j)
+		}
+		names[r.Name] = i
+		if r.Interface == "" {
+			return v.err(key+".interface", "missing")
+		}
+		if j, dup := ifaces[r.Interface]; dup {
+			return v.err(key+".interface", "interface %s is used by uplink[%d] too", r.Interface, j)
+		}
+		ifaces[r.Interface] = i
+		if r.Table == nil {
+			u.Table = g.TableMin + i
+		} else if r.Table.name != "" {
+			t, err := tableByName(r.Table.name)
+			if err != nil {
+				return v.err(key+".table", "%v", err)
+			}
+			u.Table = t
+		} else {
+			u.Table = r.Table.num
+		}
+		if u.Table < g.TableMin || u.Table > g.TableMax {
+			return v.err(key+".table", "table %d is outside global.tables %d-%d", u.Table, g.TableMin, g.TableMax)
+		}
+		if j, dup := tables[u.Table]; dup {
+			return v.err(key+".table", "table %d is used by uplink[%d] too", u.Table, j)
+		}
+		tables[u.Table] = i
+		if r.Mark != nil {
+			m := *r.Mark
+			if bits.OnesCount32(m) != 1 || m&g.MarkMask == 0 || m == g.StrictMark {
+				return v.err(key+".mark", "%#x must be a single bit of mark_mask %#x other than the strict bit %#x", m, g.MarkMask, g.StrictMark)
+			}
+			u.Mark = m
+		} else {
+			u.Mark = free & -free // lowest free bit
+			free &^= u.Mark
+		}
+		if j, dup := marks[u.Mark]; dup {
+			return v.err(key+".mark", "mark %#x is used by uplink[%d] too", u.Mark, j)
+		}
+		marks[u.Mark] = i
+		w := 1
+		if r.Weight != nil {
+			w = *r.Weight
+		}
+		if w < 0 || w > 65535 {
+			return v.err(key+".weight", "%d out of range 0-65535", w)
+		}
+		u.Weight = uint16(w)
+		u.Balance = true
+		if r.Balance != nil {
+			u.Balance = *r.Balance
+		}
+		if u.Balance && w == 0 {
+			return v.err(key+".weight", "weight 0 in a balanced tier (set balance = false to keep %s out of the balance)", r.Name)
+		}
+		if r.Tier < 0 || r.Tier > 254 {
+			return v.err(key+".tier", "%d out of range 0-254", r.Tier)
+		}
+		u.Tier = uint8(r.Tier)
+		if r.Gateway != "" {
+			a, err := netip.ParseAddr(r.Gateway)
+			if err != nil {
+				return v.err(key+".gateway", "%q is not an IP address", r.Gateway)
+			}
+			u.Gateway = a
+		}
+		if r.Health != nil {
+			h, err := v.health(key+".health", r.Health)
+			if err != nil {
+				return err
+			}
+			u.Health = h
+		}
+		c.Uplinks = append(c.Uplinks, u)
+	}
+	return nil
+}
+
+func (v *validator) health(key string, r *rawHealth) (*Health, error) {
+	h := &Health{Method: r.Method, Port: uint16(r.Port), Interval: time.Second, Timeout: time.Second, Failures: 3, Successes: 2}
+	if h.Method == "" {
+		h.Method = "icmp"
+	}
+	switch h.Method {
+	case "icmp":
+		if r.Port != 0 {
+			return nil, v.err(key+".port", "only for method = \"tcp\"")
+		}
+	case "tcp":
+		if r.Port < 1 || r.Port > 65535 {
+			return nil, v.err(key+".port", "method tcp needs a port 1-65535")
+		}
+	default:
+		return nil, v.err(key+".method", "%q: want \"icmp\" or \"tcp\"", r.Method)
+	}
+	if len(r.Targets) == 0 {
+		return nil, v.err(key+".targets", "at least one target address")
+	}
+	for _, t := range r.Targets {
+		a, err := netip.ParseAddr(t)
+		if err != nil {
+			return nil, v.err(key+".targets", "%q is not an IP address", t)
+		}
+		h.Targets = append(h.Targets, a)
+	}
+	if r.Interval != nil {
+		h.Interval = r.Interval.Duration
+	}
+	if r.Timeout != nil {
+		h.Timeout = r.Timeout.Duration
+	}
+	if h.Interval < 10*time.Millisecond {
+		return nil, v.err(key+".interval", "at least 10ms")
+	}
+	if h.Timeout <= 0 || h.Timeout > h.Interval {
+		return nil, v.err(key+".timeout", "must be positive and at most the interval (%v)", h.Interval)
+	}
+	if r.Failures != 0 {
+		h.Failures = r.Failures
+	}
+	if r.Successes != 0 {
+		h.Successes = r.Successes
+	}
+	if h.Failures < 1 || h.Successes < 1 {
+		return nil, v.err(key, "failures and successes must be at least 1")
+	}
+	return h, nil
+}
+
+func (v *validator) lan(r *rawLAN, c *Config) error {
+	seen := map[string]bool{}
+	for i, ifname := range r.Interfaces {
+		key := fmt.Sprintf("lan.interfaces[%d]", i)
+		if ifname == "" {
+			return v.err("lan.interfaces", "empty interface name")
+		}
+		if seen[ifname] {
+			return v.err("lan.interfaces", "interface %s named twice", ifname)
+		}
+		for _, u := range c.Uplinks {
+			if u.Interface == ifname {
+				return v.err("lan.interfaces", "%s is uplink %s's interface", ifname, u.Name)
+			}
+		}
+		_ = key
+		seen[ifname] = true
+		c.LAN.Interfaces = append(c.LAN.Interfaces, ifname)
+	}
+	ps, err := v.prefixes("lan.bypass", r.Bypass)
+	if err != nil {
+		return err
+	}
+	c.LAN.Bypass = ps
+	return nil
+}
+
+func (v *validator) prefixes(key string, in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return nil, v.err(key, "%q is not an address or prefix", s)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		if p.Masked() != p {
+			return nil, v.err(key, "%q has host bits set (did you mean %s?)", s, p.Masked())
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+var protocols = map[string]uint8{"": 0, "any": 0, "tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+func (v *validator) policies(raws []rawPolicy, c *Config) error {
+	if len(raws) > 64 {
+		return v.err("policy", "%d policies, at most 64", len(raws))
+	}
+	names := map[string]int{}
+	byName := map[string]int{}
+	for i, u := range c.Uplinks {
+		byName[u.Name] = i
+	}
+	for i, r := range raws {
+		key := fmt.Sprintf("policy[%d]", i)
+		p := Policy{Name: r.Name, Balance: r.Balance}
+		if r.Name == "" {
+			return v.err(key+".name", "missing")
+		}
+		if j, dup := names[r.Name]; dup {
+			return v.err(key+".name", "policy %q is defined twice (also policy[%d])", r.Name, j)
+		}
+		names[r.Name] = i
+		proto, ok := protocols[strings.ToLower(r.Protocol)]
+		if !ok {
+			n, err := strconv.ParseUint(r.Protocol, 10, 8)
+			if err != nil {
+				return v.err(key+".protocol", "%q: want tcp, udp, icmp, icmpv6 or a protocol number", r.Protocol)
+			}
+			proto = uint8(n)
+		}
+		p.Protocol = proto
+		if len(r.Ports) > 0 && proto != 6 && proto != 17 {
+			return v.err(key+".ports", "ports need protocol = \"tcp\" or \"udp\"")
+		}
+		if len(r.Ports) > 8 {
+			return v.err(key+".ports", "%d port ranges, at most 8", len(r.Ports))
+		}
+		for _, ps := range r.Ports {
+			p.Ports = append(p.Ports, PortRange(ps))
+		}
+		var err error
+		if p.Destinations, err = v.prefixes(key+".destinations", r.Destinations); err != nil {
+			return err
+		}
+		if p.Sources, err = v.prefixes(key+".sources", r.Sources); err != nil {
+			return err
+		}
+		if len(r.Uplinks) == 0 {
+			return v.err(key+".uplinks", "at least one uplink")
+		}
+		if len(r.Uplinks) > 8 {
+			return v.err(key+".uplinks", "at most 8 uplinks")
+		}
+		seen := map[int]bool{}
+		for _, name := range r.Uplinks {
+			id, ok := byName[name]
+			if !ok {
+				return v.err(key+".uplinks", "no uplink named %q", name)
+			}
+			if seen[id] {
+				return v.err(key+".uplinks", "uplink %q listed twice", name)
+			}
+			if p.Balance && c.Uplinks[id].Weight == 0 {
+				return v.err(key+".uplinks", "uplink %q has weight 0 in a balanced tier", name)
+			}
+			seen[id] = true
+			p.Uplinks = append(p.Uplinks, id)
+		}
+		switch r.LastResort {
+		case "", "main":
+		case "unreachable":
+			p.Unreachable = true
+		default:
+			return v.err(key+".last_resort", "%q: want \"unreachable\" or \"main\"", r.LastResort)
+		}
+		switch r.Sticky {
+		case "", "destination", "flow", "pair":
+			p.Sticky = r.Sticky
+		default:
+			return v.err(key+".sticky", "%q: want \"destination\", \"flow\" or \"pair\"", r.Sticky)
+		}
+		c.Policies = append(c.Policies, p)
+	}
+	return nil
+}
+
+// tableByName looks a table name up where iproute2 keeps them.
+func tableByName(name string) (int, error) {
+	files := []string{"/etc/iproute2/rt_tables", "/usr/share/iproute2/rt_tables"}
+	if ds, err := os.ReadDir("/etc/iproute2/rt_tables.d"); err == nil {
+		for _, d := range ds {
+			if strings.HasSuffix(d.Name(), ".conf") {
+				files = append(files, "/etc/iproute2/rt_tables.d/"+d.Name())
+			}
+		}
+	}
+	for _, f := range files {
+		fh, err := os.Open(f)
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(fh)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) >= 2 && !strings.HasPrefix(fields[0], "#") && fields[1] == name {
+				n, err := strconv.Atoi(fields[0])
+				if err == nil {
+					fh.Close()
+					return n, nil
+				}
+			}
+		}
+		fh.Close()
+	}
+	return 0, fmt.Errorf("no routing table named %q in /etc/iproute2/rt_tables", name)
+}

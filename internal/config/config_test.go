@@ -1,0 +1,118 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestScenarioConfig(t *testing.T) {
+	c, err := Parse("scenario.toml", Scenario)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Uplinks) != 3 || c.Uplinks[0].Name != "isp1" || c.Uplinks[0].Weight != 8 || c.Uplinks[1].Weight != 2 {
+		t.Fatalf("uplinks %+v", c.Uplinks)
+	}
+	if c.Uplinks[0].Mark != 0x10000 || c.Uplinks[1].Mark != 0x20000 || c.Uplinks[2].Mark != 0x40000 || c.Global.StrictMark != 0x800000 {
+		t.Fatalf("marks %#x %#x %#x strict %#x", c.Uplinks[0].Mark, c.Uplinks[1].Mark, c.Uplinks[2].Mark, c.Global.StrictMark)
+	}
+	if c.Uplinks[2].Balance || !c.Uplinks[0].Balance {
+		t.Fatal("vpn must be out of the balance, isp1 in it")
+	}
+	smtp := c.Policies[0]
+	if smtp.Protocol != 6 || len(smtp.Ports) != 3 || !smtp.Unreachable || smtp.Uplinks[0] != 0 {
+		t.Fatalf("smtp policy %+v", smtp)
+	}
+	if h := c.Uplinks[0].Health; h == nil || h.Timeout != 800*time.Millisecond || h.Failures != 3 {
+		t.Fatalf("health %+v", h)
+	}
+}
+
+const base = `[global]
+mark_mask = 0x00ff0000
+
+[[uplink]]
+name = "isp1"
+interface = "ppp0"
+weight = 8
+
+[[uplink]]
+name = "isp2"
+interface = "ppp1"
+weight = 2
+`
+
+func TestBadConfigNamesKeyAndLine(t *testing.T) {
+	for _, tc := range []struct {
+		name, extra   string
+		key, msg      string
+		line          int
+		replaceInBase [2]string
+	}{
+		{name: "unknown key", extra: "\n[[uplink]]\nname = \"vpn\"\ninterface = \"tun0\"\nweigth = 3\n",
+			key: "uplink[2].weigth", msg: "unknown key", line: 17},
+		{name: "unknown top-level key", extra: "\n[gloabl]\nx = 1\n", key: "gloabl", msg: "unknown key", line: 14},
+		{name: "wrong type", extra: "", replaceInBase: [2]string{"weight = 8", `weight = "eight"`},
+			key: "uplink[0].weight", msg: "type string", line: 7},
+		{name: "duplicate uplink", extra: "\n[[uplink]]\nname = \"isp1\"\ninterface = \"ppp5\"\n",
+			key: "uplink[2].name", msg: "defined twice", line: 15},
+		{name: "interface twice", extra: "\n[[uplink]]\nname = \"vpn\"\ninterface = \"ppp0\"\n",
+			key: "uplink[2].interface", msg: "used by uplink[0]", line: 16},
+		{name: "table twice", replaceInBase: [2]string{"weight = 2", "weight = 2\ntable = 100"},
+			key: "uplink[1].table", msg: "used by uplink[0]", line: 13},
+		{name: "mark outside mask", replaceInBase: [2]string{"weight = 8", "weight = 8\nmark = 0x1"},
+			key: "uplink[0].mark", msg: "single bit of mark_mask", line: 8},
+		{name: "weight 0 balanced", replaceInBase: [2]string{"weight = 2", "weight = 0"},
+			key: "uplink[1].weight", msg: "weight 0 in a balanced tier", line: 12},
+		{name: "lan is an uplink", extra: "\n[lan]\ninterfaces = [\"ppp1\"]\n",
+			key: "lan.interfaces", msg: "uplink isp2's interface", line: 15},
+		{name: "bad prefix", extra: "\n[lan]\nbypass = [\"100.64.2.1/24\"]\n",
+			key: "lan.bypass", msg: "host bits", line: 15},
+		{name: "policy unknown uplink", extra: "\n[[policy]]\nname = \"x\"\nuplinks = [\"isp3\"]\n",
+			key: "policy[0].uplinks", msg: "no uplink named \"isp3\"", line: 16},
+		{name: "ports without protocol", extra: "\n[[policy]]\nname = \"x\"\nports = [25]\nuplinks = [\"isp1\"]\n",
+			key: "policy[0].ports", msg: "need protocol", line: 16},
+		{name: "bad port range", extra: "\n[[policy]]\nname = \"x\"\nprotocol = \"tcp\"\nports = [\"90-80\"]\nuplinks = [\"isp1\"]\n",
+			key: "policy[0].ports", msg: "bad port", line: 17},
+		{name: "bad last resort", extra: "\n[[policy]]\nname = \"x\"\nuplinks = [\"isp1\"]\nlast_resort = \"drop\"\n",
+			key: "policy[0].last_resort", msg: "want \"unreachable\"", line: 17},
+		{name: "health tcp without port", extra: "", replaceInBase: [2]string{"weight = 2", "weight = 2\n[uplink.health]\nmethod = \"tcp\"\ntargets = [\"192.0.2.1\"]"},
+			key: "uplink[1].health.port", msg: "needs a port", line: 13},
+		{name: "bad duration", replaceInBase: [2]string{"mark_mask = 0x00ff0000", "mark_mask = 0x00ff0000\nup_delay = \"soon\""},
+			key: "global.up_delay", msg: "not a duration", line: 3},
+		{name: "syntax", extra: "\n[[uplink]\n", msg: "", line: 14},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := base
+			if tc.replaceInBase[0] != "" {
+				text = strings.Replace(text, tc.replaceInBase[0], tc.replaceInBase[1], 1)
+			}
+			text += tc.extra
+			_, err := Parse("test.toml", []byte(text))
+			var ce *Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("error %v (%T), want a config.Error", err, err)
+			}
+			if tc.key != "" && ce.Key != tc.key {
+				t.Errorf("key %q, want %q (%v)", ce.Key, tc.key, err)
+			}
+			if ce.Line != tc.line {
+				t.Errorf("line %d, want %d (%v)\n%s", ce.Line, tc.line, err, numbered(text))
+			}
+			if !strings.Contains(err.Error(), tc.msg) || !strings.HasPrefix(err.Error(), "test.toml:") {
+				t.Errorf("message %q, want it to contain %q", err, tc.msg)
+			}
+		})
+	}
+}
+
+func numbered(s string) string {
+	var b strings.Builder
+	for i, l := range strings.Split(s, "\n") {
+		fmt.Fprintf(&b, "%3d %s\n", i+1, l)
+	}
+	return b.String()
+}
