@@ -101,10 +101,10 @@ const (
 
 // Raw file layout.
 type rawFile struct {
-	Global  rawGlobal   `toml:"global"`
-	Uplink  []rawUplink `toml:"uplink"`
-	LAN     rawLAN      `toml:"lan"`
-	Policy  []rawPolicy `toml:"policy"`
+	Global rawGlobal   `toml:"global"`
+	Uplink []rawUplink `toml:"uplink"`
+	LAN    rawLAN      `toml:"lan"`
+	Policy []rawPolicy `toml:"policy"`
 }
 
 type rawGlobal struct {
