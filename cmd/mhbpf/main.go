@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/loader"
 )
 
@@ -18,7 +19,9 @@ func main() {
 		SilenceErrors: true,
 	}
 	pinDir := root.PersistentFlags().String("pin-dir", loader.DefaultPinDir, "bpffs directory of mhbpf's pinned maps and links")
-	root.AddCommand(flowsCmd(pinDir), uplinksCmd(pinDir), downCmd(pinDir))
+	stateDir := root.PersistentFlags().String("state-dir", config.DefaultStateDir, "directory of the daemon's state and status files")
+	root.AddCommand(runCmd(), checkCmd(), downCmd(pinDir, stateDir), statusCmd(pinDir, stateDir),
+		flowsCmd(pinDir), uplinksCmd(pinDir))
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "mhbpf:", err)
 		os.Exit(1)

@@ -4,12 +4,14 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/mhbpf/mhbpf/internal/daemon"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 )
@@ -88,13 +90,41 @@ func uplinksCmd(pinDir *string) *cobra.Command {
 	}
 }
 
-func downCmd(pinDir *string) *cobra.Command {
+func statusCmd(pinDir, stateDir *string) *cobra.Command {
 	return &cobra.Command{
-		Use:   "down",
-		Short: "Remove every attachment and pin of mhbpf (also after a crash)",
+		Use:   "status",
+		Short: "Show each uplink's state, the reason, probes and counters",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return loader.Remove(*pinDir)
+			st, err := daemon.LoadStatus(*stateDir)
+			if err != nil {
+				return fmt.Errorf("no daemon status in %s: %w", *stateDir, err)
+			}
+			alive := "running"
+			if unix.Kill(st.PID, 0) != nil {
+				alive = "NOT RUNNING (datapath may still be pinned)"
+			}
+			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, st.TCMode,
+				time.Since(st.Updated).Truncate(time.Millisecond))
+			m, _ := loader.OpenPinned(*pinDir)
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "UPLINK\tIFACE\tSTATE\tWEIGHT\tTABLE\tADDRESSES\tRTT\tLOSS\tRX BYTES\tTX BYTES\tNEW FLOWS\tREASON")
+			for id, u := range st.Uplinks {
+				state := "down"
+				if u.Usable {
+					state = "up"
+				}
+				var c maps.Counters
+				if m != nil {
+					c, _ = m.UplinkCounters(id)
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%.1fms\t%.0f%%\t%d\t%d\t%d\t%s\n", u.Name, u.Interface, state, u.Weight, u.Table,
+					strings.Join(u.Addresses, ","), u.RTTms, u.Loss*100, c.RxBytes, c.TxBytes, c.NewFlows, u.Reason)
+			}
+			if m != nil {
+				m.Close()
+			}
+			return w.Flush()
 		},
 	}
 }

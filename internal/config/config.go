@@ -44,6 +44,9 @@ type Global struct {
 	TeardownOnExit bool
 	// NFTable is the name of mhbpf's nftables table (family inet).
 	NFTable string
+	// StateDir keeps what mhbpf must remember across a crash (the sysctls
+	// it changed, its settings for 'mhbpf down') and the status for the CLI.
+	StateDir string
 }
 
 type Uplink struct {
@@ -97,6 +100,7 @@ const (
 	DefaultRouteProtocol = 77
 	DefaultPinDir        = "/sys/fs/bpf/mhbpf"
 	DefaultNFTable       = "mhbpf"
+	DefaultStateDir      = "/run/mhbpf"
 )
 
 // Raw file layout.
@@ -122,6 +126,7 @@ type rawGlobal struct {
 	MetricsListen  string    `toml:"metrics_listen"`
 	TeardownOnExit bool      `toml:"teardown_on_exit"`
 	NFTable        string    `toml:"nft_table"`
+	StateDir       string    `toml:"state_dir"`
 }
 
 type rawUplink struct {
@@ -383,6 +388,10 @@ func (v *validator) global(r *rawGlobal, g *Global) error {
 	g.NFTable = DefaultNFTable
 	if r.NFTable != "" {
 		g.NFTable = r.NFTable
+	}
+	g.StateDir = DefaultStateDir
+	if r.StateDir != "" {
+		g.StateDir = r.StateDir
 	}
 	return nil
 }

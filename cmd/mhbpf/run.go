@@ -1,0 +1,88 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mhbpf/mhbpf/internal/config"
+	"github.com/mhbpf/mhbpf/internal/daemon"
+)
+
+func runCmd() *cobra.Command {
+	var cfgPath string
+	var debug bool
+	cmd := &cobra.Command{
+		Use:   "run --config FILE",
+		Short: "Run the daemon in the foreground (SIGHUP reloads, SIGTERM exits leaving the datapath)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			level := slog.LevelInfo
+			if debug {
+				level = slog.LevelDebug
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			d, err := daemon.New(cfgPath, log)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			reload := make(chan struct{}, 1)
+			go func() {
+				for range hup {
+					select {
+					case reload <- struct{}{}:
+					default:
+					}
+				}
+			}()
+			return d.Run(ctx, reload)
+		},
+	}
+	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/mhbpf/mhbpf.toml", "configuration file")
+	cmd.Flags().BoolVar(&debug, "debug", false, "log every routing change")
+	return cmd
+}
+
+func checkCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "check FILE",
+		Short: "Validate a configuration file without touching the system",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := config.Load(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s: ok: %d uplinks, %d LAN interfaces, %d policies\n", args[0], len(c.Uplinks), len(c.LAN.Interfaces), len(c.Policies))
+			return nil
+		},
+	}
+}
+
+func downCmd(pinDir, stateDir *string) *cobra.Command {
+	return &cobra.Command{
+		Use:   "down",
+		Short: "Remove every rule, route, nftables table, attachment and pin of mhbpf and restore the sysctls (also after a crash)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := daemon.LoadSettings(*stateDir)
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			if cmd.Flags().Changed("pin-dir") {
+				s.PinDir = *pinDir
+			}
+			return daemon.Down(*stateDir, s)
+		},
+	}
+}

@@ -1,0 +1,560 @@
+// Package daemon is mhbpf's control loop. One goroutine owns all state and
+// reconciles it: netlink events (links, addresses, routes), health results,
+// reloads and a periodic resync all just wake it up, and each pass computes
+// the whole desired state from the configuration and what it observes, then
+// makes the kernel (routes, rules, sysctls, nftables) and the BPF maps match.
+// That single owner is what replaces the lock files and sleeps of
+// ip-up/ip-down scripts.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/config"
+	"github.com/mhbpf/mhbpf/internal/health"
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
+	"github.com/mhbpf/mhbpf/internal/nat"
+	"github.com/mhbpf/mhbpf/internal/routing"
+)
+
+// Daemon is one running mhbpf.
+type Daemon struct {
+	cfgPath string
+	cfg     *config.Config
+	log     *slog.Logger
+	dp      *loader.Datapath
+	nl      *netlink.Handle
+	tcMode  loader.Mode
+
+	ctx      context.Context
+	healthCh chan health.Result
+	stopHC   context.CancelFunc
+
+	// Observed and derived per uplink, by id.
+	upSince   map[int]time.Time // link usable since (for up_delay)
+	usable    map[int]bool
+	health    map[int]health.Result
+	attached  map[string]int // interface -> ifindex it is attached at
+	natIfaces []string
+	natSet    bool
+	seen      map[int]bool // uplinks usable at least once
+}
+
+// New validates the configuration and loads the datapath. Nothing in the
+// routing state is changed yet.
+func New(cfgPath string, log *slog.Logger) (*Daemon, error) {
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{cfgPath: cfgPath, cfg: cfg, log: log,
+		healthCh: make(chan health.Result, 16),
+		upSince: map[int]time.Time{}, usable: map[int]bool{}, health: map[int]health.Result{}, attached: map[string]int{}}
+	return d, nil
+}
+
+func (d *Daemon) stateFile(name string) string { return filepath.Join(d.cfg.Global.StateDir, name) }
+
+// Run starts the datapath and reconciles until ctx ends. reload receives a
+// value for every SIGHUP.
+func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
+	d.ctx = ctx
+	g := &d.cfg.Global
+	// Record where everything will be before touching anything, so that a
+	// crash at any later point leaves 'mhbpf down' able to clean up.
+	if err := writeJSON(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark,
+		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize})
+	if err != nil {
+		return err
+	}
+	d.dp = dp
+	defer dp.Close()
+	if d.nl, err = netlink.NewHandle(); err != nil {
+		return err
+	}
+	defer d.nl.Close()
+
+	if err := d.applyStatic(); err != nil {
+		return err
+	}
+	cg := g.CgroupPath
+	if cg == "" {
+		if cg, err = cgroup2Root(); err != nil {
+			return err
+		}
+	}
+	if err := dp.AttachCgroup(cg); err != nil {
+		return err
+	}
+	d.log.Info("socket hooks attached", "cgroup", cg)
+
+	events, err := d.subscribe(ctx)
+	if err != nil {
+		return err
+	}
+	d.startHealth(ctx)
+	defer func() { d.stopHC() }()
+
+	resync := time.NewTicker(g.ResyncEvery)
+	defer resync.Stop()
+	var holdTimer <-chan time.Time
+	d.reconcile(&holdTimer)
+	for {
+		select {
+		case <-ctx.Done():
+			if g.TeardownOnExit {
+				d.log.Info("tearing down on exit")
+				return Down(g.StateDir, settingsOf(d.cfg))
+			}
+			d.log.Info("exiting; the datapath stays pinned and keeps forwarding")
+			return nil
+		case <-reload:
+			d.reload()
+		case r := <-d.healthCh:
+			prev, seen := d.health[r.Uplink]
+			d.health[r.Uplink] = r
+			if seen && prev.Healthy == r.Healthy {
+				continue // RTT and loss only: no routing change
+			}
+		case <-events:
+			// Bursts (a link going away deletes addresses and routes too)
+			// are folded into one pass.
+			drain(events, 20*time.Millisecond)
+		case <-holdTimer:
+			holdTimer = nil
+		case <-resync.C:
+		}
+		d.reconcile(&holdTimer)
+	}
+}
+
+func drain(ch <-chan struct{}, quiet time.Duration) {
+	t := time.NewTimer(quiet)
+	defer t.Stop()
+	for {
+		select {
+		case <-ch:
+			if !t.Stop() {
+				<-t.C
+			}
+			t.Reset(quiet)
+		case <-t.C:
+			return
+		}
+	}
+}
+
+// applyStatic writes what follows from the configuration alone: policy,
+// bypass prefixes.
+func (d *Daemon) applyStatic() error {
+	if err := d.dp.Maps.ReplacePolicy(policyOf(d.cfg)); err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	return d.dp.Maps.SetBypass(d.cfg.LAN.Bypass)
+}
+
+func policyOf(c *config.Config) maps.Policy {
+	var p maps.Policy
+	for id, u := range c.Uplinks {
+		if u.Balance {
+			p.Default.Uplinks = append(p.Default.Uplinks, maps.Choice{Uplink: uint8(id), Tier: u.Tier, Weight: u.Weight})
+		}
+	}
+	for _, cp := range c.Policies {
+		r := maps.Rule{Dst: cp.Destinations, Src: cp.Sources, Proto: cp.Protocol}
+		for _, pr := range cp.Ports {
+			r.Ports = append(r.Ports, maps.PortRange{Lo: pr.Lo, Hi: pr.Hi})
+		}
+		for i, id := range cp.Uplinks {
+			ch := maps.Choice{Uplink: uint8(id), Tier: uint8(i), Weight: max(c.Uplinks[id].Weight, 1)}
+			if cp.Balance {
+				ch.Tier = 0
+			}
+			r.Action.Uplinks = append(r.Action.Uplinks, ch)
+		}
+		if cp.Unreachable {
+			r.Action.Fallback = maps.FallbackUnreachable
+		}
+		switch cp.Sticky {
+		case "flow":
+			r.Action.Sticky = maps.StickyFlow
+		case "pair":
+			r.Action.Sticky = maps.StickyPair
+		}
+		p.Rules = append(p.Rules, r)
+	}
+	return p
+}
+
+// reload applies a new configuration, or keeps the running one if the new
+// one is bad or needs a restart.
+func (d *Daemon) reload() {
+	cfg, err := config.Load(d.cfgPath)
+	if err != nil {
+		d.log.Error("reload refused, keeping the running configuration", "error", err)
+		return
+	}
+	old := d.cfg.Global
+	g := cfg.Global
+	if g.PinDir != old.PinDir || g.MarkMask != old.MarkMask || g.StrictMark != old.StrictMark ||
+		g.FlowMapSize != old.FlowMapSize || g.RulePriority != old.RulePriority || g.RouteProtocol != old.RouteProtocol ||
+		g.NFTable != old.NFTable || g.StateDir != old.StateDir || g.CgroupPath != old.CgroupPath || g.StickyTimeout != old.StickyTimeout {
+		d.log.Error("reload refused: global settings changed that need a restart (mark_mask, strict_mark, pin_dir, flow_map_size, rule_priority, route_protocol, nft_table, state_dir, cgroup, sticky_timeout); keeping the running configuration")
+		return
+	}
+	prev := d.cfg
+	d.cfg = cfg
+	if err := d.applyStatic(); err != nil {
+		d.log.Error("reload failed, going back to the running configuration", "error", err)
+		d.cfg = prev
+		_ = d.applyStatic()
+		return
+	}
+	// Uplinks that are gone from the configuration: their interfaces lose
+	// the program, their map slots go.
+	for id := len(cfg.Uplinks); id < len(prev.Uplinks); id++ {
+		_ = d.dp.Maps.ClearUplink(id)
+	}
+	d.detachRemoved(prev)
+	d.stopHC()
+	d.health = map[int]health.Result{}
+	d.startHealth(d.ctx)
+	d.log.Info("configuration reloaded")
+}
+
+func (d *Daemon) detachRemoved(prev *config.Config) {
+	keep := map[string]bool{}
+	for _, u := range d.cfg.Uplinks {
+		keep[u.Interface] = true
+	}
+	for _, i := range d.cfg.LAN.Interfaces {
+		keep[i] = true
+	}
+	for ifname := range d.attached {
+		if !keep[ifname] {
+			_ = d.dp.DetachTC(ifname)
+			delete(d.attached, ifname)
+		}
+	}
+}
+
+func (d *Daemon) startHealth(parent context.Context) {
+	ctx, cancel := context.WithCancel(parent)
+	d.stopHC = cancel
+	for id, u := range d.cfg.Uplinks {
+		if u.Health == nil {
+			continue
+		}
+		h := u.Health
+		p := health.NewProber(health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Method: h.Method,
+			Targets: h.Targets, Port: h.Port, Interval: h.Interval, Timeout: h.Timeout, Failures: h.Failures, Successes: h.Successes})
+		go p.Run(ctx, d.healthCh)
+	}
+}
+
+// observation is what the kernel says about one uplink's interface.
+type observation struct {
+	ifindex int
+	encap   string
+	up      bool
+	addrs   []netip.Addr
+	reason  string
+}
+
+func (d *Daemon) observe(ifname string) observation {
+	l, err := d.nl.LinkByName(ifname)
+	if err != nil {
+		return observation{reason: "interface " + ifname + " absent"}
+	}
+	a := l.Attrs()
+	o := observation{ifindex: a.Index, encap: a.EncapType}
+	// ppp and tun report operstate "unknown": up means administratively up
+	// with a carrier.
+	o.up = a.Flags&net.FlagUp != 0 && a.RawFlags&unix.IFF_RUNNING != 0 &&
+		(a.OperState == netlink.OperUp || a.OperState == netlink.OperUnknown)
+	if !o.up {
+		o.reason = "link down"
+		return o
+	}
+	addrs, err := d.nl.AddrList(l, netlink.FAMILY_ALL)
+	if err == nil {
+		for _, ad := range addrs {
+			ip, ok := netip.AddrFromSlice(ad.IP)
+			if !ok || ad.Scope != unix.RT_SCOPE_UNIVERSE || ip.IsLinkLocalUnicast() {
+				continue
+			}
+			o.addrs = append(o.addrs, ip.Unmap())
+		}
+	}
+	if len(o.addrs) == 0 {
+		o.reason = "no address"
+	}
+	return o
+}
+
+// reconcile is one pass: observe, compute, apply. It is idempotent.
+func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
+	now := time.Now()
+	g := &d.cfg.Global
+	var routed []routing.Uplink
+	var status Status
+	status.PID = os.Getpid()
+	status.Updated = now
+	status.TCMode = string(d.tcMode)
+	var masq []string
+	var nextHold time.Duration
+
+	for id, u := range d.cfg.Uplinks {
+		o := d.observe(u.Interface)
+		linkOK := o.reason == ""
+		if !linkOK {
+			delete(d.upSince, id)
+		} else if _, ok := d.upSince[id]; !ok {
+			d.upSince[id] = now
+		}
+		usable, reason := linkOK, o.reason
+		// Hysteresis: a link that came (back) must stay up for up_delay,
+		// unless it was already in use (a daemon restart does not hold
+		// back a link that was fine).
+		if usable && !d.usable[id] && d.everUsable(id) {
+			if wait := g.UpDelay - now.Sub(d.upSince[id]); wait > 0 {
+				usable, reason = false, fmt.Sprintf("up for %v, held until %v", now.Sub(d.upSince[id]).Round(time.Millisecond), g.UpDelay)
+				if nextHold == 0 || wait < nextHold {
+					nextHold = wait
+				}
+			}
+		}
+		hr, probed := d.health[id]
+		if usable && probed && !hr.Healthy {
+			usable, reason = false, "probes failing: "+hr.Reason
+		}
+
+		// Datapath: interface program and uplink entry.
+		if o.ifindex != 0 && d.attached[u.Interface] != o.ifindex {
+			mode, err := d.dp.AttachTC(u.Interface, maps.RoleUplink, id)
+			if err != nil {
+				d.log.Error("attach", "interface", u.Interface, "error", err)
+			} else {
+				d.attached[u.Interface] = o.ifindex
+				d.tcMode = mode
+				d.log.Info("attached", "interface", u.Interface, "uplink", u.Name, "mode", mode)
+			}
+		}
+		mu := maps.Uplink{Mark: u.Mark, Ifindex: uint32(o.ifindex), Weight: u.Weight, Tier: u.Tier, Up: usable}
+		for _, a := range o.addrs {
+			if a.Is4() && !mu.Addr4.IsValid() {
+				mu.Addr4 = a
+			} else if a.Is6() && !mu.Addr6.IsValid() {
+				mu.Addr6 = a
+			}
+		}
+		if err := d.dp.Maps.SetUplink(id, mu); err != nil {
+			d.log.Error("uplinks map", "uplink", u.Name, "error", err)
+		}
+		if d.usable[id] != usable {
+			if usable {
+				d.log.Info("uplink up", "uplink", u.Name, "interface", u.Interface)
+				d.markEverUsable(id)
+			} else {
+				n, _ := d.dp.Maps.DeleteFlowsOfUplink(id)
+				d.log.Warn("uplink down", "uplink", u.Name, "reason", reason, "flows_moved", n)
+			}
+			d.usable[id] = usable
+		}
+
+		routed = append(routed, routing.Uplink{ID: id, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
+			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway,
+			Ifindex: o.ifindex, Usable: usable, Addrs: o.addrs})
+		if u.Masquerade {
+			masq = append(masq, u.Interface)
+		}
+		st := UplinkStatus{Name: u.Name, Interface: u.Interface, Usable: usable, Reason: reason,
+			Weight: u.Weight, Mark: u.Mark, Table: u.Table}
+		for _, a := range o.addrs {
+			st.Addresses = append(st.Addresses, a.String())
+		}
+		if probed {
+			st.RTTms = float64(hr.RTT.Microseconds()) / 1000
+			st.Loss = hr.Loss
+		}
+		status.Uplinks = append(status.Uplinks, st)
+	}
+	for _, ifname := range d.cfg.LAN.Interfaces {
+		l, err := d.nl.LinkByName(ifname)
+		if err != nil || d.attached[ifname] == l.Attrs().Index {
+			continue
+		}
+		if _, err := d.dp.AttachTC(ifname, maps.RoleLAN, 0); err != nil {
+			d.log.Error("attach", "interface", ifname, "error", err)
+			continue
+		}
+		d.attached[ifname] = l.Attrs().Index
+		d.log.Info("attached", "interface", ifname, "role", "lan")
+	}
+
+	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark}
+	changes, err := routing.Apply(d.nl, rs, routing.Desired(rs, routed))
+	if err != nil {
+		d.log.Error("routing", "error", err)
+	}
+	for _, c := range changes {
+		d.log.Debug("routing", "change", c)
+	}
+	if len(changes) > 0 {
+		d.log.Info("routing converged", "changes", len(changes))
+	}
+
+	var ifaces []string
+	ipv6 := false
+	for _, u := range routed {
+		ifaces = append(ifaces, u.Interface)
+		for _, a := range u.Addrs {
+			ipv6 = ipv6 || a.Is6()
+		}
+	}
+	if err := routing.ApplySysctls(d.stateFile(sysctlFile), routing.DesiredSysctls(ifaces, ipv6)); err != nil {
+		d.log.Error("sysctls", "error", err)
+	}
+	if !d.natSet || !slices.Equal(masq, d.natIfaces) {
+		if err := nat.Apply(g.NFTable, masq); err != nil {
+			d.log.Error("nat", "error", err)
+		} else {
+			d.natIfaces, d.natSet = masq, true
+		}
+	}
+	if err := writeJSON(d.stateFile(statusFile), status); err != nil {
+		d.log.Error("status", "error", err)
+	}
+	if nextHold > 0 {
+		*holdTimer = time.After(nextHold)
+	}
+}
+
+// everUsable: whether the uplink was usable before in this datapath's life.
+// A freshly started daemon uses a link that is up right away; only a link
+// that went away and came back is held for up_delay.
+func (d *Daemon) everUsable(id int) bool { return d.seen[id] }
+
+func (d *Daemon) markEverUsable(id int) {
+	if d.seen == nil {
+		d.seen = map[int]bool{}
+	}
+	d.seen[id] = true
+}
+
+// subscribe listens to links, addresses and routes. A subscription that
+// fails (or overflows) is opened again and the next pass resyncs fully.
+func (d *Daemon) subscribe(ctx context.Context) (<-chan struct{}, error) {
+	out := make(chan struct{}, 1)
+	notify := func() {
+		select {
+		case out <- struct{}{}:
+		default:
+		}
+	}
+	var start func() error
+	start = func() error {
+		sub, cancel := context.WithCancel(ctx)
+		failed := func(err error) {
+			d.log.Warn("netlink subscription failed; resubscribing and resyncing", "error", err)
+			cancel()
+			notify()
+			go func() {
+				for ctx.Err() == nil {
+					if err := start(); err == nil {
+						return
+					}
+					time.Sleep(time.Second)
+				}
+			}()
+		}
+		links := make(chan netlink.LinkUpdate, 256)
+		addrs := make(chan netlink.AddrUpdate, 256)
+		routes := make(chan netlink.RouteUpdate, 256)
+		done := sub.Done()
+		var once bool
+		onErr := func(err error) {
+			if !once {
+				once = true
+				failed(err)
+			}
+		}
+		if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+			cancel()
+			return err
+		}
+		if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+			cancel()
+			return err
+		}
+		if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
+			cancel()
+			return err
+		}
+		go func() {
+			for {
+				select {
+				case _, ok := <-links:
+					if !ok {
+						return
+					}
+				case _, ok := <-addrs:
+					if !ok {
+						return
+					}
+				case _, ok := <-routes:
+					if !ok {
+						return
+					}
+				case <-done:
+					return
+				}
+				notify()
+			}
+		}()
+		return nil
+	}
+	if err := start(); err != nil {
+		return nil, fmt.Errorf("netlink subscribe: %w", err)
+	}
+	return out, nil
+}
+
+func cgroup2Root() (string, error) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("no cgroup v2 mount found: set global.cgroup")
+}
+
+func removeIfExists(p string) error {
+	err := os.Remove(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}

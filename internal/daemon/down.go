@@ -1,0 +1,43 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/nat"
+	"github.com/mhbpf/mhbpf/internal/routing"
+)
+
+// Down removes everything mhbpf installed, as recorded in stateDir (or
+// per s when given), and restores the sysctls it changed. Idempotent; needs
+// no running daemon.
+func Down(stateDir string, s Settings) error {
+	var errs []error
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if err := routing.Remove(h, routing.Settings{RulePriority: s.RulePriority, RouteProtocol: s.RouteProtocol}); err != nil {
+		errs = append(errs, fmt.Errorf("routes and rules: %w", err))
+	}
+	if err := nat.Remove(s.NFTable); err != nil {
+		errs = append(errs, err)
+	}
+	if err := loader.Remove(s.PinDir); err != nil {
+		errs = append(errs, fmt.Errorf("datapath: %w", err))
+	}
+	if err := routing.RestoreSysctls(filepath.Join(stateDir, sysctlFile)); err != nil {
+		errs = append(errs, fmt.Errorf("sysctls: %w", err))
+	}
+	if len(errs) == 0 {
+		for _, f := range []string{settingsFile, statusFile} {
+			_ = removeIfExists(filepath.Join(stateDir, f))
+		}
+	}
+	return errors.Join(errs...)
+}

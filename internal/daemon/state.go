@@ -1,0 +1,101 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mhbpf/mhbpf/internal/config"
+)
+
+// Files in the state directory.
+const (
+	sysctlFile   = "sysctls.json"  // what the system had before mhbpf
+	settingsFile = "settings.json" // what 'mhbpf down' needs without a config
+	statusFile   = "status.json"   // what 'mhbpf status' shows
+)
+
+// Settings are the parts of the configuration that locate everything mhbpf
+// installed. The daemon writes them before it changes anything, so that
+// 'mhbpf down' after a crash finds exactly what to remove.
+type Settings struct {
+	PinDir        string `json:"pin_dir"`
+	RulePriority  int    `json:"rule_priority"`
+	RouteProtocol int    `json:"route_protocol"`
+	NFTable       string `json:"nft_table"`
+}
+
+func settingsOf(c *config.Config) Settings {
+	return Settings{PinDir: c.Global.PinDir, RulePriority: c.Global.RulePriority,
+		RouteProtocol: c.Global.RouteProtocol, NFTable: c.Global.NFTable}
+}
+
+// DefaultSettings are used by 'mhbpf down' when there is neither a state
+// file nor a config.
+func DefaultSettings() Settings {
+	return Settings{PinDir: config.DefaultPinDir, RulePriority: config.DefaultRulePriority,
+		RouteProtocol: config.DefaultRouteProtocol, NFTable: config.DefaultNFTable}
+}
+
+// Status is the daemon's view for the CLI.
+type Status struct {
+	Updated time.Time      `json:"updated"`
+	PID     int            `json:"pid"`
+	TCMode  string         `json:"tc_mode"`
+	Uplinks []UplinkStatus `json:"uplinks"`
+}
+
+type UplinkStatus struct {
+	Name      string   `json:"name"`
+	Interface string   `json:"interface"`
+	Usable    bool     `json:"usable"`
+	Reason    string   `json:"reason,omitempty"`
+	Addresses []string `json:"addresses,omitempty"`
+	RTTms     float64  `json:"rtt_ms,omitempty"`
+	Loss      float64  `json:"loss,omitempty"`
+	Weight    uint16   `json:"weight"`
+	Mark      uint32   `json:"mark"`
+	Table     int      `json:"table"`
+}
+
+func writeJSON(path string, v any) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+func readJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
+// LoadSettings reads the settings a daemon left in stateDir.
+func LoadSettings(stateDir string) (Settings, error) {
+	s := DefaultSettings()
+	err := readJSON(filepath.Join(stateDir, settingsFile), &s)
+	if errors.Is(err, os.ErrNotExist) {
+		return DefaultSettings(), err
+	}
+	return s, err
+}
+
+// LoadStatus reads the status the daemon last wrote.
+func LoadStatus(stateDir string) (Status, error) {
+	var s Status
+	err := readJSON(filepath.Join(stateDir, statusFile), &s)
+	return s, err
+}

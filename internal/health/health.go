@@ -1,0 +1,203 @@
+// Package health probes each uplink through that uplink only (the socket is
+// bound to its device and carries its mark) and turns the results into an
+// up/down verdict with hysteresis: failures-before-down, successes-before-up.
+package health
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
+	"golang.org/x/sys/unix"
+)
+
+// Spec is how to probe one uplink.
+type Spec struct {
+	Uplink    int
+	Interface string
+	Mark      uint32
+	Method    string // "icmp" or "tcp"
+	Targets   []netip.Addr
+	Port      uint16
+	Interval  time.Duration
+	Timeout   time.Duration
+	Failures  int
+	Successes int
+}
+
+// Result is the verdict after one round of probes.
+type Result struct {
+	Uplink  int
+	Healthy bool
+	RTT     time.Duration // of the last success
+	Loss    float64       // over the last 20 probes
+	Reason  string        // why unhealthy
+}
+
+// Prober runs the probes of one uplink until its context ends.
+type Prober struct {
+	spec    Spec
+	healthy bool
+	fails   int
+	oks     int
+	history []bool
+	seq     atomic.Uint32
+}
+
+func NewProber(s Spec) *Prober {
+	// Start healthy: an uplink is not taken out before it has failed.
+	return &Prober{spec: s, healthy: true}
+}
+
+// Run probes every interval and sends a Result after each round.
+func (p *Prober) Run(ctx context.Context, out chan<- Result) {
+	t := time.NewTicker(p.spec.Interval)
+	defer t.Stop()
+	for {
+		r := p.round(ctx)
+		select {
+		case out <- r:
+		case <-ctx.Done():
+			return
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// round probes the targets in turn: one success is enough.
+func (p *Prober) round(ctx context.Context) Result {
+	var rtt time.Duration
+	var lastErr error
+	ok := false
+	for _, target := range p.spec.Targets {
+		d, err := p.probe(ctx, target)
+		if err == nil {
+			ok, rtt = true, d
+			break
+		}
+		lastErr = fmt.Errorf("%v: %w", target, err)
+	}
+	p.history = append(p.history, ok)
+	if len(p.history) > 20 {
+		p.history = p.history[1:]
+	}
+	if ok {
+		p.oks++
+		p.fails = 0
+		if !p.healthy && p.oks >= p.spec.Successes {
+			p.healthy = true
+		}
+	} else {
+		p.fails++
+		p.oks = 0
+		if p.healthy && p.fails >= p.spec.Failures {
+			p.healthy = false
+		}
+	}
+	lost := 0
+	for _, h := range p.history {
+		if !h {
+			lost++
+		}
+	}
+	r := Result{Uplink: p.spec.Uplink, Healthy: p.healthy, RTT: rtt, Loss: float64(lost) / float64(len(p.history))}
+	if !p.healthy && lastErr != nil {
+		r.Reason = fmt.Sprintf("%d probes failed, last: %v", p.fails, lastErr)
+	}
+	return r
+}
+
+func (p *Prober) probe(ctx context.Context, target netip.Addr) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.spec.Timeout)
+	defer cancel()
+	if p.spec.Method == "tcp" {
+		return p.probeTCP(ctx, target)
+	}
+	return p.probeICMP(ctx, target)
+}
+
+// control binds a probe socket to the uplink's device and gives it the
+// uplink's mark: a probe never leaves by another uplink, and the socket
+// hooks leave device-bound sockets alone.
+func (p *Prober) control(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, p.spec.Interface); serr != nil {
+			return
+		}
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(p.spec.Mark))
+	})
+	return errors.Join(err, serr)
+}
+
+func (p *Prober) probeTCP(ctx context.Context, target netip.Addr) (time.Duration, error) {
+	d := net.Dialer{Control: p.control}
+	start := time.Now()
+	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(target, p.spec.Port).String())
+	if err != nil {
+		return 0, err
+	}
+	c.Close()
+	return time.Since(start), nil
+}
+
+func (p *Prober) probeICMP(ctx context.Context, target netip.Addr) (time.Duration, error) {
+	network, typ, reply, proto := "ip4:icmp", icmp.Type(ipv4.ICMPTypeEcho), icmp.Type(ipv4.ICMPTypeEchoReply), 1
+	if target.Is6() {
+		network, typ, reply, proto = "ip6:ipv6-icmp", ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply, 58
+	}
+	lc := net.ListenConfig{Control: p.control}
+	conn, err := lc.ListenPacket(ctx, network, "")
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	id := (os.Getpid() ^ p.spec.Uplink<<12) & 0xffff
+	seq := int(p.seq.Add(1) & 0xffff)
+	payload := make([]byte, 16)
+	binary.BigEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
+	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: seq, Data: payload}}
+	b, err := msg.Marshal(nil)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if _, err := conn.WriteTo(b, &net.IPAddr{IP: target.AsSlice()}); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := conn.ReadFrom(buf)
+		if err != nil {
+			return 0, err
+		}
+		ip, _ := from.(*net.IPAddr)
+		if ip == nil || !ip.IP.Equal(target.AsSlice()) {
+			continue
+		}
+		m, err := icmp.ParseMessage(proto, buf[:n])
+		if err != nil || m.Type != reply {
+			continue
+		}
+		if e, ok := m.Body.(*icmp.Echo); ok && e.ID == id && e.Seq == seq {
+			return time.Since(start), nil
+		}
+	}
+}

@@ -1,0 +1,373 @@
+// Package routing computes and applies mhbpf's kernel routing state: one
+// table per uplink with its default route, the fib rules of the mark scheme,
+// main's weighted multipath default route. Everything it installs carries
+// mhbpf's route protocol number and lies in its rule priority block, so it
+// changes nothing else and finds exactly its own after a crash.
+package routing
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Settings are the parts of the configuration routing needs.
+type Settings struct {
+	RulePriority  int // first priority of mhbpf's block
+	RouteProtocol int
+	StrictMark    uint32
+}
+
+// Rule priorities inside the block.
+const (
+	prioIif    = 0  // + uplink id: what arrives on an uplink routes by main
+	prioFrom   = 20 // + id: the uplink's own addresses leave by it
+	prioMark   = 40 // + id: the mark bits, in preference order
+	prioStrict = 60 // the "no fallback" bit: unreachable
+	// BlockSize is how many priorities mhbpf owns from RulePriority on.
+	BlockSize = 100
+)
+
+// Uplink is one uplink as routing sees it: configuration plus what the
+// reconciler observed.
+type Uplink struct {
+	ID        int
+	Interface string
+	Table     int
+	Mark      uint32
+	Weight    uint16
+	Balance   bool
+	Tier      uint8
+	Gateway   netip.Addr // Ethernet uplinks; point-to-point ones use a device route
+
+	Ifindex int          // 0: the interface does not exist
+	Usable  bool         // link up, address present, probes healthy
+	Addrs   []netip.Addr // its global addresses
+}
+
+// State is a complete routing state.
+type State struct {
+	Rules  []netlink.Rule
+	Routes []netlink.Route
+}
+
+// Desired computes the whole routing state from scratch.
+func Desired(s Settings, uplinks []Uplink) State {
+	var st State
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		for _, u := range uplinks {
+			st.Rules = append(st.Rules,
+				rule(s, fam, prioIif+u.ID, func(r *netlink.Rule) { r.IifName = u.Interface; r.Table = unix.RT_TABLE_MAIN }),
+				rule(s, fam, prioMark+u.ID, func(r *netlink.Rule) {
+					m := u.Mark
+					r.Mark, r.Mask, r.Table = u.Mark, &m, u.Table
+				}),
+			)
+			for _, a := range u.Addrs {
+				if family(a) != fam {
+					continue
+				}
+				st.Rules = append(st.Rules, rule(s, fam, prioFrom+u.ID, func(r *netlink.Rule) {
+					r.Src = hostNet(a)
+					r.Table = u.Table
+				}))
+			}
+		}
+		st.Rules = append(st.Rules, rule(s, fam, prioStrict, func(r *netlink.Rule) {
+			m := s.StrictMark
+			r.Mark, r.Mask = s.StrictMark, &m
+			r.Table = unix.RT_TABLE_UNSPEC
+			r.Type = unix.RTN_UNREACHABLE
+		}))
+
+		// Each usable uplink's table: its default route.
+		var balanced []Uplink
+		for _, u := range uplinks {
+			if !u.Usable || u.Ifindex == 0 || !hasFamily(u, fam) {
+				continue
+			}
+			st.Routes = append(st.Routes, defaultRoute(s, fam, u.Table, []Uplink{u}))
+			if u.Balance && u.Weight > 0 {
+				balanced = append(balanced, u)
+			}
+		}
+		// main: the usable balanced uplinks of the best tier, by weight.
+		if len(balanced) > 0 {
+			best := balanced[0].Tier
+			for _, u := range balanced {
+				best = min(best, u.Tier)
+			}
+			var tier []Uplink
+			for _, u := range balanced {
+				if u.Tier == best {
+					tier = append(tier, u)
+				}
+			}
+			st.Routes = append(st.Routes, defaultRoute(s, fam, unix.RT_TABLE_MAIN, tier))
+		}
+	}
+	return st
+}
+
+// An uplink takes part in a family when it has an address of it. A
+// point-to-point IPv4 uplink with no address yet (pppd negotiating) takes
+// part in nothing.
+func hasFamily(u Uplink, fam int) bool {
+	for _, a := range u.Addrs {
+		if family(a) == fam {
+			return true
+		}
+	}
+	return false
+}
+
+func rule(s Settings, fam, offset int, set func(*netlink.Rule)) netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = fam
+	r.Priority = s.RulePriority + offset
+	r.Protocol = uint8(s.RouteProtocol)
+	set(r)
+	return *r
+}
+
+func defaultRoute(s Settings, fam, table int, via []Uplink) netlink.Route {
+	r := netlink.Route{
+		Family:   fam,
+		Table:    table,
+		Protocol: netlink.RouteProtocol(s.RouteProtocol),
+		Dst:      defaultDst(fam),
+	}
+	hop := func(u Uplink) (int, net.IP, int) {
+		if u.Gateway.IsValid() && family(u.Gateway) == fam {
+			return u.Ifindex, net.IP(u.Gateway.AsSlice()), int(netlink.FLAG_ONLINK)
+		}
+		return u.Ifindex, nil, 0
+	}
+	if len(via) == 1 {
+		idx, gw, flags := hop(via[0])
+		r.LinkIndex, r.Gw, r.Flags = idx, gw, flags
+		if gw == nil {
+			r.Scope = netlink.SCOPE_LINK
+		}
+		return r
+	}
+	for _, u := range via {
+		idx, gw, flags := hop(u)
+		r.MultiPath = append(r.MultiPath, &netlink.NexthopInfo{LinkIndex: idx, Hops: int(u.Weight) - 1, Gw: gw, Flags: flags})
+	}
+	return r
+}
+
+func defaultDst(fam int) *net.IPNet {
+	if fam == netlink.FAMILY_V6 {
+		return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+}
+
+func hostNet(a netip.Addr) *net.IPNet {
+	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
+}
+
+func family(a netip.Addr) int {
+	if a.Is4() || a.Is4In6() {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
+}
+
+// ruleKey identifies a rule by everything mhbpf sets on one.
+func ruleKey(r *netlink.Rule) string {
+	mask := ""
+	if r.Mask != nil {
+		mask = fmt.Sprintf("%#x", *r.Mask)
+	}
+	src := ""
+	if r.Src != nil {
+		src = r.Src.String()
+	}
+	mark := uint32(0)
+	if r.Mark != 0 && r.Mark != 0xffffffff {
+		mark = r.Mark
+	}
+	table := r.Table
+	if r.Type == unix.RTN_UNREACHABLE || table < 0 {
+		table = 0
+	}
+	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s i%s y%d", r.Family, r.Priority, table, mark, mask, src, r.IifName, r.Type)
+}
+
+// routeKey identifies a route by what the kernel keys it by plus its
+// next hops, so a changed next hop set is a different route.
+func routeKey(r *netlink.Route) string {
+	var hops []string
+	if len(r.MultiPath) > 0 {
+		for _, h := range r.MultiPath {
+			hops = append(hops, fmt.Sprintf("%d/%v/%d", h.LinkIndex, gwString(h.Gw), h.Hops))
+		}
+		sort.Strings(hops)
+	} else {
+		hops = append(hops, fmt.Sprintf("%d/%v/0", r.LinkIndex, gwString(r.Gw)))
+	}
+	dst := "default"
+	if r.Dst != nil {
+		if ones, _ := r.Dst.Mask.Size(); ones != 0 || !r.Dst.IP.IsUnspecified() {
+			dst = r.Dst.String()
+		}
+	}
+	return fmt.Sprintf("f%d t%d %s %s", r.Family, r.Table, dst, strings.Join(hops, ","))
+}
+
+func gwString(ip net.IP) string {
+	if ip == nil {
+		return "-"
+	}
+	return ip.String()
+}
+
+// routeSlot is what the kernel replaces on RouteReplace: one route per
+// table, destination and family.
+func routeSlot(r *netlink.Route) string {
+	dst := "default"
+	if r.Dst != nil {
+		if ones, _ := r.Dst.Mask.Size(); ones != 0 || !r.Dst.IP.IsUnspecified() {
+			dst = r.Dst.String()
+		}
+	}
+	return fmt.Sprintf("f%d t%d %s", r.Family, r.Table, dst)
+}
+
+// Current reads mhbpf's rules and routes from the kernel.
+func Current(h *netlink.Handle, s Settings) (State, error) {
+	var st State
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := retryDump(func() ([]netlink.Rule, error) { return h.RuleList(fam) })
+		if err != nil {
+			return st, fmt.Errorf("list rules: %w", err)
+		}
+		for _, r := range rules {
+			if ours(s, &r) {
+				r.Family = fam
+				st.Rules = append(st.Rules, r)
+			}
+		}
+		routes, err := retryDump(func() ([]netlink.Route, error) {
+			return h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(s.RouteProtocol)},
+				netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		})
+		if err != nil {
+			return st, fmt.Errorf("list routes: %w", err)
+		}
+		for i := range routes {
+			routes[i].Family = fam
+		}
+		st.Routes = append(st.Routes, routes...)
+	}
+	return st, nil
+}
+
+// ours: in mhbpf's priority block. The protocol is checked too where the
+// kernel reports it, so a foreign rule someone put in the block is left
+// alone.
+func ours(s Settings, r *netlink.Rule) bool {
+	if r.Priority < s.RulePriority || r.Priority >= s.RulePriority+BlockSize {
+		return false
+	}
+	return r.Protocol == uint8(s.RouteProtocol)
+}
+
+func retryDump[T any](f func() ([]T, error)) ([]T, error) {
+	var err error
+	for range 5 {
+		var out []T
+		out, err = f()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return out, err
+		}
+	}
+	return nil, err
+}
+
+// Apply makes the kernel's state of mhbpf equal to want: stale rules and
+// routes go, missing ones come, changed routes are replaced in place (a
+// route is never deleted before its replacement is in). It reports what it
+// changed.
+func Apply(h *netlink.Handle, s Settings, want State) ([]string, error) {
+	have, err := Current(h, s)
+	if err != nil {
+		return nil, err
+	}
+	var changes []string
+	var errs []error
+
+	haveRules := map[string]netlink.Rule{}
+	for _, r := range have.Rules {
+		haveRules[ruleKey(&r)] = r
+	}
+	wantRules := map[string]bool{}
+	for _, r := range want.Rules {
+		k := ruleKey(&r)
+		wantRules[k] = true
+		if _, ok := haveRules[k]; ok {
+			continue
+		}
+		if err := h.RuleAdd(&r); err != nil && !errors.Is(err, unix.EEXIST) {
+			errs = append(errs, fmt.Errorf("add rule %s: %w", k, err))
+			continue
+		}
+		changes = append(changes, "add rule "+k)
+	}
+	for k, r := range haveRules {
+		if wantRules[k] {
+			continue
+		}
+		if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("delete rule %s: %w", k, err))
+			continue
+		}
+		changes = append(changes, "delete rule "+k)
+	}
+
+	haveRoutes := map[string]bool{}
+	haveSlots := map[string]netlink.Route{}
+	for _, r := range have.Routes {
+		haveRoutes[routeKey(&r)] = true
+		haveSlots[routeSlot(&r)] = r
+	}
+	wantSlots := map[string]bool{}
+	for _, r := range want.Routes {
+		wantSlots[routeSlot(&r)] = true
+		k := routeKey(&r)
+		if haveRoutes[k] {
+			continue
+		}
+		if err := h.RouteReplace(&r); err != nil {
+			errs = append(errs, fmt.Errorf("replace route %s: %w", k, err))
+			continue
+		}
+		changes = append(changes, "route "+k)
+	}
+	for slot, r := range haveSlots {
+		if wantSlots[slot] {
+			continue
+		}
+		if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", slot, err))
+			continue
+		}
+		changes = append(changes, "delete route "+slot)
+	}
+	return changes, errors.Join(errs...)
+}
+
+// Remove deletes every rule and route of mhbpf.
+func Remove(h *netlink.Handle, s Settings) error {
+	_, err := Apply(h, s, State{})
+	return err
+}

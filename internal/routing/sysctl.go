@@ -1,0 +1,161 @@
+package routing
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Sysctls are settings under /proc/sys, by dotted name.
+type Sysctls map[string]string
+
+// DesiredSysctls are what the mark scheme needs: forwarding, sockets that
+// inherit the mark of the SYN that opened them, kernel replies (ICMP, RST)
+// with the mark of what they answer, and loose reverse-path filtering on
+// uplinks (an answer may arrive on another uplink than the route back).
+func DesiredSysctls(uplinkIfaces []string, ipv6 bool) Sysctls {
+	s := Sysctls{
+		"net.ipv4.ip_forward":         "1",
+		"net.ipv4.tcp_fwmark_accept":  "1",
+		"net.ipv4.fwmark_reflect":     "1",
+		"net.ipv6.fwmark_reflect":     "1",
+		"net.ipv4.conf.all.rp_filter": "2",
+	}
+	for _, i := range uplinkIfaces {
+		s["net.ipv4.conf."+i+".rp_filter"] = "2"
+	}
+	if ipv6 {
+		s["net.ipv6.conf.all.forwarding"] = "1"
+	}
+	return s
+}
+
+func sysctlPath(name string) string {
+	// Interface names may hold dots; only the known prefix is split.
+	parts := strings.SplitN(name, ".", 4)
+	if len(parts) == 4 && parts[2] == "conf" {
+		rest := parts[3]
+		last := strings.LastIndex(rest, ".")
+		return filepath.Join("/proc/sys", parts[0], parts[1], "conf", rest[:last], rest[last+1:])
+	}
+	return filepath.Join("/proc/sys", strings.ReplaceAll(name, ".", "/"))
+}
+
+// ReadSysctl reads one setting.
+func ReadSysctl(name string) (string, error) {
+	b, err := os.ReadFile(sysctlPath(name))
+	return strings.TrimSpace(string(b)), err
+}
+
+// WriteSysctl writes one setting.
+func WriteSysctl(name, value string) error {
+	return os.WriteFile(sysctlPath(name), []byte(value), 0o644)
+}
+
+// Saved is what mhbpf found before it changed anything, kept in a state
+// file so that 'mhbpf down' restores it even after a crash.
+type Saved struct {
+	Sysctls Sysctls `json:"sysctls"`
+}
+
+// ApplySysctls sets want, first recording in the state file the value each
+// setting had before mhbpf first touched it. Interfaces that do not exist
+// yet are skipped and tried again on the next pass.
+func ApplySysctls(stateFile string, want Sysctls) error {
+	saved, err := LoadSaved(stateFile)
+	if err != nil {
+		return err
+	}
+	changed := false
+	var errs []error
+	names := make([]string, 0, len(want))
+	for n := range want {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		cur, err := ReadSysctl(n)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // an interface that is not there yet
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if _, ok := saved.Sysctls[n]; !ok {
+			saved.Sysctls[n] = cur
+			changed = true
+		}
+		if cur != want[n] {
+			if err := WriteSysctl(n, want[n]); err != nil {
+				errs = append(errs, fmt.Errorf("set %s: %w", n, err))
+			}
+		}
+	}
+	if changed {
+		if err := saveState(stateFile, saved); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RestoreSysctls puts back what the state file recorded and removes it.
+func RestoreSysctls(stateFile string) error {
+	saved, err := LoadSaved(stateFile)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for n, v := range saved.Sysctls {
+		if err := WriteSysctl(n, v); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("restore %s: %w", n, err))
+		}
+	}
+	if len(errs) == 0 {
+		if err := os.Remove(stateFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// LoadSaved reads the state file; a missing file is an empty state.
+func LoadSaved(stateFile string) (*Saved, error) {
+	s := &Saved{Sysctls: Sysctls{}}
+	b, err := os.ReadFile(stateFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return s, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, s); err != nil {
+		return nil, fmt.Errorf("state file %s: %w", stateFile, err)
+	}
+	if s.Sysctls == nil {
+		s.Sysctls = Sysctls{}
+	}
+	return s, nil
+}
+
+// saveState writes atomically: a crash mid-write must not lose what the
+// system had before mhbpf.
+func saveState(stateFile string, s *Saved) error {
+	if err := os.MkdirAll(filepath.Dir(stateFile), 0o700); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := stateFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, stateFile)
+}
