@@ -63,7 +63,7 @@ func New(cfgPath string, log *slog.Logger) (*Daemon, error) {
 	}
 	d := &Daemon{cfgPath: cfgPath, cfg: cfg, log: log,
 		healthCh: make(chan health.Result, 16),
-		upSince: map[int]time.Time{}, usable: map[int]bool{}, health: map[int]health.Result{}, attached: map[string]int{}}
+		upSince:  map[int]time.Time{}, usable: map[int]bool{}, health: map[int]health.Result{}, attached: map[string]int{}}
 	return d, nil
 }
 
