@@ -196,11 +196,11 @@ func ruleKey(r *netlink.Rule) string {
 	if r.Mark != 0 && r.Mark != 0xffffffff {
 		mark = r.Mark
 	}
-	table := r.Table
-	if r.Type == unix.RTN_UNREACHABLE || table < 0 {
-		table = 0
-	}
-	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s i%s y%d", r.Family, r.Priority, table, mark, mask, src, r.IifName, r.Type)
+	// The action type is not in the key: the netlink library does not read
+	// it back. The unreachable rule is the only one of mhbpf's without a
+	// table, which tells it apart.
+	table := max(r.Table, 0)
+	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s i%s", r.Family, r.Priority, table, mark, mask, src, r.IifName)
 }
 
 // routeKey identifies a route by what the kernel keys it by plus its

@@ -1,0 +1,540 @@
+package test
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/testutil"
+	"github.com/mhbpf/mhbpf/internal/topology"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// mhbpfBinary builds cmd/mhbpf once per test run: the daemon runs as a real
+// process, so that signals, crashes and restarts are real.
+func mhbpfBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "mhbpf-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "mhbpf")
+		out, err := exec.Command("go", "build", "-o", binPath, "../cmd/mhbpf").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+type daemonEnv struct {
+	t        *testing.T
+	topo     *topology.Topology
+	bin      string
+	cfgPath  string
+	stateDir string
+	pinDir   string
+	cgroup   string
+	cmd      *exec.Cmd
+	log      *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+const daemonConfig = `
+[global]
+pin_dir = %q
+state_dir = %q
+cgroup = %q
+up_delay = "300ms"
+resync_every = "2s"
+
+[[uplink]]
+name = "isp1"
+interface = "ppp0"
+gateway = "100.64.0.1"
+weight = 8
+%s
+
+[[uplink]]
+name = "isp2"
+interface = "ppp1"
+gateway = "100.64.1.1"
+weight = 2
+
+[lan]
+interfaces = ["eth2"]
+bypass = ["100.64.2.0/24"]
+%s
+`
+
+// newDaemonEnv builds the topology and writes a configuration; isp1Extra
+// goes into isp1's table, extra at the end of the file.
+func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
+	t.Helper()
+	testutil.RequireRoot(t)
+	topo, err := topology.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(topo.Close)
+	dir := t.TempDir()
+	e := &daemonEnv{t: t, topo: topo, bin: mhbpfBinary(t), cfgPath: filepath.Join(dir, "mhbpf.toml"),
+		stateDir: filepath.Join(dir, "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
+		cgroup: testutil.Cgroup(t)}
+	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, extra))
+	t.Cleanup(func() {
+		e.stop()
+		// Whatever a test left, 'mhbpf down' removes; a failure here is a bug.
+		if out, err := e.mhbpf("down"); err != nil {
+			t.Errorf("mhbpf down: %v\n%s", err, out)
+		}
+		_ = os.RemoveAll(e.pinDir)
+	})
+	return e
+}
+
+func (e *daemonEnv) writeConfig(text string) {
+	e.t.Helper()
+	if err := os.WriteFile(e.cfgPath, []byte(text), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// inRouter runs a command in the router's network namespace without a new
+// mount namespace (ip netns exec would hide the host's bpffs).
+func (e *daemonEnv) inRouter(args ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + e.topo.Router}, args...)...)
+}
+
+func (e *daemonEnv) mhbpf(args ...string) (string, error) {
+	args = append([]string{e.bin, "--state-dir", e.stateDir, "--pin-dir", e.pinDir}, args...)
+	out, err := e.inRouter(args...).CombinedOutput()
+	return string(out), err
+}
+
+func (e *daemonEnv) start() {
+	e.t.Helper()
+	e.log = &syncBuffer{}
+	e.cmd = e.inRouter(e.bin, "run", "--debug", "--config", e.cfgPath)
+	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
+	if err := e.cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.waitFor("the daemon's first pass", 10*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(e.stateDir, "status.json"))
+		return err == nil
+	})
+}
+
+func (e *daemonEnv) stop() {
+	if e.cmd == nil || e.cmd.Process == nil {
+		return
+	}
+	_ = e.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = e.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = e.cmd.Process.Kill()
+		<-done
+	}
+	e.cmd = nil
+}
+
+func (e *daemonEnv) kill9() {
+	_ = e.cmd.Process.Kill()
+	_ = e.cmd.Wait()
+	e.cmd = nil
+}
+
+func (e *daemonEnv) waitFor(what string, limit time.Duration, ok func() bool) time.Duration {
+	e.t.Helper()
+	start := time.Now()
+	for time.Since(start) < limit {
+		if ok() {
+			return time.Since(start)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	log := ""
+	if e.log != nil {
+		log = e.log.String()
+	}
+	e.t.Fatalf("%s: not within %v\nrules:\n%s\nroutes:\n%s\ndaemon log:\n%s", what, limit,
+		e.ip("rule"), e.ip("route", "show", "table", "all"), log)
+	return 0
+}
+
+func (e *daemonEnv) ip(args ...string) string {
+	out, _ := exec.Command("ip", append([]string{"-n", e.topo.Router}, args...)...).CombinedOutput()
+	return string(out)
+}
+
+func (e *daemonEnv) defaultRoute() string {
+	return strings.TrimSpace(e.ip("route", "show", "default"))
+}
+
+// mainVia reports whether main's default route goes through exactly the
+// given devices.
+func (e *daemonEnv) mainVia(devs ...string) bool {
+	r := e.defaultRoute()
+	if r == "" {
+		return len(devs) == 0
+	}
+	n := strings.Count(r, " dev ")
+	if n != len(devs) {
+		return false
+	}
+	for _, d := range devs {
+		if !strings.Contains(r, "dev "+d+" ") && !strings.HasSuffix(r, "dev "+d) {
+			return false
+		}
+	}
+	return true
+}
+
+// snapshot is the routing state of the router namespace that mhbpf may
+// touch, as text.
+func (e *daemonEnv) snapshot() string {
+	var b strings.Builder
+	for _, args := range [][]string{
+		{"ip", "rule"}, {"ip", "-6", "rule"}, {"ip", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"},
+		{"nft", "list", "ruleset"},
+		{"tc", "filter", "show", "dev", "ppp0", "ingress"}, {"tc", "filter", "show", "dev", "ppp1", "ingress"},
+		{"tc", "filter", "show", "dev", "eth2", "ingress"}, {"tc", "qdisc", "show"},
+		{"sysctl", "net.ipv4.ip_forward", "net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect", "net.ipv6.fwmark_reflect",
+			"net.ipv4.conf.all.rp_filter", "net.ipv4.conf.ppp0.rp_filter", "net.ipv4.conf.ppp1.rp_filter", "net.ipv6.conf.all.forwarding"},
+	} {
+		out, _ := e.inRouter(args...).CombinedOutput()
+		fmt.Fprintf(&b, "$ %s\n", strings.Join(args, " "))
+		for _, line := range strings.SplitAfter(string(out), "\n") {
+			// The kernel adds IPv6 link-local and multicast routes (when
+			// duplicate address detection ends, or a link comes back) on its
+			// own schedule and in its own order: not mhbpf's doing.
+			if !strings.Contains(line, "fe80::") && !strings.Contains(line, "ff00::/8") {
+				b.WriteString(line)
+			}
+		}
+	}
+	entries, _ := os.ReadDir(e.pinDir)
+	fmt.Fprintf(&b, "pins: %d\n", len(entries))
+	return b.String()
+}
+
+func TestDaemonInstallsTheMarkScheme(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("main's multipath default route", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	r := e.defaultRoute()
+	if !strings.Contains(r, "weight 8") || !strings.Contains(r, "weight 2") || !strings.Contains(r, "proto 77") {
+		t.Fatalf("main default route %q, want weights 8 and 2, proto 77", r)
+	}
+	rules := e.ip("rule")
+	for _, want := range []string{
+		"10000:\tfrom all iif ppp0 lookup main proto 77",
+		"10020:\tfrom 100.64.0.2 lookup 100 proto 77",
+		"10021:\tfrom 100.64.1.2 lookup 101 proto 77",
+		"10040:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77",
+		"10041:\tfrom all fwmark 0x20000/0x20000 lookup 101 proto 77",
+		"10060:\tfrom all fwmark 0x800000/0x800000 unreachable proto 77",
+	} {
+		if !strings.Contains(rules, want) {
+			t.Errorf("missing rule %q in\n%s", want, rules)
+		}
+	}
+	for table, dev := range map[string]string{"100": "ppp0", "101": "ppp1"} {
+		if got := e.ip("route", "show", "table", table); !strings.Contains(got, "default via") || !strings.Contains(got, "dev "+dev) {
+			t.Errorf("table %s: %q", table, got)
+		}
+	}
+	for k, v := range map[string]string{"net.ipv4.ip_forward": "1", "net.ipv4.tcp_fwmark_accept": "1", "net.ipv4.fwmark_reflect": "1",
+		"net.ipv4.conf.ppp1.rp_filter": "2"} {
+		out, _ := e.inRouter("sysctl", "-n", k).Output()
+		if strings.TrimSpace(string(out)) != v {
+			t.Errorf("sysctl %s = %q, want %s", k, out, v)
+		}
+	}
+	// A second pass changes nothing: the reconciler is idempotent.
+	before := e.snapshot()
+	time.Sleep(2500 * time.Millisecond) // one periodic resync
+	if after := e.snapshot(); after != before {
+		t.Fatalf("state changed without cause:\n%s\n---\n%s\nlog:\n%s", before, after, e.log.String())
+	}
+	out, err := e.mhbpf("status")
+	if err != nil || !strings.Contains(out, "isp1") || !strings.Contains(out, "running") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	t.Logf("mhbpf status:\n%s", out)
+}
+
+// pppd going away unregisters ppp0, and the kernel deletes main's whole
+// multipath default route with it: the daemon must put one back over ppp1.
+func TestDaemonRestoresMainRouteWhenAnUplinkVanishes(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	srv, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	if err := e.topo.IP(e.topo.Router, "link", "del", "ppp0"); err != nil {
+		t.Fatal(err)
+	}
+	took := e.waitFor("main's default route via ppp1 alone", time.Second, func() bool { return e.mainVia("ppp1") })
+	t.Logf("main route back over ppp1 %v after ppp0 vanished", took)
+	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000)
+	if err != nil || got != "isp2 "+topology.LANHost.String() {
+		t.Fatalf("LAN traffic after losing ppp0: %q, %v", got, err)
+	}
+	if rules := e.ip("rule"); strings.Contains(rules, "100.64.0.2") {
+		t.Fatalf("the vanished uplink's from rule stayed:\n%s", rules)
+	}
+}
+
+// Someone (pppd, an admin) deletes mhbpf's default route: back within a
+// second.
+func TestDaemonRestoresDeletedRoute(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	for _, table := range []string{"main", "100"} {
+		if err := e.topo.IP(e.topo.Router, "route", "del", "default", "table", table); err != nil {
+			t.Fatal(err)
+		}
+		took := e.waitFor("default route of table "+table+" back", time.Second, func() bool {
+			return strings.Contains(e.ip("route", "show", "default", "table", table), "default")
+		})
+		t.Logf("table %s: default route back after %v", table, took)
+	}
+}
+
+func TestDaemonTwoLinksAtOnce(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	batch := func(state string) {
+		cmd := exec.Command("ip", "-n", e.topo.Router, "-batch", "-")
+		cmd.Stdin = strings.NewReader(fmt.Sprintf("link set ppp0 %s\nlink set ppp1 %s\n", state, state))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	batch("down")
+	e.waitFor("no default route with both links down", time.Second, func() bool { return e.mainVia() })
+	for _, table := range []string{"100", "101"} {
+		if got := e.ip("route", "show", "table", table); strings.Contains(got, "default") {
+			t.Fatalf("table %s kept a route to a dead link: %s", table, got)
+		}
+	}
+	batch("up")
+	e.waitFor("both back (after up_delay)", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+}
+
+// A link flapping 50 times in 10 seconds leaves exactly the rules and
+// routes of a link that is simply up.
+func TestDaemonFlapsLeaveNoDebris(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	settled := e.snapshot()
+	for i := 0; i < 50; i++ {
+		for _, s := range []string{"down", "up"} {
+			if err := e.topo.IP(e.topo.Router, "link", "set", "ppp1", s); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	var last string
+	deadline := time.Now().Add(5 * time.Second)
+	for last = e.snapshot(); last != settled && time.Now().Before(deadline); last = e.snapshot() {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if last != settled {
+		t.Fatalf("not settled 5s after flapping:\n%s\n--- want ---\n%s\nlog:\n%s", last, settled, e.log.String())
+	}
+	if n := strings.Count(e.ip("rule"), "proto 77"); n != 7 {
+		t.Fatalf("%d mhbpf rules after flapping, want 7 (2 iif, 2 from, 2 mark, 1 strict):\n%s", n, e.ip("rule"))
+	}
+}
+
+// A bad configuration on SIGHUP is refused and changes nothing.
+func TestDaemonBadReloadKeepsState(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	before := e.snapshot()
+	good, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(good), "weight = 2", "weight = 0", 1))
+	if err := e.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("the refusal in the log", 3*time.Second, func() bool {
+		return strings.Contains(e.log.String(), "reload refused") && strings.Contains(e.log.String(), "weight 0 in a balanced tier")
+	})
+	time.Sleep(300 * time.Millisecond)
+	if after := e.snapshot(); after != before {
+		t.Fatalf("a refused reload changed the state:\n%s\n---\n%s", before, after)
+	}
+	if err := e.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatal("the daemon died on a bad reload")
+	}
+}
+
+// A bad configuration at start: non-zero exit, a clear error, nothing changed.
+func TestDaemonBadConfigAtStartChangesNothing(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	before := e.snapshot()
+	good, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(good), `interface = "ppp1"`, `interface = "ppp0"`, 1))
+	out, err := e.inRouter(e.bin, "run", "--config", e.cfgPath).CombinedOutput()
+	if err == nil {
+		t.Fatal("daemon started with a bad config")
+	}
+	if !strings.Contains(string(out), "mhbpf.toml:") || !strings.Contains(string(out), "uplink[1].interface") {
+		t.Fatalf("error does not name file, line and key: %s", out)
+	}
+	if after := e.snapshot(); after != before {
+		t.Fatalf("a refused start changed the state:\n%s\n---\n%s", before, after)
+	}
+}
+
+// kill -9, then 'mhbpf down': the namespace is as it was before mhbpf.
+func TestDownAfterCrashRestoresEverything(t *testing.T) {
+	e := newDaemonEnv(t, "masquerade = true", "")
+	// Start from values mhbpf changes, so restoring is visible.
+	for _, kv := range []string{"net.ipv4.ip_forward=0", "net.ipv4.tcp_fwmark_accept=0", "net.ipv4.conf.all.rp_filter=0"} {
+		if out, err := e.inRouter("sysctl", "-qw", kv).CombinedOutput(); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+	}
+	before := e.snapshot()
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	if out, _ := e.inRouter("nft", "list", "table", "inet", "mhbpf").CombinedOutput(); !strings.Contains(string(out), "masquerade") {
+		t.Fatalf("no masquerade table: %s", out)
+	}
+	e.kill9()
+	if e.snapshot() == before {
+		t.Fatal("nothing was installed, the test proves nothing")
+	}
+	for i := 0; i < 2; i++ { // idempotent
+		if out, err := e.mhbpf("down"); err != nil {
+			t.Fatalf("down %d: %v\n%s", i+1, err, out)
+		}
+		if after := e.snapshot(); after != before {
+			t.Fatalf("after down %d:\n%s\n--- want ---\n%s", i+1, after, before)
+		}
+	}
+	if _, err := os.Stat(e.pinDir); err == nil {
+		t.Fatal("pin directory left behind")
+	}
+	_ = loader.DefaultPinDir
+}
+
+// SIGTERM leaves the datapath; a new daemon takes over without moving a flow.
+func TestDaemonRestartKeepsFlows(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	srv, err := e.topo.Serve(e.topo.ISP1, "isp1", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	srv2, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv2.Close)
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	first, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flowsBefore, _ := e.mhbpf("flows")
+	e.stop()
+	if got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000); err != nil || got != first {
+		t.Fatalf("with the daemon stopped: %q, %v; want %q (the datapath stays)", got, err, first)
+	}
+	e.start()
+	time.Sleep(300 * time.Millisecond)
+	if got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000); err != nil || got != first {
+		t.Fatalf("after restart: %q, %v; want %q", got, err, first)
+	}
+	flowsAfter, _ := e.mhbpf("flows")
+	if !strings.Contains(flowsAfter, "100.64.2.10") || strings.Count(flowsAfter, "\n") < strings.Count(flowsBefore, "\n") {
+		t.Fatalf("flows lost across restart:\nbefore:\n%s\nafter:\n%s", flowsBefore, flowsAfter)
+	}
+}
+
+// The link stays up but the provider behind it drops everything: the
+// probes notice and the uplink is taken out, then put back.
+func TestDaemonHealthTakesOutSilentlyDeadUplink(t *testing.T) {
+	probe := "198.51.100.53"
+	e := newDaemonEnv(t, fmt.Sprintf(`
+  [uplink.health]
+  targets = [%q]
+  interval = "100ms"
+  timeout = "80ms"
+  failures = 3
+  successes = 2`, probe), "")
+	if err := e.topo.IP(e.topo.ISP1, "addr", "add", probe+"/32", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	// The far end stops answering; the link is untouched.
+	if err := e.topo.IP(e.topo.ISP1, "addr", "del", probe+"/32", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	took := e.waitFor("isp1 out of main", 3*time.Second, func() bool { return e.mainVia("ppp1") })
+	t.Logf("silent failure detected after %v", took)
+	if got := e.ip("route", "show", "table", "100"); strings.Contains(got, "default") {
+		t.Fatalf("dead uplink's table kept its route: %s", got)
+	}
+	out, _ := e.mhbpf("status")
+	if !strings.Contains(out, "probes failing") {
+		t.Fatalf("status does not say why:\n%s", out)
+	}
+	if err := e.topo.IP(e.topo.ISP1, "addr", "add", probe+"/32", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("isp1 back", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+}
