@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -86,6 +87,7 @@ resync_every = "2s"
 name = "isp1"
 interface = "ppp0"
 gateway = "100.64.0.1"
+gateway6 = "2001:db8:0:1::1"
 weight = 8
 %s
 
@@ -93,11 +95,12 @@ weight = 8
 name = "isp2"
 interface = "ppp1"
 gateway = "100.64.1.1"
+gateway6 = "2001:db8:0:2::1"
 weight = 2
 
 [lan]
 interfaces = ["eth2"]
-bypass = ["100.64.2.0/24"]
+bypass = ["100.64.2.0/24", "2001:db8:0:3::/64"]
 %s
 `
 
@@ -281,6 +284,22 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 		if got := e.ip("route", "show", "table", table); !strings.Contains(got, "default via") || !strings.Contains(got, "dev "+dev) {
 			t.Errorf("table %s: %q", table, got)
 		}
+		if got := e.ip("-6", "route", "show", "table", table); !strings.Contains(got, "default via") || !strings.Contains(got, "dev "+dev) {
+			t.Errorf("IPv6 table %s: %q", table, got)
+		}
+	}
+	rules6 := e.ip("-6", "rule")
+	for _, want := range []string{
+		"10021:\tfrom 2001:db8:0:2::2 lookup 101 proto 77",
+		"10040:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77",
+		"10060:\tfrom all fwmark 0x800000/0x800000 unreachable proto 77",
+	} {
+		if !strings.Contains(rules6, want) {
+			t.Errorf("missing IPv6 rule %q in\n%s", want, rules6)
+		}
+	}
+	if r := e.ip("-6", "route", "show", "default"); !strings.Contains(r, "weight 8") || !strings.Contains(r, "weight 2") {
+		t.Errorf("IPv6 main default route %q, want weights 8 and 2", r)
 	}
 	for k, v := range map[string]string{"net.ipv4.ip_forward": "1", "net.ipv4.tcp_fwmark_accept": "1", "net.ipv4.fwmark_reflect": "1",
 		"net.ipv4.conf.ppp1.rp_filter": "2"} {
@@ -537,4 +556,104 @@ func TestDaemonHealthTakesOutSilentlyDeadUplink(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.waitFor("isp1 back", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+}
+
+// IPv6 end to end: a LAN host's connection and the router's own (connect6
+// hook) follow a policy to isp2; the server sees the LAN host's address
+// and isp2's address respectively.
+func TestDaemonIPv6Steering(t *testing.T) {
+	e := newDaemonEnv(t, "", `
+[[policy]]
+name = "v6-to-isp2"
+destinations = ["2001:db8:ff::10/128"]
+uplinks = ["isp2"]
+`)
+	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
+		srv, err := e.topo.Serve(ns, name, topology.Internet6, 8005)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+	}
+	e.start()
+	e.waitFor("IPv6 multipath", 3*time.Second, func() bool {
+		r := e.ip("-6", "route", "show", "default")
+		return strings.Contains(r, "ppp0") && strings.Contains(r, "ppp1")
+	})
+	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet6, 8005)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, peer := answer(got); name != "isp2" || peer != topology.LANHost6 {
+		t.Fatalf("LAN IPv6 connection: server said %q, want isp2 seeing %s", got, topology.LANHost6)
+	}
+	got, err = e.topo.Dial(e.topo.Router, e.cgroup, topology.Internet6, 8005)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, peer := answer(got); name != "isp2" || peer != topology.ISP2Local6 {
+		t.Fatalf("router's own IPv6 connection: server said %q, want isp2 seeing %s", got, topology.ISP2Local6)
+	}
+}
+
+// answer splits a test server's "name peeraddr" (socat writes IPv6 peers
+// bracketed and in full).
+func answer(s string) (string, netip.Addr) {
+	name, addr, _ := strings.Cut(s, " ")
+	a, _ := netip.ParseAddr(strings.Trim(addr, "[]"))
+	return name, a
+}
+
+// isp2's address is dynamic: when pppd comes back with another one, the
+// "from" rule and the uplinks map follow it.
+func TestDaemonFollowsAddressChange(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("from rule of the first address", 3*time.Second, func() bool {
+		return strings.Contains(e.ip("rule"), "from 100.64.1.2 lookup 101")
+	})
+	rt := e.topo.Router
+	if err := e.topo.IP(rt, "addr", "del", "100.64.1.2/30", "dev", "ppp1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.topo.IP(rt, "addr", "add", "100.64.1.6/30", "dev", "ppp1"); err != nil {
+		t.Fatal(err)
+	}
+	took := e.waitFor("from rule of the new address", time.Second, func() bool {
+		r := e.ip("rule")
+		return strings.Contains(r, "from 100.64.1.6 lookup 101") && !strings.Contains(r, "100.64.1.2")
+	})
+	t.Logf("new address followed after %v", took)
+	out, _ := e.mhbpf("uplinks")
+	if !strings.Contains(out, "up") {
+		t.Fatalf("uplinks: %s", out)
+	}
+	st, _ := e.mhbpf("status")
+	if !strings.Contains(st, "100.64.1.6") {
+		t.Fatalf("status does not show the new address:\n%s", st)
+	}
+}
+
+// Masquerade: what leaves by a masquerading uplink carries its address.
+func TestDaemonMasquerade(t *testing.T) {
+	e := newDaemonEnv(t, "masquerade = true", `
+[[policy]]
+name = "to-isp1"
+destinations = ["203.0.113.10/32"]
+uplinks = ["isp1"]
+`)
+	srv, err := e.topo.Serve(e.topo.ISP1, "isp1", topology.Internet, 8006)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8006)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, peer := answer(got); name != "isp1" || peer != topology.ISP1Local {
+		t.Fatalf("server said %q, want isp1 seeing the router's isp1 address %s", got, topology.ISP1Local)
+	}
 }

@@ -58,6 +58,7 @@ type Uplink struct {
 	Tier       uint8
 	Balance    bool       // part of the default balance
 	Gateway    netip.Addr // Ethernet uplinks; invalid for ppp/tun
+	Gateway6   netip.Addr // the IPv6 router of an Ethernet uplink
 	Masquerade bool
 	Health     *Health
 }
@@ -138,6 +139,7 @@ type rawUplink struct {
 	Tier       int        `toml:"tier"`
 	Balance    *bool      `toml:"balance"`
 	Gateway    string     `toml:"gateway"`
+	Gateway6   string     `toml:"gateway6"`
 	Masquerade bool       `toml:"masquerade"`
 	Health     *rawHealth `toml:"health"`
 }
@@ -483,10 +485,17 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 		u.Tier = uint8(r.Tier)
 		if r.Gateway != "" {
 			a, err := netip.ParseAddr(r.Gateway)
-			if err != nil {
-				return v.err(key+".gateway", "%q is not an IP address", r.Gateway)
+			if err != nil || !a.Is4() {
+				return v.err(key+".gateway", "%q is not an IPv4 address", r.Gateway)
 			}
 			u.Gateway = a
+		}
+		if r.Gateway6 != "" {
+			a, err := netip.ParseAddr(r.Gateway6)
+			if err != nil || !a.Is6() || a.Is4In6() {
+				return v.err(key+".gateway6", "%q is not an IPv6 address", r.Gateway6)
+			}
+			u.Gateway6 = a
 		}
 		if r.Health != nil {
 			h, err := v.health(key+".health", r.Health)

@@ -380,7 +380,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		}
 
 		routed = append(routed, routing.Uplink{ID: id, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
-			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway,
+			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway, Gateway6: u.Gateway6,
 			Ifindex: o.ifindex, Usable: usable, Addrs: o.addrs})
 		if u.Masquerade {
 			masq = append(masq, u.Interface)

@@ -45,6 +45,7 @@ type Uplink struct {
 	Balance   bool
 	Tier      uint8
 	Gateway   netip.Addr // Ethernet uplinks; point-to-point ones use a device route
+	Gateway6  netip.Addr
 
 	Ifindex int          // 0: the interface does not exist
 	Usable  bool         // link up, address present, probes healthy
@@ -144,8 +145,12 @@ func defaultRoute(s Settings, fam, table int, via []Uplink) netlink.Route {
 		Dst:      defaultDst(fam),
 	}
 	hop := func(u Uplink) (int, net.IP, int) {
-		if u.Gateway.IsValid() && family(u.Gateway) == fam {
-			return u.Ifindex, net.IP(u.Gateway.AsSlice()), int(netlink.FLAG_ONLINK)
+		gw := u.Gateway
+		if fam == netlink.FAMILY_V6 {
+			gw = u.Gateway6
+		}
+		if gw.IsValid() {
+			return u.Ifindex, net.IP(gw.AsSlice()), int(netlink.FLAG_ONLINK)
 		}
 		return u.Ifindex, nil, 0
 	}

@@ -27,6 +27,16 @@ var (
 	LANPrefix  = netip.MustParsePrefix("100.64.2.0/24")
 	Internet   = netip.MustParseAddr("203.0.113.10")  // answers in both ISPs
 	ISP2Client = netip.MustParseAddr("198.51.100.50") // a host in isp2's network
+
+	// IPv6: the documentation prefix 2001:db8::/32 only.
+	ISP1Local6  = netip.MustParseAddr("2001:db8:0:1::2")
+	ISP1Peer6   = netip.MustParseAddr("2001:db8:0:1::1")
+	ISP2Local6  = netip.MustParseAddr("2001:db8:0:2::2")
+	ISP2Peer6   = netip.MustParseAddr("2001:db8:0:2::1")
+	RouterLAN6  = netip.MustParseAddr("2001:db8:0:3::1")
+	LANHost6    = netip.MustParseAddr("2001:db8:0:3::10")
+	LANPrefix6  = netip.MustParsePrefix("2001:db8:0:3::/64")
+	Internet6   = netip.MustParseAddr("2001:db8:ff::10") // answers in both ISPs
 )
 
 // Topology is one built scenario. Namespace names are unique per build.
@@ -64,6 +74,15 @@ func (t *Topology) build() error {
 		{"-n", t.ISP2, "addr", "add", Internet.String() + "/32", "dev", "lo"},
 		{"-n", t.ISP2, "addr", "add", ISP2Client.String() + "/32", "dev", "lo"},
 		{"-n", t.LAN, "addr", "add", LANHost.String() + "/24", "dev", "eth0"},
+
+		{"-n", t.Router, "addr", "add", ISP1Local6.String() + "/64", "dev", "ppp0", "nodad"},
+		{"-n", t.Router, "addr", "add", ISP2Local6.String() + "/64", "dev", "ppp1", "nodad"},
+		{"-n", t.Router, "addr", "add", RouterLAN6.String() + "/64", "dev", "eth2", "nodad"},
+		{"-n", t.ISP1, "addr", "add", ISP1Peer6.String() + "/64", "dev", "wan", "nodad"},
+		{"-n", t.ISP1, "addr", "add", Internet6.String() + "/128", "dev", "lo"},
+		{"-n", t.ISP2, "addr", "add", ISP2Peer6.String() + "/64", "dev", "wan", "nodad"},
+		{"-n", t.ISP2, "addr", "add", Internet6.String() + "/128", "dev", "lo"},
+		{"-n", t.LAN, "addr", "add", LANHost6.String() + "/64", "dev", "eth0", "nodad"},
 	}
 	for _, ns := range []string{t.Router, t.ISP1, t.ISP2, t.LAN} {
 		steps = append(steps, []string{"-n", ns, "link", "set", "lo", "up"})
@@ -81,6 +100,9 @@ func (t *Topology) build() error {
 		[]string{"-n", t.ISP1, "route", "add", LANPrefix.String(), "via", ISP1Local.String()},
 		[]string{"-n", t.ISP2, "route", "add", LANPrefix.String(), "via", ISP2Local.String()},
 		[]string{"-n", t.LAN, "route", "add", "default", "via", RouterLAN.String()},
+		[]string{"-n", t.ISP1, "route", "add", LANPrefix6.String(), "via", ISP1Local6.String()},
+		[]string{"-n", t.ISP2, "route", "add", LANPrefix6.String(), "via", ISP2Local6.String()},
+		[]string{"-n", t.LAN, "route", "add", "default", "via", RouterLAN6.String()},
 	)
 	for _, s := range steps {
 		if err := ip(s...); err != nil {
@@ -93,6 +115,10 @@ func (t *Topology) build() error {
 		"net.ipv4.fwmark_reflect=1",
 		"net.ipv4.conf.all.rp_filter=2",
 		"net.ipv4.conf.default.rp_filter=2",
+		"net.ipv6.conf.all.forwarding=1",
+		// A link that goes down keeps its IPv6 addresses, as pppd's and
+		// IPv4's do; otherwise a flap loses them for good here.
+		"net.ipv6.conf.all.keep_addr_on_down=1",
 	} {
 		if err := t.Exec(t.Router, "sysctl", "-qw", kv).Run(); err != nil {
 			return fmt.Errorf("sysctl %s: %w", kv, err)
@@ -134,7 +160,10 @@ type Server struct {
 
 // Serve starts a TCP Server in ns on addr:port, answering "name peeraddr".
 func (t *Topology) Serve(ns, name string, addr netip.Addr, port uint16) (*Server, error) {
-	return t.serve(ns, name, fmt.Sprintf("TCP-LISTEN:%d,bind=%s,fork,reuseaddr", port, addr), "-Hltn", port)
+	if addr.Is6() {
+		return t.serve(ns, name, fmt.Sprintf("TCP6-LISTEN:%d,bind=[%s],fork,reuseaddr", port, addr), "-Hltn", port)
+	}
+	return t.serve(ns, name, fmt.Sprintf("TCP4-LISTEN:%d,bind=%s,fork,reuseaddr", port, addr), "-Hltn", port)
 }
 
 // ServeUDP starts a UDP server in ns that answers every datagram with its
@@ -169,7 +198,10 @@ func (s *Server) Close() {
 // Dial connects from ns (optionally from inside cgroup dir) to addr:port
 // and returns what the server said, trimmed.
 func (t *Topology) Dial(ns, cgroup string, addr netip.Addr, port uint16) (string, error) {
-	return t.Socat(ns, cgroup, "", fmt.Sprintf("TCP:%s:%d,connect-timeout=2", addr, port))
+	if addr.Is6() {
+		return t.Socat(ns, cgroup, "", fmt.Sprintf("TCP6:[%s]:%d,connect-timeout=2", addr, port))
+	}
+	return t.Socat(ns, cgroup, "", fmt.Sprintf("TCP4:%s:%d,connect-timeout=2", addr, port))
 }
 
 // Socat runs a socat client in ns (and, if cgroup is set, inside that
