@@ -29,14 +29,14 @@ var (
 	ISP2Client = netip.MustParseAddr("198.51.100.50") // a host in isp2's network
 
 	// IPv6: the documentation prefix 2001:db8::/32 only.
-	ISP1Local6  = netip.MustParseAddr("2001:db8:0:1::2")
-	ISP1Peer6   = netip.MustParseAddr("2001:db8:0:1::1")
-	ISP2Local6  = netip.MustParseAddr("2001:db8:0:2::2")
-	ISP2Peer6   = netip.MustParseAddr("2001:db8:0:2::1")
-	RouterLAN6  = netip.MustParseAddr("2001:db8:0:3::1")
-	LANHost6    = netip.MustParseAddr("2001:db8:0:3::10")
-	LANPrefix6  = netip.MustParsePrefix("2001:db8:0:3::/64")
-	Internet6   = netip.MustParseAddr("2001:db8:ff::10") // answers in both ISPs
+	ISP1Local6 = netip.MustParseAddr("2001:db8:0:1::2")
+	ISP1Peer6  = netip.MustParseAddr("2001:db8:0:1::1")
+	ISP2Local6 = netip.MustParseAddr("2001:db8:0:2::2")
+	ISP2Peer6  = netip.MustParseAddr("2001:db8:0:2::1")
+	RouterLAN6 = netip.MustParseAddr("2001:db8:0:3::1")
+	LANHost6   = netip.MustParseAddr("2001:db8:0:3::10")
+	LANPrefix6 = netip.MustParsePrefix("2001:db8:0:3::/64")
+	Internet6  = netip.MustParseAddr("2001:db8:ff::10") // answers in both ISPs
 )
 
 // Topology is one built scenario. Namespace names are unique per build.
