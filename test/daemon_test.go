@@ -657,3 +657,39 @@ uplinks = ["isp1"]
 		t.Fatalf("server said %q, want isp1 seeing the router's isp1 address %s", got, topology.ISP1Local)
 	}
 }
+
+// Probes by TCP connect, and the metrics endpoint shows the verdict.
+func TestDaemonTCPHealthAndMetrics(t *testing.T) {
+	e := newDaemonEnv(t, `
+  [uplink.health]
+  method = "tcp"
+  port = 8007
+  targets = ["203.0.113.10"]
+  interval = "100ms"
+  timeout = "80ms"
+  failures = 2
+  successes = 1`, "")
+	// metrics_listen belongs in [global]: put it right after the header.
+	cfg, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1))
+	srv, err := e.topo.Serve(e.topo.ISP1, "probe", topology.Internet, 8007)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	metrics := func() string {
+		cmd := e.inRouter("sh", "-c", `printf 'GET /metrics HTTP/1.0\r\n\r\n' | socat -T2 - TCP:127.0.0.1:9477`)
+		b, _ := cmd.CombinedOutput()
+		return string(b)
+	}
+	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{uplink="isp1",interface="ppp0"} 1`) {
+		t.Fatalf("metrics:\n%s", m)
+	}
+	srv.Close() // the probed service goes away; the link stays
+	e.waitFor("isp1 out after TCP probes fail", 3*time.Second, func() bool { return e.mainVia("ppp1") })
+	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{uplink="isp1",interface="ppp0"} 0`) ||
+		!strings.Contains(m, `mhbpf_uplink_new_flows_total{uplink="isp2"}`) {
+		t.Fatalf("metrics after the failure:\n%s", m)
+	}
+}

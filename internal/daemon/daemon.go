@@ -52,6 +52,7 @@ type Daemon struct {
 	natIfaces []string
 	natSet    bool
 	seen      map[int]bool // uplinks usable at least once
+	metrics   *metrics
 }
 
 // New validates the configuration and loads the datapath. Nothing in the
@@ -93,6 +94,13 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 
 	if err := d.applyStatic(); err != nil {
 		return err
+	}
+	if g.MetricsListen != "" {
+		if d.metrics, err = startMetrics(g.MetricsListen, dp.Maps); err != nil {
+			return err
+		}
+		defer d.metrics.close()
+		d.log.Info("metrics", "listen", g.MetricsListen)
 	}
 	cg := g.CgroupPath
 	if cg == "" {
@@ -441,6 +449,9 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	}
 	if err := writeJSON(d.stateFile(statusFile), status); err != nil {
 		d.log.Error("status", "error", err)
+	}
+	if d.metrics != nil {
+		d.metrics.publish(status)
 	}
 	if nextHold > 0 {
 		*holdTimer = time.After(nextHold)
