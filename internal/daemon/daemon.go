@@ -29,6 +29,7 @@ import (
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/nat"
 	"github.com/mhbpf/mhbpf/internal/routing"
+	"github.com/mhbpf/mhbpf/internal/statefile"
 )
 
 // Daemon is one running mhbpf.
@@ -77,7 +78,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	g := &d.cfg.Global
 	// Record where everything will be before touching anything, so that a
 	// crash at any later point leaves 'mhbpf down' able to clean up.
-	if err := writeJSON(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
+	if err := statefile.Write(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark,
@@ -270,9 +271,7 @@ func (d *Daemon) startHealth(parent context.Context) {
 		if u.Health == nil {
 			continue
 		}
-		h := u.Health
-		p := health.NewProber(health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Method: h.Method,
-			Targets: h.Targets, Port: h.Port, Interval: h.Interval, Timeout: h.Timeout, Failures: h.Failures, Successes: h.Successes})
+		p := health.NewProber(health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Health: *u.Health})
 		go p.Run(ctx, d.healthCh)
 	}
 }
@@ -447,7 +446,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			d.natIfaces, d.natSet = masq, true
 		}
 	}
-	if err := writeJSON(d.stateFile(statusFile), status); err != nil {
+	if err := statefile.Write(d.stateFile(statusFile), status); err != nil {
 		d.log.Error("status", "error", err)
 	}
 	if d.metrics != nil {

@@ -1,13 +1,13 @@
 package daemon
 
 import (
-	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/config"
+	"github.com/mhbpf/mhbpf/internal/statefile"
 )
 
 // Files in the state directory.
@@ -60,33 +60,10 @@ type UplinkStatus struct {
 	Table     int      `json:"table"`
 }
 
-func writeJSON(path string, v any) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
-func readJSON(path string, v any) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	return json.Unmarshal(b, v)
-}
-
 // LoadSettings reads the settings a daemon left in stateDir.
 func LoadSettings(stateDir string) (Settings, error) {
 	s := DefaultSettings()
-	err := readJSON(filepath.Join(stateDir, settingsFile), &s)
+	err := statefile.Read(filepath.Join(stateDir, settingsFile), &s)
 	if errors.Is(err, os.ErrNotExist) {
 		return DefaultSettings(), err
 	}
@@ -96,6 +73,6 @@ func LoadSettings(stateDir string) (Settings, error) {
 // LoadStatus reads the status the daemon last wrote.
 func LoadStatus(stateDir string) (Status, error) {
 	var s Status
-	err := readJSON(filepath.Join(stateDir, statusFile), &s)
+	err := statefile.Read(filepath.Join(stateDir, statusFile), &s)
 	return s, err
 }

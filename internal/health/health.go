@@ -19,20 +19,17 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
+
+	"github.com/mhbpf/mhbpf/internal/config"
 )
 
-// Spec is how to probe one uplink.
+// Spec is how to probe one uplink: the configured checks plus the
+// uplink's interface and mark.
 type Spec struct {
 	Uplink    int
 	Interface string
 	Mark      uint32
-	Method    string // "icmp" or "tcp"
-	Targets   []netip.Addr
-	Port      uint16
-	Interval  time.Duration
-	Timeout   time.Duration
-	Failures  int
-	Successes int
+	config.Health
 }
 
 // Result is the verdict after one round of probes.

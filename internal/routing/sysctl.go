@@ -1,13 +1,14 @@
 package routing
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/mhbpf/mhbpf/internal/statefile"
 )
 
 // Sysctls are settings under /proc/sys, by dotted name.
@@ -97,7 +98,7 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 		}
 	}
 	if changed {
-		if err := saveState(stateFile, saved); err != nil {
+		if err := statefile.Write(stateFile, saved); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -127,35 +128,15 @@ func RestoreSysctls(stateFile string) error {
 // LoadSaved reads the state file; a missing file is an empty state.
 func LoadSaved(stateFile string) (*Saved, error) {
 	s := &Saved{Sysctls: Sysctls{}}
-	b, err := os.ReadFile(stateFile)
+	err := statefile.Read(stateFile, s)
 	if errors.Is(err, os.ErrNotExist) {
 		return s, nil
 	}
 	if err != nil {
-		return nil, err
-	}
-	if err := json.Unmarshal(b, s); err != nil {
 		return nil, fmt.Errorf("state file %s: %w", stateFile, err)
 	}
 	if s.Sysctls == nil {
 		s.Sysctls = Sysctls{}
 	}
 	return s, nil
-}
-
-// saveState writes atomically: a crash mid-write must not lose what the
-// system had before mhbpf.
-func saveState(stateFile string, s *Saved) error {
-	if err := os.MkdirAll(filepath.Dir(stateFile), 0o700); err != nil {
-		return err
-	}
-	b, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := stateFile + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, stateFile)
 }

@@ -59,8 +59,20 @@ func Build() (*Topology, error) {
 }
 
 func (t *Topology) build() error {
+	for _, ns := range []string{t.Router, t.ISP1, t.ISP2, t.LAN} {
+		if err := ip("netns", "add", ns); err != nil {
+			return err
+		}
+		// No duplicate address detection: link-local addresses that stay
+		// tentative for a second or two make the first IPv6 exchanges of a
+		// test wait for neighbour discovery retries.
+		for _, kv := range []string{"net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"} {
+			if err := t.Exec(ns, "sysctl", "-qw", kv).Run(); err != nil {
+				return fmt.Errorf("sysctl %s in %s: %w", kv, ns, err)
+			}
+		}
+	}
 	steps := [][]string{
-		{"netns", "add", t.Router}, {"netns", "add", t.ISP1}, {"netns", "add", t.ISP2}, {"netns", "add", t.LAN},
 		{"-n", t.Router, "link", "add", "ppp0", "type", "veth", "peer", "name", "wan", "netns", t.ISP1},
 		{"-n", t.Router, "link", "add", "ppp1", "type", "veth", "peer", "name", "wan", "netns", t.ISP2},
 		{"-n", t.Router, "link", "add", "eth2", "type", "veth", "peer", "name", "eth0", "netns", t.LAN},
