@@ -24,6 +24,14 @@ var (
 	buildErr  error
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}
+
 // mhbpfBinary builds cmd/mhbpf once per test run: the daemon runs as a real
 // process, so that signals, crashes and restarts are real.
 func mhbpfBinary(t *testing.T) string {
