@@ -701,3 +701,19 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
 		t.Fatalf("metrics after the failure:\n%s", m)
 	}
 }
+
+func TestCheckCommand(t *testing.T) {
+	bin := mhbpfBinary(t)
+	out, err := exec.Command(bin, "check", "../internal/config/scenario.toml").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "ok: 3 uplinks, 1 LAN interfaces, 4 policies") {
+		t.Fatalf("check of the scenario: %v\n%s", err, out)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.toml")
+	if err := os.WriteFile(bad, []byte("[[uplink]]\nname = \"a\"\ninterface = \"ppp0\"\nweight = 0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(bin, "check", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "bad.toml:4: uplink[0].weight: weight 0 in a balanced tier") {
+		t.Fatalf("check of a bad file: %v\n%s", err, out)
+	}
+}
