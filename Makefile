@@ -6,7 +6,7 @@ GO ?= go
 export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all deps generate build test check-generated
+.PHONY: all deps generate build test check-generated lab
 
 all: build
 
@@ -19,6 +19,11 @@ generate:
 
 build:
 	$(GO) build -o bin/mhbpf ./cmd/mhbpf
+
+# The scenario in namespaces with mhbpf on its example configuration:
+# failover and recovery, live. Needs root; touches no real interface.
+lab: deps build
+	./bin/mhbpf lab
 
 # The committed bpf2go output must be what the pinned compiler makes of the
 # committed C.

@@ -10,6 +10,7 @@ packages=(
 	nftables              # masquerade in the scenario tests
 	openvpn               # the real tun0 of the scenario
 	iperf3 socat          # real servers and clients
+	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace
 	git make ca-certificates
 )
 

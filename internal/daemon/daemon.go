@@ -137,11 +137,9 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		case <-reload:
 			d.reload()
 		case r := <-d.healthCh:
-			prev, seen := d.health[r.Uplink]
+			// Every result is a pass: a pass is cheap, idempotent, and
+			// keeps the status (RTT, loss, reason) current.
 			d.health[r.Uplink] = r
-			if seen && prev.Healthy == r.Healthy {
-				continue // RTT and loss only: no routing change
-			}
 		case <-events:
 			// Bursts (a link going away deletes addresses and routes too)
 			// are folded into one pass.
@@ -388,7 +386,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 
 		routed = append(routed, routing.Uplink{ID: id, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
 			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway, Gateway6: u.Gateway6,
-			Ifindex: o.ifindex, Usable: usable, Addrs: o.addrs})
+			Ifindex: o.ifindex, LinkUp: linkOK, Usable: usable, Addrs: o.addrs})
 		if u.Masquerade {
 			masq = append(masq, u.Interface)
 		}

@@ -47,9 +47,15 @@ type Uplink struct {
 	Gateway   netip.Addr // Ethernet uplinks; point-to-point ones use a device route
 	Gateway6  netip.Addr
 
-	Ifindex int          // 0: the interface does not exist
-	Usable  bool         // link up, address present, probes healthy
-	Addrs   []netip.Addr // its global addresses
+	Ifindex int // 0: the interface does not exist
+	// LinkUp: the interface is up and has an address. Its table keeps its
+	// default route then, even while probes fail: the probes themselves
+	// leave through that table (bound to the device), and must see the
+	// provider come back. New traffic avoids an unhealthy uplink anyway:
+	// the datapath no longer chooses it and main no longer lists it.
+	LinkUp bool
+	Usable bool         // LinkUp, held long enough, probes healthy: in main
+	Addrs  []netip.Addr // its global addresses
 }
 
 // State is a complete routing state.
@@ -87,14 +93,14 @@ func Desired(s Settings, uplinks []Uplink) State {
 			r.Type = unix.RTN_UNREACHABLE
 		}))
 
-		// Each usable uplink's table: its default route.
+		// Each live uplink's table: its default route.
 		var balanced []Uplink
 		for _, u := range uplinks {
-			if !u.Usable || u.Ifindex == 0 || !hasFamily(u, fam) {
+			if !(u.LinkUp || u.Usable) || u.Ifindex == 0 || !hasFamily(u, fam) {
 				continue
 			}
 			st.Routes = append(st.Routes, defaultRoute(s, fam, u.Table, []Uplink{u}))
-			if u.Balance && u.Weight > 0 {
+			if u.Usable && u.Balance && u.Weight > 0 {
 				balanced = append(balanced, u)
 			}
 		}

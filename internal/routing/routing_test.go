@@ -15,9 +15,9 @@ var settings = Settings{RulePriority: 10000, RouteProtocol: 77, StrictMark: 0x80
 
 func uplinks(ifindex0, ifindex1 int, usable1 bool) []Uplink {
 	return []Uplink{
-		{ID: 0, Interface: "up0", Table: 100, Mark: 0x10000, Weight: 8, Balance: true, Ifindex: ifindex0, Usable: true,
+		{ID: 0, Interface: "up0", Table: 100, Mark: 0x10000, Weight: 8, Balance: true, Ifindex: ifindex0, LinkUp: true, Usable: true,
 			Gateway: netip.MustParseAddr("100.64.0.1"), Addrs: []netip.Addr{netip.MustParseAddr("100.64.0.2")}},
-		{ID: 1, Interface: "up1", Table: 101, Mark: 0x20000, Weight: 2, Balance: true, Ifindex: ifindex1, Usable: usable1,
+		{ID: 1, Interface: "up1", Table: 101, Mark: 0x20000, Weight: 2, Balance: true, Ifindex: ifindex1, LinkUp: usable1, Usable: usable1,
 			Gateway: netip.MustParseAddr("100.64.1.1"), Addrs: []netip.Addr{netip.MustParseAddr("100.64.1.2")}},
 	}
 }

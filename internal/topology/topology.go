@@ -185,7 +185,14 @@ func (t *Topology) ServeUDP(ns, name string, addr netip.Addr, port uint16) (*Ser
 }
 
 func (t *Topology) serve(ns, name, listen, ssFlags string, port uint16) (*Server, error) {
-	cmd := t.Exec(ns, "socat", listen, "SYSTEM:echo "+name+" $SOCAT_PEERADDR")
+	return t.ServeSocat(ns, listen, "echo "+name+" $SOCAT_PEERADDR", ssFlags, port)
+}
+
+// ServeSocat runs socat in ns between a listening address and a shell
+// command (SYSTEM), and waits until it listens on port (ssFlags: -Hltn for
+// TCP, -Hlun for UDP).
+func (t *Topology) ServeSocat(ns, listen, command, ssFlags string, port uint16) (*Server, error) {
+	cmd := t.Exec(ns, "socat", listen, "SYSTEM:"+command)
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
@@ -199,7 +206,7 @@ func (t *Topology) serve(ns, name, listen, ssFlags string, port uint16) (*Server
 		time.Sleep(20 * time.Millisecond)
 	}
 	s.Close()
-	return nil, fmt.Errorf("server %s (%s) in %s did not start", name, listen, ns)
+	return nil, fmt.Errorf("server %s in %s did not start", listen, ns)
 }
 
 func (s *Server) Close() {

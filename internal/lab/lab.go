@@ -1,0 +1,258 @@
+// Package lab runs the scenario of SCENARIO.md in network namespaces with
+// mhbpf on its example configuration: the README's first command, and the
+// fixture of the scenario suite. It never touches the host's own network:
+// everything lives in namespaces it makes and removes.
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/mhbpf/mhbpf/internal/config"
+	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/topology"
+)
+
+// Lab is a running scenario with its daemon and services.
+type Lab struct {
+	*topology.Scenario
+	Bin      string // the mhbpf binary
+	Dir      string
+	Cgroup   string
+	PinDir   string
+	StateDir string
+	CfgPath  string
+
+	daemon   *exec.Cmd
+	daemonIO io.Writer
+	servers  []*topology.Server
+}
+
+// Config is the scenario's embedded configuration with what the lab needs
+// on top: its own pin, state and cgroup paths, and next hops for ppp0/ppp1,
+// which are Ethernet veth pairs here rather than point-to-point ppp links.
+func Config(pinDir, stateDir, cgroup string) string {
+	text := string(config.Scenario)
+	text = strings.Replace(text, "[global]\n", fmt.Sprintf("[global]\npin_dir = %q\nstate_dir = %q\ncgroup = %q\n",
+		pinDir, stateDir, cgroup), 1)
+	for dev, gw := range map[string]string{"ppp0": topology.ISP1Peer.String(), "ppp1": topology.ISP2Peer.String()} {
+		re := regexp.MustCompile(`(?m)^interface = "` + dev + `".*$`)
+		text = re.ReplaceAllString(text, "$0\ngateway = \""+gw+"\"")
+	}
+	return text
+}
+
+// Start builds the scenario, starts the services, the daemon (its log goes
+// to daemonLog) and the VPN, and waits until the VPN is up.
+func Start(bin string, daemonLog io.Writer) (l *Lab, err error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("the lab builds network namespaces and loads BPF: run it as root")
+	}
+	for _, tool := range []string{"ip", "tc", "nft", "socat", "openvpn", "nsenter", "ping"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("the lab needs %s (make deps installs it)", tool)
+		}
+	}
+	l = &Lab{Bin: bin, daemonIO: daemonLog}
+	defer func() {
+		if err != nil {
+			l.Close()
+			l = nil
+		}
+	}()
+	if l.Dir, err = os.MkdirTemp("", "mhbpf-lab-"); err != nil {
+		return l, err
+	}
+	if l.Scenario, err = topology.BuildScenario(); err != nil {
+		return l, err
+	}
+	if l.Cgroup, err = makeCgroup(); err != nil {
+		return l, err
+	}
+	l.PinDir = filepath.Join("/sys/fs/bpf", "mhbpf-"+filepath.Base(l.Dir))
+	l.StateDir = filepath.Join(l.Dir, "state")
+	l.CfgPath = filepath.Join(l.Dir, "mhbpf.toml")
+	if err := os.WriteFile(l.CfgPath, []byte(Config(l.PinDir, l.StateDir, l.Cgroup)), 0o644); err != nil {
+		return l, err
+	}
+	if err := l.startServices(); err != nil {
+		return l, err
+	}
+	if err := l.startDaemon(); err != nil {
+		return l, err
+	}
+	if err := l.StartVPN(l.Cgroup); err != nil {
+		return l, err
+	}
+	if err := l.waitFor(15*time.Second, func() bool { return l.Has(l.Router, "tun0") && l.Has(l.Company, "tun0") }); err != nil {
+		return l, fmt.Errorf("the VPN did not come up: %v\n%s", err, l.VPNLog())
+	}
+	if err := l.CompanyRoutes(); err != nil {
+		return l, err
+	}
+	if err := l.waitFor(10*time.Second, func() bool {
+		st, err := l.Status()
+		return err == nil && len(st.Uplinks) == 3 && st.Uplinks[0].Usable && st.Uplinks[1].Usable && st.Uplinks[2].Usable
+	}); err != nil {
+		st, _ := l.Status()
+		return l, fmt.Errorf("uplinks not all up: %+v", st.Uplinks)
+	}
+	return l, nil
+}
+
+func makeCgroup() (string, error) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == "cgroup2" {
+			return os.MkdirTemp(f[1], "mhbpf-lab-")
+		}
+	}
+	return "", errors.New("no cgroup v2 mount")
+}
+
+func (l *Lab) waitFor(limit time.Duration, ok func() bool) error {
+	for start := time.Now(); time.Since(start) < limit; time.Sleep(50 * time.Millisecond) {
+		if ok() {
+			return nil
+		}
+	}
+	return fmt.Errorf("not within %v", limit)
+}
+
+// The services of the scenario. Each answers with its name and the peer
+// address it saw, which tells a client which uplink its packets took (the
+// router masquerades on both ADSL links).
+func (l *Lab) startServices() error {
+	s := l.Scenario
+	type svc struct {
+		ns, listen, cmd string
+		port            uint16
+	}
+	for _, v := range []svc{
+		{s.Inet, "TCP4-LISTEN:80,fork,reuseaddr", "echo web $SOCAT_PEERADDR", 80},
+		{s.Inet, "TCP4-LISTEN:9000,fork,reuseaddr", "head -c 200000000 /dev/zero", 9000},
+		{s.Inet, "TCP4-LISTEN:25,bind=" + topology.SMTPServer.String() + ",fork,reuseaddr", "echo 220 smtp $SOCAT_PEERADDR", 25},
+		// isp2's panel answers only isp2's own customers.
+		{s.ISP2, "TCP4-LISTEN:80,bind=" + topology.ISP2Panel.String() + ",fork,reuseaddr,range=100.64.1.0/30",
+			"echo panel $SOCAT_PEERADDR", 80},
+		{s.Router, "TCP4-LISTEN:80,bind=" + topology.ISP1Local.String() + ",fork,reuseaddr", "echo routerweb $SOCAT_PEERADDR", 80},
+		{s.LAN, "TCP4-LISTEN:80,bind=" + topology.LANServer.String() + ",fork,reuseaddr", "echo lanweb $SOCAT_PEERADDR", 80},
+		{s.Company, "TCP4-LISTEN:80,bind=" + topology.CompanyHost.String() + ",fork,reuseaddr", "echo company $SOCAT_PEERADDR", 80},
+	} {
+		srv, err := s.ServeSocat(v.ns, v.listen, v.cmd, "-Hltn", v.port)
+		if err != nil {
+			return err
+		}
+		l.servers = append(l.servers, srv)
+	}
+	// The port forward: isp1's address, port 8080, to the LAN web server.
+	nft := fmt.Sprintf(`table ip lab {
+	chain pre { type nat hook prerouting priority dstnat; iifname "ppp0" tcp dport 8080 dnat to %s:80; }
+}
+table ip count {
+	chain forward_count {
+		type filter hook forward priority 0;
+		udp dport 1194 ip saddr %s counter comment "vpn-isp1"
+		udp dport 1194 ip saddr %s counter comment "vpn-isp2"
+		tcp dport 25 ip saddr %s counter comment "smtp-isp1"
+		tcp dport 25 ip saddr %s counter comment "smtp-isp2"
+	}
+}
+`, topology.LANServer, topology.ISP1Local, topology.ISP2Local, topology.ISP1Local, topology.ISP2Local)
+	for ns, rules := range map[string]string{s.Router: nft[:strings.Index(nft, "table ip count")], s.Inet: nft[strings.Index(nft, "table ip count"):]} {
+		cmd := s.Exec(ns, "nft", "-f", "-")
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("nft in %s: %v: %s", ns, err, out)
+		}
+	}
+	return nil
+}
+
+// Counter reads a packet counter of the internet's forward chain by its
+// comment (vpn-isp1, vpn-isp2, smtp-isp1, smtp-isp2).
+func (l *Lab) Counter(name string) int {
+	out, _ := l.Exec(l.Inet, "nft", "list", "table", "ip", "count").CombinedOutput()
+	re := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "` + regexp.QuoteMeta(name) + `"`)
+	m := re.FindStringSubmatch(string(out))
+	if m == nil {
+		return -1
+	}
+	var n int
+	fmt.Sscan(m[1], &n)
+	return n
+}
+
+// InRouter prepares a command in the router's network namespace that keeps
+// the host's mount namespace (and so its bpffs).
+func (l *Lab) InRouter(args ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + l.Router}, args...)...)
+}
+
+func (l *Lab) startDaemon() error {
+	l.daemon = l.InRouter(l.Bin, "run", "--config", l.CfgPath)
+	l.daemon.Stdout, l.daemon.Stderr = l.daemonIO, l.daemonIO
+	if err := l.daemon.Start(); err != nil {
+		return err
+	}
+	return l.waitFor(10*time.Second, func() bool {
+		_, err := l.Status()
+		return err == nil
+	})
+}
+
+// Status is the daemon's last status.
+func (l *Lab) Status() (daemon.Status, error) {
+	return daemon.LoadStatus(l.StateDir)
+}
+
+// Close stops everything and removes what the lab made: the daemon goes
+// with 'mhbpf down', then services, VPN, namespaces, cgroup, files.
+func (l *Lab) Close() {
+	if l.daemon != nil && l.daemon.Process != nil {
+		_ = l.daemon.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = l.daemon.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = l.daemon.Process.Kill()
+			<-done
+		}
+	}
+	if l.Scenario != nil && l.PinDir != "" {
+		_ = l.InRouter(l.Bin, "--state-dir", l.StateDir, "--pin-dir", l.PinDir, "down").Run()
+	}
+	for _, s := range l.servers {
+		s.Close()
+	}
+	if l.Scenario != nil {
+		l.Scenario.Close()
+	}
+	if l.Cgroup != "" {
+		if procs, err := os.ReadFile(filepath.Join(l.Cgroup, "cgroup.procs")); err == nil {
+			for _, pid := range strings.Fields(string(procs)) {
+				_ = os.WriteFile(filepath.Join(filepath.Dir(l.Cgroup), "cgroup.procs"), []byte(pid), 0)
+			}
+		}
+		_ = os.Remove(l.Cgroup)
+	}
+	if l.PinDir != "" {
+		_ = os.RemoveAll(l.PinDir)
+	}
+	if l.Dir != "" {
+		_ = os.RemoveAll(l.Dir)
+	}
+}
