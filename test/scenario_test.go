@@ -1,0 +1,428 @@
+package test
+
+// The scenario suite: one test per numbered requirement of SCENARIO.md,
+// run on the lab (the same code as 'mhbpf lab'), with real servers that
+// report the address they saw. The router masquerades on both ADSL links,
+// so that address tells which uplink a connection took; the ISPs drop what
+// their customer sends from another ISP's address, so an answer that
+// leaves by the wrong uplink is lost.
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mhbpf/mhbpf/internal/lab"
+	"github.com/mhbpf/mhbpf/internal/testutil"
+	"github.com/mhbpf/mhbpf/internal/topology"
+)
+
+func startLab(t *testing.T) (*lab.Lab, *syncBuffer) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	log := &syncBuffer{}
+	l, err := lab.Start(mhbpfBinary(t), log)
+	if err != nil {
+		t.Fatalf("lab: %v\ndaemon log:\n%s", err, log.String())
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", log.String())
+		}
+		l.Close()
+	})
+	return l, log
+}
+
+// uplinkOf names the uplink whose address a server saw.
+func uplinkOf(a netip.Addr) string {
+	switch a {
+	case topology.ISP1Local:
+		return "isp1"
+	case topology.ISP2Local:
+		return "isp2"
+	}
+	return "?" + a.String()
+}
+
+func host(i int) netip.Addr {
+	b := topology.Hosts.Addr().As4()
+	return netip.AddrFrom4([4]byte{b[0], b[1], byte(i >> 8), byte(i)})
+}
+
+// via connects from ns (inside the lab's cgroup when ns is the router) and
+// returns the uplink the server saw.
+func via(l *lab.Lab, ns string, dst netip.Addr, port uint16) (string, error) {
+	cg := ""
+	if ns == l.Router {
+		cg = l.Cgroup
+	}
+	got, err := l.Dial(ns, cg, dst, port)
+	if err != nil {
+		return "", err
+	}
+	_, peer := lab.Answer(got)
+	return uplinkOf(peer), nil
+}
+
+func waitUplinks(t *testing.T, l *lab.Lab, want map[string]bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		st, err := l.Status()
+		ok := err == nil
+		for _, u := range st.Uplinks {
+			if w, listed := want[u.Name]; listed && w != u.Usable {
+				ok = false
+			}
+		}
+		if ok {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	st, _ := l.Status()
+	t.Fatalf("uplinks not %v: %+v", want, st.Uplinks)
+}
+
+func TestScenario(t *testing.T) {
+	l, _ := startLab(t)
+
+	// 1. The server itself and every LAN host reach the internet whenever
+	// at least one ADSL link is up.
+	t.Run("1-one-link-is-enough", func(t *testing.T) {
+		for _, down := range []int{2, 1} {
+			up := 3 - down
+			if err := l.UplinkDown(down); err != nil {
+				t.Fatal(err)
+			}
+			waitUplinks(t, l, map[string]bool{fmt.Sprintf("isp%d", down): false})
+			for i, ns := range []string{l.LAN, l.Router} {
+				got, err := via(l, ns, host(100*down+i), 80)
+				if err != nil || got != fmt.Sprintf("isp%d", up) {
+					t.Fatalf("isp%d down, from %s: %q, %v", down, ns, got, err)
+				}
+			}
+			if err := l.UplinkUp(down); err != nil {
+				t.Fatal(err)
+			}
+			waitUplinks(t, l, map[string]bool{"isp1": true, "isp2": true})
+		}
+	})
+
+	// 2. Balanced 8:2 over many destinations; a connection keeps its
+	// uplink; a destination keeps its uplink.
+	t.Run("2-balance-and-stickiness", func(t *testing.T) {
+		// A long connection first: it must stay where it is while a
+		// thousand others are made.
+		stream := startStream(t, l, host(1500))
+		tally := dialMany(t, l, 2000, 1000, 80)
+		share := float64(tally["isp1"]) / 1000 * 100
+		t.Logf("1000 destinations: isp1 %d, isp2 %d (%.1f%%)", tally["isp1"], tally["isp2"], share)
+		if tally["isp1"]+tally["isp2"] != 1000 || share < 75 || share > 85 {
+			t.Fatalf("split %v, want 80%% ± 5 on isp1", tally)
+		}
+		stream.check(t)
+		first, err := via(l, l.LAN, host(2000), 80)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 10; i++ {
+			if got, err := via(l, l.LAN, host(2000), 80); err != nil || got != first {
+				t.Fatalf("connection %d to one destination went by %q (%v), the first by %s", i, got, err, first)
+			}
+		}
+	})
+
+	// 3. The VPN's own packets go over isp1, over isp2 when isp1 is down;
+	// tun0 carries traffic again after the switch.
+	t.Run("3-vpn-over-adsl", func(t *testing.T) {
+		pingCompany := func() error {
+			return l.Exec(l.LAN, "ping", "-c1", "-W1", topology.CompanyHost.String()).Run()
+		}
+		if err := retry(5*time.Second, pingCompany); err != nil {
+			t.Fatalf("no ping through the VPN: %v\n%s", err, l.VPNLog())
+		}
+		if l.Counter("vpn-isp1") <= 0 {
+			t.Fatalf("VPN packets by isp1: %d, by isp2: %d; want them by isp1", l.Counter("vpn-isp1"), l.Counter("vpn-isp2"))
+		}
+		before2 := l.Counter("vpn-isp2")
+		if err := l.UplinkDown(1); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			_ = l.UplinkUp(1)
+			waitUplinks(t, l, map[string]bool{"isp1": true})
+		}()
+		if err := retry(20*time.Second, pingCompany); err != nil {
+			t.Fatalf("VPN not back over isp2: %v\n%s", err, l.VPNLog())
+		}
+		if l.Counter("vpn-isp2") <= before2 {
+			t.Fatalf("VPN packets by isp2 did not grow (%d)", l.Counter("vpn-isp2"))
+		}
+		got, err := l.Dial(l.LAN, "", topology.CompanyHost, 80)
+		if name, _ := lab.Answer(got); err != nil || name != "company" {
+			t.Fatalf("company web through tun0 after the switch: %q, %v", got, err)
+		}
+	})
+
+	// 4. Mail leaves by isp1 only, and fails closed without it.
+	t.Run("4-smtp-by-isp1-only", func(t *testing.T) {
+		for _, ns := range []string{l.LAN, l.Router} {
+			got, err := via(l, ns, topology.SMTPServer, 25)
+			if err != nil || got != "isp1" {
+				t.Fatalf("SMTP from %s: %q, %v", ns, got, err)
+			}
+		}
+		if err := l.UplinkDown(1); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			_ = l.UplinkUp(1)
+			waitUplinks(t, l, map[string]bool{"isp1": true})
+		}()
+		waitUplinks(t, l, map[string]bool{"isp1": false})
+		for _, ns := range []string{l.LAN, l.Router} {
+			if got, err := via(l, ns, topology.SMTPServer, 25); err == nil {
+				t.Fatalf("SMTP from %s with isp1 down went by %s", ns, got)
+			}
+		}
+		if n := l.Counter("smtp-isp2"); n != 0 {
+			t.Fatalf("%d SMTP packets leaked by isp2", n)
+		}
+	})
+
+	// 5. isp2's panel is reached by isp2 only, whatever the balance says.
+	t.Run("5-panel-by-isp2", func(t *testing.T) {
+		for i := 0; i < 20; i++ {
+			for _, ns := range []string{l.LAN, l.Router} {
+				got, err := l.Dial(ns, cgroupFor(l, ns), topology.ISP2Panel, 80)
+				name, peer := lab.Answer(got)
+				if err != nil || name != "panel" || peer != topology.ISP2Local {
+					t.Fatalf("panel from %s, try %d: %q, %v", ns, i, got, err)
+				}
+			}
+		}
+	})
+
+	// 6. A connection is answered from the interface it came in on: a
+	// visitor from isp2's network to the web server on isp1's address,
+	// TCP and ICMP, and the same through the port forward to the LAN.
+	t.Run("6-answer-by-arrival-uplink", func(t *testing.T) {
+		visitor := func(port uint16) (string, error) {
+			return l.Socat(l.ISP2, "", "", fmt.Sprintf("TCP4:%s:%d,bind=%s,connect-timeout=2", topology.ISP1Local, port, topology.ISP2Visitor))
+		}
+		got, err := visitor(80)
+		if name, peer := lab.Answer(got); err != nil || name != "routerweb" || peer != topology.ISP2Visitor {
+			t.Fatalf("web on isp1's address: %q, %v", got, err)
+		}
+		if out, err := l.Exec(l.ISP2, "ping", "-c2", "-W2", "-I", topology.ISP2Visitor.String(), topology.ISP1Local.String()).CombinedOutput(); err != nil {
+			t.Fatalf("ping isp1's address from isp2's network: %v\n%s", err, out)
+		}
+		got, err = visitor(8080)
+		if name, peer := lab.Answer(got); err != nil || name != "lanweb" || peer != topology.ISP2Visitor {
+			t.Fatalf("port forward to the LAN: %q, %v", got, err)
+		}
+	})
+
+	// 7. isp1 goes: new connections go by isp2 within a second; a long
+	// stream on isp2 does not notice isp1 flapping; isp1 comes back: new
+	// connections use it again.
+	t.Run("7-failover-and-recovery", func(t *testing.T) {
+		var onISP2 netip.Addr
+		for i := 3000; i < 3100; i++ {
+			if got, err := via(l, l.LAN, host(i), 80); err == nil && got == "isp2" {
+				onISP2 = host(i)
+				break
+			}
+		}
+		if !onISP2.IsValid() {
+			t.Fatal("no destination on isp2 among 100")
+		}
+		stream := startStream(t, l, onISP2)
+
+		down := time.Now()
+		if err := l.UplinkDown(1); err != nil {
+			t.Fatal(err)
+		}
+		next := 4000
+		for {
+			got, err := via(l, l.LAN, host(next), 80)
+			next++
+			if err == nil && got == "isp2" {
+				t.Logf("first new connection by isp2 %v after isp1 went", time.Since(down))
+				// Every further new connection too.
+				tally := dialMany(t, l, next, 50, 80)
+				if tally["isp2"] != 50 {
+					t.Fatalf("after isp1 went: %v", tally)
+				}
+				next += 50
+				break
+			}
+			if time.Since(down) > time.Second {
+				t.Fatalf("new connections not by isp2 within a second of isp1 going (last: %q, %v)", got, err)
+			}
+		}
+
+		for i := 0; i < 5; i++ {
+			if err := l.UplinkUp(1); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+			if err := l.UplinkDown(1); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+		stream.check(t)
+
+		if err := l.UplinkUp(1); err != nil {
+			t.Fatal(err)
+		}
+		waitUplinks(t, l, map[string]bool{"isp1": true})
+		tally := dialMany(t, l, next, 100, 80)
+		if tally["isp1"] < 50 {
+			t.Fatalf("isp1 back, but new connections: %v", tally)
+		}
+		stream.check(t)
+	})
+}
+
+func cgroupFor(l *lab.Lab, ns string) string {
+	if ns == l.Router {
+		return l.Cgroup
+	}
+	return ""
+}
+
+func retry(limit time.Duration, f func() error) error {
+	var err error
+	for start := time.Now(); time.Since(start) < limit; time.Sleep(200 * time.Millisecond) {
+		if err = f(); err == nil {
+			return nil
+		}
+	}
+	return err
+}
+
+// stream is a long download from the internet to the LAN.
+type stream struct {
+	cmd  *exec.Cmd
+	file string
+	last int64
+	done chan error
+}
+
+func startStream(t *testing.T, l *lab.Lab, dst netip.Addr) *stream {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "stream")
+	s := &stream{file: f, done: make(chan error, 1)}
+	s.cmd = l.Exec(l.LAN, "socat", "-u", fmt.Sprintf("TCP4:%s:9000", dst), "CREATE:"+f)
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- s.cmd.Wait() }()
+	t.Cleanup(func() { _ = s.cmd.Process.Kill() })
+	time.Sleep(500 * time.Millisecond)
+	s.check(t)
+	return s
+}
+
+// check: the stream is alive and has grown since the last check.
+func (s *stream) check(t *testing.T) {
+	t.Helper()
+	select {
+	case err := <-s.done:
+		t.Fatalf("the long stream ended: %v", err)
+	default:
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		fi, err := os.Stat(s.file)
+		if err == nil && fi.Size() > s.last {
+			s.last = fi.Size()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the long stream stalled at %d bytes", s.last)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// dialMany connects from the LAN to n distinct hosts from host(first) on,
+// many at once, and counts the uplinks the servers saw. The client is this
+// test binary, run inside the LAN namespace.
+func dialMany(t *testing.T, l *lab.Lab, first, n int, port uint16) map[string]int {
+	t.Helper()
+	exe, _ := os.Executable()
+	cmd := l.Exec(l.LAN, exe, "-test.run=^TestHelperDialMany$", "-test.v")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("MHBPF_DIAL_MANY=%d,%d,%d", first, n, port))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("dial many: %v\n%s", err, out)
+	}
+	i := strings.Index(string(out), "tally: ")
+	if i < 0 {
+		t.Fatalf("dial many: no tally\n%s", out)
+	}
+	var tally map[string]int
+	if err := json.Unmarshal([]byte(strings.SplitN(string(out)[i+7:], "\n", 2)[0]), &tally); err != nil {
+		t.Fatal(err)
+	}
+	return tally
+}
+
+// TestHelperDialMany is the client of dialMany.
+func TestHelperDialMany(t *testing.T) {
+	spec := os.Getenv("MHBPF_DIAL_MANY")
+	if spec == "" {
+		t.Skip("helper process; runs only from the scenario suite")
+	}
+	var first, n int
+	var port uint16
+	fmt.Sscanf(spec, "%d,%d,%d", &first, &n, &port)
+	var mu sync.Mutex
+	tally := map[string]int{}
+	sem := make(chan struct{}, 8)
+	var wg sync.WaitGroup
+	for i := first; i < first+n; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(dst netip.Addr) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			// A lost SYN on a saturated 2 Mbit/s line is not a routing
+			// error: try a connection that fails again (same destination,
+			// so the same choice), and count it only if it never works.
+			key := "error"
+			for try := 0; try < 3 && key == "error"; try++ {
+				c, err := net.DialTimeout("tcp4", netip.AddrPortFrom(dst, port).String(), 3*time.Second)
+				if err != nil {
+					continue
+				}
+				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				b, _ := io.ReadAll(c)
+				c.Close()
+				if name, peer := lab.Answer(string(b)); name == "web" {
+					key = uplinkOf(peer)
+				}
+			}
+			mu.Lock()
+			tally[key]++
+			mu.Unlock()
+		}(host(i))
+	}
+	wg.Wait()
+	b, _ := json.Marshal(tally)
+	t.Logf("tally: %s", b)
+}
