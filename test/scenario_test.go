@@ -426,3 +426,36 @@ func TestHelperDialMany(t *testing.T) {
 	b, _ := json.Marshal(tally)
 	t.Logf("tally: %s", b)
 }
+
+// The README's first command: the demo shows the failover and the recovery,
+// ends by itself and leaves nothing behind.
+func TestLabCommand(t *testing.T) {
+	testutil.RequireRoot(t)
+	out, err := exec.Command(mhbpfBinary(t), "lab", "--duration", "9s").CombinedOutput()
+	text := string(out)
+	if err != nil {
+		t.Fatalf("mhbpf lab: %v\n%s", err, text)
+	}
+	for _, want := range []string{"=== both ADSL links up", "=== isp1 DOWN", "interface ppp0 absent", "=== isp1 BACK", "done; removing the lab"} {
+		if !strings.Contains(text, want) {
+			t.Fatalf("lab output lacks %q:\n%s", want, text)
+		}
+	}
+	// The shaped lines show in the view: isp1 carries more than isp2.
+	if !strings.Contains(text, "isp1 (ppp0)  up") || !strings.Contains(text, "isp2 (ppp1)  up") {
+		t.Fatalf("no live view of both uplinks:\n%s", text)
+	}
+	var router string
+	for _, line := range strings.Split(text, "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[0] == "namespaces:" {
+			router = strings.TrimSuffix(f[2], ",")
+		}
+	}
+	prefix := strings.TrimSuffix(router, "-rt")
+	if prefix == "" {
+		t.Fatalf("no namespace names in the output:\n%s", text)
+	}
+	if ns, _ := exec.Command("ip", "netns", "list").CombinedOutput(); strings.Contains(string(ns), prefix) {
+		t.Fatalf("lab namespaces left behind:\n%s", ns)
+	}
+}

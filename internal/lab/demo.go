@@ -27,10 +27,10 @@ func (l *Lab) Demo(ctx context.Context, out io.Writer, length time.Duration) err
 	}
 	defer m.Close()
 
+	// The clients stop first, then the lab goes (the caller's Close).
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer func() { cancel(); wg.Wait() }()
 	l.driveTraffic(ctx, &wg)
 
 	start := time.Now()
