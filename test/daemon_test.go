@@ -493,7 +493,6 @@ func TestDownAfterCrashRestoresEverything(t *testing.T) {
 	if _, err := os.Stat(e.pinDir); err == nil {
 		t.Fatal("pin directory left behind")
 	}
-	_ = loader.DefaultPinDir
 }
 
 // SIGTERM leaves the datapath; a new daemon takes over without moving a flow.
@@ -718,5 +717,32 @@ func TestCheckCommand(t *testing.T) {
 	out, err = exec.Command(bin, "check", bad).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "bad.toml:4: uplink[0].weight: weight 0 in a balanced tier") {
 		t.Fatalf("check of a bad file: %v\n%s", err, out)
+	}
+}
+
+// A good reload takes effect without a restart: new weights reach main's
+// route and the datapath.
+func TestDaemonGoodReload(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	good, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(good), "weight = 2", "weight = 6", 1))
+	if err := e.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("weight 6 in main's route", 3*time.Second, func() bool {
+		return strings.Contains(e.defaultRoute(), "weight 6")
+	})
+	m, err := loader.OpenPinned(e.pinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if u, err := m.LookupUplink(1); err != nil || u.Weight != 6 || !u.Up {
+		t.Fatalf("datapath's isp2 after reload: %+v %v", u, err)
+	}
+	if !strings.Contains(e.log.String(), "configuration reloaded") {
+		t.Fatalf("no reload in the log:\n%s", e.log.String())
 	}
 }
