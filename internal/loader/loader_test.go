@@ -107,6 +107,24 @@ func clsactFilters(t *testing.T, ifname string) []string {
 	return names
 }
 
+// attached lists mhbpf's and others' ingress programs on ifname, by tcx
+// program name or cls_bpf filter name, whichever mechanism the kernel has.
+func attached(t *testing.T, ifname string) []string {
+	t.Helper()
+	if testutil.KernelAtLeast(6, 6) {
+		return tcxPrograms(t, ifname)
+	}
+	return clsactFilters(t, ifname)
+}
+
+// lanName is the name the LAN program is listed under.
+func lanName() string {
+	if testutil.KernelAtLeast(6, 6) {
+		return "lan_ingress"
+	}
+	return "mhbpf_lan"
+}
+
 func count(names []string, prefix string) int {
 	n := 0
 	for _, s := range names {
@@ -151,9 +169,7 @@ func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
 				var foreignLink link.Link
 				if mode == loader.ModeTCX {
 					l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex(t, "up0"), Program: foreign, Attach: ebpf.AttachTCXIngress})
-					if err != nil {
-						t.Fatal(err)
-					}
+					testutil.RequireTCX(t, err)
 					foreignLink = l
 					defer l.Close()
 				} else {
@@ -280,7 +296,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 			t.Fatal(err)
 		}
 		d.Close() // the first "daemon" is gone: only pins hold the datapath
-		if n := count(tcxPrograms(t, "up0"), "lan_ingress"); n != 1 {
+		if n := count(attached(t, "up0"), lanName()); n != 1 {
 			t.Fatalf("program detached when the loader closed: %d attached", n)
 		}
 	})
@@ -295,7 +311,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 		t.Fatalf("second process: %v\n%s", err, out)
 	}
 	testutil.InNetNS(t, ns, func() {
-		if n := count(tcxPrograms(t, "up0"), "lan_ingress"); n != 1 {
+		if n := count(attached(t, "up0"), lanName()); n != 1 {
 			t.Fatalf("after the second process attached: %d programs, want 1", n)
 		}
 	})

@@ -6,6 +6,7 @@ package testutil
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // RequireRoot fails the test unless it runs as root. mhbpf's tests need
@@ -122,4 +124,35 @@ func Cgroup(tb testing.TB) string {
 		_ = os.Remove(dir)
 	})
 	return dir
+}
+
+// KernelAtLeast reports whether the running kernel is at least major.minor.
+func KernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	var ma, mi int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &ma, &mi)
+	return ma > major || ma == major && mi >= minor
+}
+
+// KernelRelease is uname -r.
+func KernelRelease() string {
+	var u unix.Utsname
+	_ = unix.Uname(&u)
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// RequireTCX skips, saying so, on a kernel older than 6.6, which has no
+// tcx (the clsact tests cover it there); on 6.6 and later tcx must work.
+func RequireTCX(tb testing.TB, err error) {
+	tb.Helper()
+	if err == nil {
+		return
+	}
+	if !KernelAtLeast(6, 6) {
+		tb.Skipf("SKIPPED LOUDLY: kernel %s has no tcx (needs 6.6); the clsact path is tested instead", KernelRelease())
+	}
+	tb.Fatalf("kernel %s should have tcx: %v", KernelRelease(), err)
 }

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Runs a command inside a VM on another kernel: Debian 12's 6.1 (no tcx,
+# so the clsact path is the real one; PPP modules, so pppd is real). The
+# guest's root is the host's, read-only under a tmpfs overlay: the command
+# (typically a Go test binary built on the host) runs unchanged, and the
+# host is never written to. Usable as `go test -exec test/vm/vm.sh PKG`.
+#
+# Settings: MHBPF_VM_KERNEL (default 6.1.0-56-amd64), MHBPF_VM_ACCEL
+# (default tcg; kvm hangs on these machines), MHBPF_VM_MEM (MiB, 1536),
+# MHBPF_VM_TIMEOUT (seconds, 600).
+set -euo pipefail
+
+KVER=${MHBPF_VM_KERNEL:-6.1.0-56-amd64}
+ACCEL=${MHBPF_VM_ACCEL:-tcg}
+MEM=${MHBPF_VM_MEM:-1536}
+TIMEOUT=${MHBPF_VM_TIMEOUT:-600}
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mhbpf-vm/$KVER
+MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay"
+
+die() { echo "vm.sh: $*" >&2; exit 2; }
+
+prepare() {
+	[ -f "$CACHE/ready" ] && return 0
+	for t in qemu-system-x86_64 busybox dpkg-deb apt-get cpio gzip; do
+		command -v "$t" >/dev/null || die "needs $t (make deps installs it)"
+	done
+	local tmp; tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' RETURN
+	mkdir -p "$CACHE"
+	(cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null) || die "apt-get download linux-image-$KVER failed"
+	rm -rf "$CACHE/root"
+	dpkg-deb -x "$tmp"/linux-image-"$KVER"_*.deb "$CACHE/root"
+	busybox depmod -b "$CACHE/root" "$KVER"
+	cp "$CACHE/root/boot/vmlinuz-$KVER" "$CACHE/vmlinuz"
+
+	# The initramfs: busybox, the modules to reach the 9p root, an init
+	# that mounts it under an overlay and hands over to the run's stage 2.
+	local ird="$tmp/initramfs"
+	mkdir -p "$ird"/{bin,dev,proc,sys,mnt/lower,mnt/rw,mnt/root,mnt/results,mods}
+	cp "$(command -v busybox)" "$ird/bin/busybox"
+	for m in $MODS; do
+		f=$(find "$CACHE/root/lib/modules/$KVER" -name "$m.ko" | head -1)
+		[ -n "$f" ] && cp "$f" "$ird/mods/"
+	done
+	cat > "$ird/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for m in MODS_LIST; do [ -f /mods/$m.ko ] && insmod /mods/$m.ko; done
+o="trans=virtio,version=9p2000.L,msize=262144"
+mount -t 9p -o "$o,ro,cache=loose" root /mnt/lower || { echo "vm: no 9p root"; cat /proc/modules; dmesg | tail -20; poweroff -f; }
+mount -t tmpfs -o size=2g tmpfs /mnt/rw
+mkdir -p /mnt/rw/upper /mnt/rw/work
+mount -t overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay /mnt/root
+mkdir -p /mnt/root/mnt/vm-results
+mount -t 9p -o "$o" results /mnt/root/mnt/vm-results
+exec switch_root /mnt/root /bin/sh /mnt/vm-results/stage2
+INIT
+	sed -i "s/MODS_LIST/$MODS/" "$ird/init"
+	chmod +x "$ird/init"
+	mknod "$ird/dev/console" c 5 1 2>/dev/null || true
+	(cd "$ird" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$CACHE/initramfs.cpio.gz"
+	touch "$CACHE/ready"
+}
+
+[ $# -gt 0 ] || die "usage: vm.sh COMMAND [ARGS...]"
+( flock 9; prepare ) 9>"${CACHE%/*}.lock" 2>/dev/null || { mkdir -p "${CACHE%/*}"; ( flock 9; prepare ) 9>"${CACHE%/*}.lock"; }
+
+R=$(mktemp -d /tmp/mhbpf-vm-run-XXXXXX)
+trap 'rm -rf "$R"' EXIT
+# The command, with the caller's directory and environment.
+{
+	printf 'cd %q\n' "$PWD"
+	export -p | grep -v -E ' (PWD|OLDPWD|SHLVL|_)=' || true
+	printf 'exec'
+	printf ' %q' "$@"
+	printf '\n'
+} > "$R/cmd"
+
+cat > "$R/stage2" <<STAGE2
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm /dev/net
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
+ln -sf /dev/pts/ptmx /dev/ptmx 2>/dev/null
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /dev/shm
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /sys/fs/cgroup
+mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mkdir -p /lib/modules/$KVER && mount --bind $CACHE/root/lib/modules/$KVER /lib/modules/$KVER
+printf '#!/bin/sh\nexec busybox modprobe "\$@"\n' > /run/modprobe && chmod +x /run/modprobe
+echo /run/modprobe > /proc/sys/kernel/modprobe
+for m in tun ppp_generic ppp_async slhc veth sch_ingress cls_bpf act_bpf sch_tbf nf_tables nft_masq nft_nat nft_chain_nat nft_ct nft_counter; do busybox modprobe \$m 2>/dev/null; done
+ip link set lo up
+hostname mhbpf-vm
+bash /mnt/vm-results/cmd > /mnt/vm-results/stdout 2> /mnt/vm-results/stderr
+echo \$? > /mnt/vm-results/rc
+sync
+poweroff -f
+STAGE2
+
+timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu max -smp 2 -m "$MEM" -nodefaults -no-reboot \
+	-display none -monitor none -serial "file:$R/console.log" \
+	-bios /usr/share/qemu/qboot.rom -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
+	-append "console=ttyS0 quiet loglevel=3 panic=-1" \
+	-fsdev local,id=root,path=/,security_model=none,readonly=on,multidevs=remap \
+	-device virtio-9p-pci,fsdev=root,mount_tag=root \
+	-fsdev "local,id=res,path=$R,security_model=none" -device virtio-9p-pci,fsdev=res,mount_tag=results \
+	|| true
+
+cat "$R/stdout" 2>/dev/null || true
+cat "$R/stderr" >&2 2>/dev/null || true
+if [ ! -f "$R/rc" ]; then
+	echo "vm.sh: the VM did not finish the command; console:" >&2
+	tail -40 "$R/console.log" >&2
+	exit 3
+fi
+exit "$(cat "$R/rc")"
