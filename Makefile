@@ -6,7 +6,7 @@ GO ?= go
 export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all deps generate build test check-generated lab
+.PHONY: all deps generate build test test-host test-vm check-generated lab
 
 all: build
 
@@ -32,6 +32,16 @@ check-generated: generate
 
 # Everything CI runs. Needs root: the tests load BPF programs and build
 # network namespaces.
-test: deps check-generated
+test: deps check-generated test-host test-vm
+
+test-host:
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 20m ./...
+
+# The same test binaries on Debian 12's 6.1 kernel in qemu (TCG; set
+# MHBPF_VM_ACCEL=kvm where KVM works): the BPF programs under an older
+# verifier, the clsact attach path (no tcx before 6.6), and real pppd.
+VM_EXEC = $(CURDIR)/test/vm/vm.sh
+test-vm: build
+	$(GO) test -p 1 -count=1 -timeout 30m -exec $(VM_EXEC) ./bpf/ ./internal/loader/ ./internal/routing/
+	MHBPF_BIN=$(CURDIR)/bin/mhbpf $(GO) test -count=1 -timeout 30m -exec $(VM_EXEC) -run 'TestPPP|TestDaemonRestoresMainRouteWhenAnUplinkVanishes|TestLANConnectionLeavesByChosenUplink' ./test/

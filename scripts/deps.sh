@@ -11,6 +11,8 @@ packages=(
 	openvpn               # the real tun0 of the scenario
 	iperf3 socat          # real servers and clients
 	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace
+	ppp                   # real pppd (runs in the VM suite: the host kernel has no PPP)
+	qemu-system-x86 busybox-static cpio xz-utils  # the VM suite (test/vm)
 	git make ca-certificates
 )
 

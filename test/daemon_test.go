@@ -36,6 +36,9 @@ func TestMain(m *testing.M) {
 // process, so that signals, crashes and restarts are real.
 func mhbpfBinary(t *testing.T) string {
 	t.Helper()
+	if bin := os.Getenv("MHBPF_BIN"); bin != "" {
+		return bin // built outside, as for the VM suite (no compiler run under emulation)
+	}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "mhbpf-bin-")
 		if err != nil {
