@@ -27,7 +27,10 @@ prepare() {
 	local tmp; tmp=$(mktemp -d)
 	trap 'rm -rf "$tmp"' RETURN
 	mkdir -p "$CACHE"
-	(cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null) || die "apt-get download linux-image-$KVER failed"
+	if ! (cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null 2>&1); then
+		apt-get update -qq >/dev/null 2>&1 || true
+		(cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null) || die "apt-get download linux-image-$KVER failed"
+	fi
 	rm -rf "$CACHE/root"
 	dpkg-deb -x "$tmp"/linux-image-"$KVER"_*.deb "$CACHE/root"
 	busybox depmod -b "$CACHE/root" "$KVER"
