@@ -14,7 +14,7 @@ KVER=${MHBPF_VM_KERNEL:-6.1.0-56-amd64}
 ACCEL=${MHBPF_VM_ACCEL:-tcg}
 MEM=${MHBPF_VM_MEM:-1536}
 TIMEOUT=${MHBPF_VM_TIMEOUT:-600}
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/mhbpf-vm/$KVER
+CACHE=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/mhbpf-vm/$KVER
 MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay"
 
 die() { echo "vm.sh: $*" >&2; exit 2; }
