@@ -607,6 +607,22 @@ uplinks = ["isp2"]
 	if name, peer := answer(got); name != "isp2" || peer != topology.ISP2Local6 {
 		t.Fatalf("router's own IPv6 connection: server said %q, want isp2 seeing %s", got, topology.ISP2Local6)
 	}
+	// Unconnected UDP over IPv6: the sendmsg6 hook picks isp2's source.
+	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
+		srv, err := e.topo.ServeSocat(ns, fmt.Sprintf("UDP6-RECVFROM:8006,bind=[%s],fork,reuseaddr", topology.Internet6),
+			"echo "+name+" $SOCAT_PEERADDR", "-Hlun", 8006)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+	}
+	got, err = e.topo.Socat(e.topo.Router, e.cgroup, "hello\n", fmt.Sprintf("UDP6-SENDTO:[%s]:8006", topology.Internet6))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, peer := answer(got); name != "isp2" || peer != topology.ISP2Local6 {
+		t.Fatalf("router's own IPv6 datagram: server said %q, want isp2 seeing %s", got, topology.ISP2Local6)
+	}
 }
 
 // answer splits a test server's "name peeraddr" (socat writes IPv6 peers
@@ -647,19 +663,22 @@ func TestDaemonFollowsAddressChange(t *testing.T) {
 	}
 }
 
-// Masquerade: what leaves by a masquerading uplink carries its address.
+// Masquerade: what leaves by a masquerading uplink carries its address,
+// IPv4 and IPv6 (the table is family inet).
 func TestDaemonMasquerade(t *testing.T) {
 	e := newDaemonEnv(t, "masquerade = true", `
 [[policy]]
 name = "to-isp1"
-destinations = ["203.0.113.10/32"]
+destinations = ["203.0.113.10/32", "2001:db8:ff::10/128"]
 uplinks = ["isp1"]
 `)
-	srv, err := e.topo.Serve(e.topo.ISP1, "isp1", topology.Internet, 8006)
-	if err != nil {
-		t.Fatal(err)
+	for _, a := range []netip.Addr{topology.Internet, topology.Internet6} {
+		srv, err := e.topo.Serve(e.topo.ISP1, "isp1", a, 8006)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
 	}
-	t.Cleanup(srv.Close)
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8006)
@@ -668,6 +687,13 @@ uplinks = ["isp1"]
 	}
 	if name, peer := answer(got); name != "isp1" || peer != topology.ISP1Local {
 		t.Fatalf("server said %q, want isp1 seeing the router's isp1 address %s", got, topology.ISP1Local)
+	}
+	got, err = e.topo.Dial(e.topo.LAN, "", topology.Internet6, 8006)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, peer := answer(got); name != "isp1" || peer != topology.ISP1Local6 {
+		t.Fatalf("IPv6: server said %q, want isp1 seeing the router's isp1 address %s (NAT66)", got, topology.ISP1Local6)
 	}
 }
 
