@@ -5,9 +5,11 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/packet"
+	"github.com/mhbpf/mhbpf/internal/testutil"
 )
 
 // Per-packet cost of the tc programs, measured by the kernel with
@@ -90,4 +92,19 @@ func BenchmarkUplinkReplyToOwnFlow(b *testing.B) {
 	p := packet.Packet{Src: ap(remote, 443), Dst: ap(netip.MustParseAddr("100.64.0.2"), 40000), Proto: packet.ProtoTCP,
 		TCPFlags: packet.TCPAck, L3: true, Payload: 1400}
 	benchProgram(b, e.d.UplinkProgram(), p.Bytes())
+}
+
+// The floor: a program that only returns TC_ACT_OK, run the same way. The
+// difference to it is what mhbpf's work costs per packet.
+func BenchmarkBaselinePass(b *testing.B) {
+	testutil.RequireRoot(b)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer prog.Close()
+	p := syn(ap(lanHost, 40000), ap(remote, 443))
+	p.TCPFlags = packet.TCPAck
+	benchProgram(b, prog, p.Bytes())
 }
