@@ -175,18 +175,7 @@ func (e *daemonEnv) start() {
 }
 
 func (e *daemonEnv) stop() {
-	if e.cmd == nil || e.cmd.Process == nil {
-		return
-	}
-	_ = e.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = e.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		_ = e.cmd.Process.Kill()
-		<-done
-	}
+	topology.Stop(e.cmd, 5*time.Second)
 	e.cmd = nil
 }
 

@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,18 +39,7 @@ func startPPP(t *testing.T, routerNS, ispNS string, unit int, local, peer string
 }
 
 func (l *pppLink) stop() {
-	if l.cmd == nil || l.cmd.Process == nil {
-		return
-	}
-	_ = l.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = l.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		_ = l.cmd.Process.Kill()
-		<-done
-	}
+	topology.Stop(l.cmd, 5*time.Second)
 	l.cmd = nil
 }
 
@@ -78,8 +66,7 @@ func TestPPPUplinks(t *testing.T) {
 		}
 	}
 	isp1 := startPPP(t, rt, topo.ISP1, 0, "100.64.0.2", "100.64.0.1")
-	isp2 := startPPP(t, rt, topo.ISP2, 1, "100.64.1.2", "100.64.1.1")
-	_ = isp2
+	startPPP(t, rt, topo.ISP2, 1, "100.64.1.2", "100.64.1.1")
 	waitDev := func(ns, dev string) {
 		t.Helper()
 		for start := time.Now(); time.Since(start) < 30*time.Second; time.Sleep(100 * time.Millisecond) {

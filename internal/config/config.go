@@ -409,11 +409,10 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 	}
 	names, ifaces, tables, marks := map[string]int{}, map[string]int{}, map[int]int{}, map[uint32]int{}
 	// Explicit marks first, so automatic ones avoid them.
-	for i, r := range raws {
+	for _, r := range raws {
 		if r.Mark != nil {
 			free &^= *r.Mark
 		}
-		_ = i
 	}
 	for i, r := range raws {
 		key := fmt.Sprintf("uplink[%d]", i)
@@ -562,8 +561,7 @@ func (v *validator) health(key string, r *rawHealth) (*Health, error) {
 
 func (v *validator) lan(r *rawLAN, c *Config) error {
 	seen := map[string]bool{}
-	for i, ifname := range r.Interfaces {
-		key := fmt.Sprintf("lan.interfaces[%d]", i)
+	for _, ifname := range r.Interfaces {
 		if ifname == "" {
 			return v.err("lan.interfaces", "empty interface name")
 		}
@@ -575,7 +573,6 @@ func (v *validator) lan(r *rawLAN, c *Config) error {
 				return v.err("lan.interfaces", "%s is uplink %s's interface", ifname, u.Name)
 			}
 		}
-		_ = key
 		seen[ifname] = true
 		c.LAN.Interfaces = append(c.LAN.Interfaces, ifname)
 	}

@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -105,7 +104,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	}
 	cg := g.CgroupPath
 	if cg == "" {
-		if cg, err = cgroup2Root(); err != nil {
+		if cg, err = loader.Cgroup2Root(); err != nil {
 			return err
 		}
 	}
@@ -543,20 +542,6 @@ func (d *Daemon) subscribe(ctx context.Context) (<-chan struct{}, error) {
 		return nil, fmt.Errorf("netlink subscribe: %w", err)
 	}
 	return out, nil
-}
-
-func cgroup2Root() (string, error) {
-	b, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1], nil
-		}
-	}
-	return "", errors.New("no cgroup v2 mount found: set global.cgroup")
 }
 
 func removeIfExists(p string) error {

@@ -13,11 +13,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
@@ -109,17 +109,11 @@ func Start(bin string, daemonLog io.Writer) (l *Lab, err error) {
 }
 
 func makeCgroup() (string, error) {
-	b, err := os.ReadFile("/proc/self/mounts")
+	root, err := loader.Cgroup2Root()
 	if err != nil {
 		return "", err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return os.MkdirTemp(f[1], "mhbpf-lab-")
-		}
-	}
-	return "", errors.New("no cgroup v2 mount")
+	return os.MkdirTemp(root, "mhbpf-lab-")
 }
 
 func (l *Lab) waitFor(limit time.Duration, ok func() bool) error {
@@ -221,17 +215,7 @@ func (l *Lab) Status() (daemon.Status, error) {
 // Close stops everything and removes what the lab made: the daemon goes
 // with 'mhbpf down', then services, VPN, namespaces, cgroup, files.
 func (l *Lab) Close() {
-	if l.daemon != nil && l.daemon.Process != nil {
-		_ = l.daemon.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = l.daemon.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = l.daemon.Process.Kill()
-			<-done
-		}
-	}
+	topology.Stop(l.daemon, 5*time.Second)
 	if l.Scenario != nil && l.PinDir != "" {
 		_ = l.InRouter(l.Bin, "--state-dir", l.StateDir, "--pin-dir", l.PinDir, "down").Run()
 	}

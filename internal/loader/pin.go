@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -102,4 +103,20 @@ func OpenPinned(pinDir string) (*maps.Maps, error) {
 		*dst = mp
 	}
 	return m, nil
+}
+
+// Cgroup2Root finds where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup
+// on most systems, /sys/fs/cgroup/unified on hybrid ones.
+func Cgroup2Root() (string, error) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("no cgroup v2 mount found (set global.cgroup)")
 }

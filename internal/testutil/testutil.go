@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/mhbpf/mhbpf/internal/loader"
 	"golang.org/x/sys/unix"
 )
 
@@ -90,27 +92,14 @@ func InNetNS(tb testing.TB, name string, fn func()) {
 	fn()
 }
 
-// CgroupRoot finds the cgroup v2 mount (unified hierarchy).
-func CgroupRoot(tb testing.TB) string {
-	tb.Helper()
-	data, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1]
-		}
-	}
-	tb.Fatal("no cgroup2 mount: the socket hooks cannot be tested")
-	return ""
-}
-
 // Cgroup makes a child cgroup for the test and removes it afterwards.
 func Cgroup(tb testing.TB) string {
 	tb.Helper()
-	dir := filepath.Join(CgroupRoot(tb), UniqueName("mhbpf-test-"))
+	root, err := loader.Cgroup2Root()
+	if err != nil {
+		tb.Fatalf("the socket hooks cannot be tested: %v", err)
+	}
+	dir := filepath.Join(root, UniqueName("mhbpf-test-"))
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		tb.Fatal(err)
 	}
