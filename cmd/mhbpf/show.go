@@ -118,8 +118,12 @@ func statusCmd(pinDir, stateDir *string) *cobra.Command {
 				if m != nil {
 					c, _ = m.UplinkCounters(id)
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%.1fms\t%.0f%%\t%d\t%d\t%d\t%s\n", u.Name, u.Interface, state, u.Weight, u.Table,
-					strings.Join(u.Addresses, ","), u.RTTms, u.Loss*100, c.RxBytes, c.TxBytes, c.NewFlows, u.Reason)
+				rtt, loss := "-", "-"
+				if u.Probed {
+					rtt, loss = fmt.Sprintf("%.1fms", u.RTTms), fmt.Sprintf("%.0f%%", u.Loss*100)
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", u.Name, u.Interface, state, u.Weight, u.Table,
+					strings.Join(u.Addresses, ","), rtt, loss, c.RxBytes, c.TxBytes, c.NewFlows, u.Reason)
 			}
 			if m != nil {
 				m.Close()

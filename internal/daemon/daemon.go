@@ -173,6 +173,13 @@ func (d *Daemon) applyStatic() error {
 	if err := d.dp.Maps.ReplacePolicy(policyOf(d.cfg)); err != nil {
 		return fmt.Errorf("policy: %w", err)
 	}
+	// Slots of uplinks an earlier configuration had (the maps are pinned
+	// and outlive the daemon) must not stay up.
+	for id := len(d.cfg.Uplinks); id < maps.MaxUplinks; id++ {
+		if err := d.dp.Maps.ClearUplink(id); err != nil {
+			return err
+		}
+	}
 	return d.dp.Maps.SetBypass(d.cfg.LAN.Bypass)
 }
 
@@ -233,11 +240,8 @@ func (d *Daemon) reload() {
 		_ = d.applyStatic()
 		return
 	}
-	// Uplinks that are gone from the configuration: their interfaces lose
-	// the program, their map slots go.
-	for id := len(cfg.Uplinks); id < len(prev.Uplinks); id++ {
-		_ = d.dp.Maps.ClearUplink(id)
-	}
+	// Interfaces gone from the configuration lose the program (their map
+	// slots went in applyStatic).
 	d.detachRemoved(prev)
 	d.stopHC()
 	d.health = map[int]health.Result{}
@@ -352,6 +356,9 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 
 		// Datapath: interface program and uplink entry.
 		if o.ifindex != 0 && d.attached[u.Interface] != o.ifindex {
+			if old := d.attached[u.Interface]; old != 0 {
+				_ = d.dp.Maps.DeleteIface(old) // the device that had this name is gone
+			}
 			mode, err := d.dp.AttachTC(u.Interface, maps.RoleUplink, id)
 			if err != nil {
 				d.log.Error("attach", "interface", u.Interface, "error", err)
@@ -390,7 +397,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			masq = append(masq, u.Interface)
 		}
 		st := UplinkStatus{Name: u.Name, Interface: u.Interface, Usable: usable, Reason: reason,
-			Weight: u.Weight, Mark: u.Mark, Table: u.Table}
+			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed}
 		for _, a := range o.addrs {
 			st.Addresses = append(st.Addresses, a.String())
 		}

@@ -53,6 +53,7 @@ type UplinkStatus struct {
 	Usable    bool     `json:"usable"`
 	Reason    string   `json:"reason,omitempty"`
 	Addresses []string `json:"addresses,omitempty"`
+	Probed    bool     `json:"probed"` // health checks configured and run
 	RTTms     float64  `json:"rtt_ms,omitempty"`
 	Loss      float64  `json:"loss,omitempty"`
 	Weight    uint16   `json:"weight"`
