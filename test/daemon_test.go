@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -762,5 +763,29 @@ func TestDaemonGoodReload(t *testing.T) {
 	}
 	if !strings.Contains(e.log.String(), "configuration reloaded") {
 		t.Fatalf("no reload in the log:\n%s", e.log.String())
+	}
+}
+
+// Pinned maps outlive the daemon: an uplink slot a former configuration
+// used must not stay "up" for the datapath to choose.
+func TestDaemonClearsStaleUplinkSlots(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	d, err := loader.Load(loader.Options{PinDir: e.pinDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Maps.SetUplink(5, maps.Uplink{Mark: 0x200000, Weight: 50, Up: true}); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	m, err := loader.OpenPinned(e.pinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if u, err := m.LookupUplink(5); err != nil || u.Up || u.Mark != 0 {
+		t.Fatalf("stale slot 5: %+v %v", u, err)
 	}
 }
