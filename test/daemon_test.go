@@ -188,6 +188,7 @@ func (e *daemonEnv) kill9() {
 
 func (e *daemonEnv) waitFor(what string, limit time.Duration, ok func() bool) time.Duration {
 	e.t.Helper()
+	limit = testutil.Deadline(limit)
 	start := time.Now()
 	for time.Since(start) < limit {
 		if ok() {

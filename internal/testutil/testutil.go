@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netns"
 
@@ -144,4 +145,15 @@ func RequireTCX(tb testing.TB, err error) {
 		tb.Skipf("SKIPPED LOUDLY: kernel %s has no tcx (needs 6.6); the clsact path is tested instead", KernelRelease())
 	}
 	tb.Fatalf("kernel %s should have tcx: %v", KernelRelease(), err)
+}
+
+// Deadline stretches a test's time limit under emulation: the VM suite runs
+// under TCG, many times slower than the host, and sets MHBPF_TIME_SCALE.
+// On the host the scale is 1 and the limits are the requirements' own.
+func Deadline(d time.Duration) time.Duration {
+	var scale int
+	if _, err := fmt.Sscan(os.Getenv("MHBPF_TIME_SCALE"), &scale); err == nil && scale > 1 {
+		return d * time.Duration(scale)
+	}
+	return d
 }

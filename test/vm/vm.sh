@@ -77,6 +77,8 @@ trap 'rm -rf "$R"' EXIT
 {
 	printf 'cd %q\n' "$PWD"
 	export -p | grep -v -E ' (PWD|OLDPWD|SHLVL|_)=' || true
+	# Emulation is slow: tests stretch their time limits by this much.
+	printf 'export MHBPF_TIME_SCALE=%q\n' "${MHBPF_TIME_SCALE:-5}"
 	printf 'exec'
 	printf ' %q' "$@"
 	printf '\n'
