@@ -790,3 +790,20 @@ func TestDaemonClearsStaleUplinkSlots(t *testing.T) {
 		t.Fatalf("stale slot 5: %+v %v", u, err)
 	}
 }
+
+// teardown_on_exit: SIGTERM removes everything, like 'mhbpf down'.
+func TestDaemonTeardownOnExit(t *testing.T) {
+	e := newDaemonEnv(t, "masquerade = true", "")
+	cfg, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nteardown_on_exit = true\n", 1))
+	before := e.snapshot()
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	if e.snapshot() == before {
+		t.Fatal("nothing was installed, the test proves nothing")
+	}
+	e.stop() // SIGTERM
+	if after := e.snapshot(); after != before {
+		t.Fatalf("after SIGTERM with teardown_on_exit:\n%s\n--- want ---\n%s\nlog:\n%s", after, before, e.log.String())
+	}
+}

@@ -459,3 +459,55 @@ func TestLabCommand(t *testing.T) {
 		t.Fatalf("lab namespaces left behind:\n%s", ns)
 	}
 }
+
+// Ctrl-C in the middle of the demo removes everything too.
+func TestLabInterrupted(t *testing.T) {
+	testutil.RequireRoot(t)
+	cmd := exec.Command(mhbpfBinary(t), "lab", "--duration", "60s")
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(out.String(), "t= 2s") {
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			t.Fatalf("the demo did not start:\n%s", out.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("mhbpf lab after Ctrl-C: %v\n%s", err, out.String())
+		}
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("mhbpf lab did not end after Ctrl-C:\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), "interrupted; removing the lab") {
+		t.Fatalf("no word of the interruption:\n%s", out.String())
+	}
+	var router string
+	for _, line := range strings.Split(out.String(), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[0] == "namespaces:" {
+			router = strings.TrimSuffix(f[2], ",")
+		}
+	}
+	if ns, _ := exec.Command("ip", "netns", "list").CombinedOutput(); router == "" || strings.Contains(string(ns), strings.TrimSuffix(router, "-rt")) {
+		t.Fatalf("namespaces left after Ctrl-C (router %q):\n%s", router, ns)
+	}
+	if pins, _ := os.ReadDir("/sys/fs/bpf"); len(pins) > 0 {
+		for _, p := range pins {
+			if strings.HasPrefix(p.Name(), "mhbpf-mhbpf-lab-") {
+				t.Fatalf("pins left after Ctrl-C: %s", p.Name())
+			}
+		}
+	}
+}
