@@ -68,6 +68,7 @@ type daemonEnv struct {
 	cgroup   string
 	cmd      *exec.Cmd
 	log      *syncBuffer
+	wrap     []string // runs the daemon through this (e.g. setpriv)
 }
 
 type syncBuffer struct {
@@ -164,7 +165,7 @@ func (e *daemonEnv) mhbpf(args ...string) (string, error) {
 func (e *daemonEnv) start() {
 	e.t.Helper()
 	e.log = &syncBuffer{}
-	e.cmd = e.inRouter(e.bin, "run", "--debug", "--config", e.cfgPath)
+	e.cmd = e.inRouter(append(append([]string{}, e.wrap...), e.bin, "run", "--debug", "--config", e.cfgPath)...)
 	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
 	if err := e.cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -805,5 +806,73 @@ func TestDaemonTeardownOnExit(t *testing.T) {
 	e.stop() // SIGTERM
 	if after := e.snapshot(); after != before {
 		t.Fatalf("after SIGTERM with teardown_on_exit:\n%s\n--- want ---\n%s\nlog:\n%s", after, before, e.log.String())
+	}
+}
+
+// The capabilities the systemd unit grants are enough: the daemon runs
+// with only CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW in its
+// bounding set, converges, and steers.
+func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
+	unit, err := os.ReadFile("../dist/mhbpf.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var caps []string
+	for _, line := range strings.Split(string(unit), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
+			caps = strings.Fields(v)
+		}
+	}
+	if len(caps) == 0 {
+		t.Fatal("the unit sets no CapabilityBoundingSet")
+	}
+	set := "-all"
+	for _, c := range caps {
+		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	}
+	e := newDaemonEnv(t, "", "")
+	e.wrap = []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all"}
+	srv, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	srv1, err := e.topo.Serve(e.topo.ISP1, "isp1", topology.Internet, 8000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv1.Close)
+	e.start()
+	e.waitFor("multipath with only "+strings.Join(caps, " "), 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	if got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000); err != nil {
+		t.Fatalf("LAN traffic: %q, %v\n%s", got, err, e.log.String())
+	}
+	if out, _ := exec.Command("grep", "Cap", fmt.Sprintf("/proc/%d/status", e.cmd.Process.Pid)).CombinedOutput(); !strings.Contains(string(out), "CapBnd") {
+		t.Fatalf("cannot read the daemon's capabilities: %s", out)
+	} else {
+		t.Logf("%s", out)
+	}
+	if strings.Contains(e.log.String(), "level=ERROR") {
+		t.Fatalf("errors with the unit's capabilities:\n%s", e.log.String())
+	}
+}
+
+// The unit file is valid for systemd.
+func TestUnitFileVerifies(t *testing.T) {
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Skip("SKIPPED LOUDLY: no systemd-analyze on this machine")
+	}
+	unit, err := os.ReadFile("../dist/mhbpf.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// verify wants the binaries to exist: point them at one that does.
+	dir := t.TempDir()
+	path := filepath.Join(dir, "mhbpf.service")
+	if err := os.WriteFile(path, []byte(strings.ReplaceAll(string(unit), "/usr/local/bin/mhbpf", "/bin/true")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("systemd-analyze", "verify", path).CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
 	}
 }
