@@ -27,9 +27,9 @@ int lan_ingress(struct __sk_buff *skb)
 	struct packet p = {};
 	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
 		return TC_ACT_OK;
-	if (is_bypassed(p.family, p.daddr))
-		return TC_ACT_OK;
 
+	/* Known flows first: they are most packets, and a bypassed destination
+	 * never gets a flow, so the bypass check is only needed on a miss. */
 	struct flow_key k;
 	flow_key_of(&p, &k);
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
@@ -39,6 +39,8 @@ int lan_ingress(struct __sk_buff *skb)
 		skb->mark = apply_mark(skb->mark, f->mark);
 		return TC_ACT_OK;
 	}
+	if (is_bypassed(p.family, p.daddr))
+		return TC_ACT_OK;
 
 	/* The answer of a port-forwarded host: its destination is the remote
 	 * peer, which DNAT left untouched. */
