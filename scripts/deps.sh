@@ -9,7 +9,7 @@ packages=(
 	iproute2              # ip netns / ip link / tc for the test topology
 	nftables              # masquerade in the scenario tests
 	openvpn               # the real tun0 of the scenario
-	iperf3 socat          # real servers and clients
+	socat procps          # real servers and clients; sysctl
 	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace
 	ppp                   # real pppd (runs in the VM suite: the host kernel has no PPP)
 	qemu-system-x86 busybox-static cpio xz-utils  # the VM suite (test/vm)
