@@ -876,3 +876,47 @@ func TestUnitFileVerifies(t *testing.T) {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
 	}
 }
+
+// A flood of netlink events overflows the daemon's subscription (ENOBUFS):
+// it subscribes again, resyncs, and keeps converging.
+func TestDaemonSurvivesNetlinkOverflow(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	// While the daemon is stopped, 30000 route events pile up in its
+	// socket, far beyond its receive buffer.
+	var batch strings.Builder
+	for i := 0; i < 30000; i++ {
+		fmt.Fprintf(&batch, "route add 100.127.%d.%d/32 dev eth2 table 150\n", i/250, i%250+1)
+	}
+	if err := e.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "-n", e.topo.Router, "-batch", "-")
+	cmd.Stdin = strings.NewReader(batch.String())
+	out, err := cmd.CombinedOutput()
+	_ = e.cmd.Process.Signal(syscall.SIGCONT)
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	e.waitFor("the daemon noticing the overflow", 10*time.Second, func() bool {
+		return strings.Contains(e.log.String(), "netlink subscription failed; resubscribing")
+	})
+	t.Logf("%s", grepLines(e.log.String(), "netlink"))
+	// Still converging: a deleted route comes back.
+	if err := e.topo.IP(e.topo.Router, "route", "del", "default"); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+}
+
+func grepLines(text, word string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, word) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
