@@ -920,3 +920,27 @@ func grepLines(text, word string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// The LAN's own subnets are never steered, configured or not.
+func TestDaemonBypassesLANSubnets(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	cfg, _ := os.ReadFile(e.cfgPath)
+	e.writeConfig(strings.Replace(string(cfg), `bypass = ["100.64.2.0/24", "2001:db8:0:3::/64"]`, "", 1))
+	e.start()
+	e.waitFor("the LAN subnets in the bypass set", 3*time.Second, func() bool {
+		return strings.Contains(e.log.String(), "100.64.2.0/24") && strings.Contains(e.log.String(), "2001:db8:0:3::/64")
+	})
+	// A LAN host talking to the router's LAN address: not a flow to steer.
+	srv, err := e.topo.Serve(e.topo.Router, "router", topology.RouterLAN, 8010)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	if got, err := e.topo.Dial(e.topo.LAN, "", topology.RouterLAN, 8010); err != nil {
+		t.Fatalf("%q, %v", got, err)
+	}
+	out, _ := e.mhbpf("flows")
+	if strings.Contains(out, topology.RouterLAN.String()) {
+		t.Fatalf("a flow to the LAN was recorded:\n%s", out)
+	}
+}

@@ -53,6 +53,7 @@ type Daemon struct {
 	natSet    bool
 	seen      map[int]bool // uplinks usable at least once
 	metrics   *metrics
+	bypass    string // the bypass prefixes last written
 }
 
 // New validates the configuration and loads the datapath. Nothing in the
@@ -168,7 +169,8 @@ func drain(ch <-chan struct{}, quiet time.Duration) {
 }
 
 // applyStatic writes what follows from the configuration alone: policy,
-// bypass prefixes.
+// stale uplink slots. (Bypass prefixes also depend on the LAN's addresses:
+// each pass sets them.)
 func (d *Daemon) applyStatic() error {
 	if err := d.dp.Maps.ReplacePolicy(policyOf(d.cfg)); err != nil {
 		return fmt.Errorf("policy: %w", err)
@@ -180,7 +182,43 @@ func (d *Daemon) applyStatic() error {
 			return err
 		}
 	}
-	return d.dp.Maps.SetBypass(d.cfg.LAN.Bypass)
+	d.bypass = ""
+	return nil
+}
+
+// applyBypass sets the destinations never steered: the configured ones and
+// the subnets of the LAN interfaces (the LAN is the LAN whatever the config
+// says), when they changed.
+func (d *Daemon) applyBypass() {
+	prefixes := append([]netip.Prefix(nil), d.cfg.LAN.Bypass...)
+	for _, ifname := range d.cfg.LAN.Interfaces {
+		l, err := d.nl.LinkByName(ifname)
+		if err != nil {
+			continue
+		}
+		addrs, err := d.nl.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			if !ok || ip.IsLinkLocalUnicast() {
+				continue
+			}
+			ones, _ := a.Mask.Size()
+			prefixes = append(prefixes, netip.PrefixFrom(ip.Unmap(), ones).Masked())
+		}
+	}
+	key := fmt.Sprint(prefixes)
+	if key == d.bypass {
+		return
+	}
+	if err := d.dp.Maps.SetBypass(prefixes); err != nil {
+		d.log.Error("bypass prefixes", "error", err)
+		return
+	}
+	d.bypass = key
+	d.log.Info("destinations not steered", "prefixes", key)
 }
 
 func policyOf(c *config.Config) maps.Policy {
@@ -419,6 +457,8 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		d.attached[ifname] = l.Attrs().Index
 		d.log.Info("attached", "interface", ifname, "role", "lan")
 	}
+
+	d.applyBypass()
 
 	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark}
 	changes, err := routing.Apply(d.nl, rs, routing.Desired(rs, routed))
