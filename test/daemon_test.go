@@ -944,3 +944,13 @@ func TestDaemonBypassesLANSubnets(t *testing.T) {
 		t.Fatalf("a flow to the LAN was recorded:\n%s", out)
 	}
 }
+
+// A second daemon on the same state directory refuses to start.
+func TestSecondDaemonRefused(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	out, err := e.inRouter(e.bin, "run", "--config", e.cfgPath).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), fmt.Sprintf("another mhbpf daemon (pid %d)", e.cmd.Process.Pid)) {
+		t.Fatalf("second daemon: %v\n%s", err, out)
+	}
+}

@@ -76,6 +76,12 @@ func (d *Daemon) stateFile(name string) string { return filepath.Join(d.cfg.Glob
 func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	d.ctx = ctx
 	g := &d.cfg.Global
+	// One daemon per state directory: two would fight over every route.
+	unlock, err := lockStateDir(g.StateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	// Record where everything will be before touching anything, so that a
 	// crash at any later point leaves 'mhbpf down' able to clean up.
 	if err := statefile.Write(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
@@ -87,7 +93,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		return err
 	}
 	d.dp = dp
-	defer dp.Close()
+	defer d.dp.Close()
 	if d.nl, err = netlink.NewHandle(); err != nil {
 		return err
 	}

@@ -2,9 +2,13 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/statefile"
@@ -76,4 +80,25 @@ func LoadStatus(stateDir string) (Status, error) {
 	var s Status
 	err := statefile.Read(filepath.Join(stateDir, statusFile), &s)
 	return s, err
+}
+
+// lockStateDir takes the state directory's lock (released when the process
+// ends, however it ends), or says which process holds it.
+func lockStateDir(dir string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	path := filepath.Join(dir, "lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		f.Close()
+		return nil, fmt.Errorf("another mhbpf daemon (pid %s) runs with state directory %s", strings.TrimSpace(string(b)), dir)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	return func() { f.Close() }, nil
 }
