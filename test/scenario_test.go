@@ -95,7 +95,14 @@ func waitUplinks(t *testing.T, l *lab.Lab, want map[string]bool) {
 }
 
 func TestScenario(t *testing.T) {
-	l, _ := startLab(t)
+	l, log := startLab(t)
+	defer func() {
+		// Links went and came all along: the daemon handled it without
+		// a single error.
+		if strings.Contains(log.String(), "level=ERROR") {
+			t.Errorf("the daemon logged errors:\n%s", grepLines(log.String(), "level=ERROR"))
+		}
+	}()
 
 	// 1. The server itself and every LAN host reach the internet whenever
 	// at least one ADSL link is up.
