@@ -69,6 +69,10 @@ type daemonEnv struct {
 	cmd      *exec.Cmd
 	log      *syncBuffer
 	wrap     []string // runs the daemon through this (e.g. setpriv)
+	// expectErrors: the test provokes errors the daemon must log; any
+	// other test fails on an ERROR line in the daemon's log.
+	expectErrors bool
+	logs         []string // logs of earlier daemon processes of this test
 }
 
 type syncBuffer struct {
@@ -134,6 +138,10 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, extra))
 	t.Cleanup(func() {
 		e.stop()
+		all := strings.Join(append(e.logs, logOf(e.log)), "\n")
+		if !e.expectErrors && strings.Contains(all, "level=ERROR") {
+			t.Errorf("the daemon logged errors:\n%s", grepLines(all, "level=ERROR"))
+		}
 		// Whatever a test left, 'mhbpf down' removes; a failure here is a bug.
 		if out, err := e.mhbpf("down"); err != nil {
 			t.Errorf("mhbpf down: %v\n%s", err, out)
@@ -162,8 +170,18 @@ func (e *daemonEnv) mhbpf(args ...string) (string, error) {
 	return string(out), err
 }
 
+func logOf(b *syncBuffer) string {
+	if b == nil {
+		return ""
+	}
+	return b.String()
+}
+
 func (e *daemonEnv) start() {
 	e.t.Helper()
+	if e.log != nil {
+		e.logs = append(e.logs, e.log.String())
+	}
 	e.log = &syncBuffer{}
 	e.cmd = e.inRouter(append(append([]string{}, e.wrap...), e.bin, "run", "--debug", "--config", e.cfgPath)...)
 	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
@@ -420,6 +438,7 @@ func TestDaemonFlapsLeaveNoDebris(t *testing.T) {
 // A bad configuration on SIGHUP is refused and changes nothing.
 func TestDaemonBadReloadKeepsState(t *testing.T) {
 	e := newDaemonEnv(t, "", "")
+	e.expectErrors = true // the refusal is an error
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 	before := e.snapshot()
