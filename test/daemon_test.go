@@ -539,7 +539,8 @@ func TestDaemonRestartKeepsFlows(t *testing.T) {
 		t.Fatalf("after restart: %q, %v; want %q", got, err, first)
 	}
 	flowsAfter, _ := e.mhbpf("flows")
-	if !strings.Contains(flowsAfter, "100.64.2.10") || strings.Count(flowsAfter, "\n") < strings.Count(flowsBefore, "\n") {
+	if !strings.Contains(flowsAfter, "100.64.2.10") || !strings.Contains(flowsAfter, " isp") ||
+		strings.Count(flowsAfter, "\n") < strings.Count(flowsBefore, "\n") {
 		t.Fatalf("flows lost across restart:\nbefore:\n%s\nafter:\n%s", flowsBefore, flowsAfter)
 	}
 }

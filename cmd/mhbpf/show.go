@@ -16,7 +16,19 @@ import (
 	"github.com/mhbpf/mhbpf/internal/maps"
 )
 
-func flowsCmd(pinDir *string) *cobra.Command {
+// uplinkNames names uplink ids after the daemon's last status, when there
+// is one; the flow map itself knows only ids.
+func uplinkNames(stateDir string) func(int) string {
+	st, err := daemon.LoadStatus(stateDir)
+	return func(id int) string {
+		if err == nil && id < len(st.Uplinks) {
+			return st.Uplinks[id].Name
+		}
+		return fmt.Sprint(id)
+	}
+}
+
+func flowsCmd(pinDir, stateDir *string) *cobra.Command {
 	var uplink int
 	cmd := &cobra.Command{
 		Use:   "flows",
@@ -39,12 +51,13 @@ func flowsCmd(pinDir *string) *cobra.Command {
 				return err
 			}
 			sort.Slice(flows, func(i, j int) bool { return flows[i].LastSeen > flows[j].LastSeen })
+			names := uplinkNames(*stateDir)
 			now := monotonicNow()
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tPACKETS\tBYTES\tAGE\tIDLE")
 			for _, f := range flows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\n", maps.ProtoName(f.Key.Proto), f.Key.Src, f.Key.Dst,
-					f.Uplink, f.Origin, f.Packets, f.Bytes, ago(now, f.FirstSeen), ago(now, f.LastSeen))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", maps.ProtoName(f.Key.Proto), f.Key.Src, f.Key.Dst,
+					names(f.Uplink), f.Origin, f.Packets, f.Bytes, ago(now, f.FirstSeen), ago(now, f.LastSeen))
 			}
 			return w.Flush()
 		},
