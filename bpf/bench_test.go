@@ -55,7 +55,7 @@ func BenchmarkLANNewFlowFullPolicy(b *testing.B) {
 	var rules []maps.Rule
 	for i := 0; i < maps.MaxRules; i++ {
 		rules = append(rules, maps.Rule{
-			Dst:    []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(i), 0}), 24)},
+			Dst:    []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 96, byte(i), 0}), 24)},
 			Proto:  packet.ProtoTCP,
 			Ports:  []maps.PortRange{{Lo: 1, Hi: 442}, {Lo: 444, Hi: 1000}},
 			Action: maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}},
@@ -72,7 +72,7 @@ func BenchmarkLANNewFlowFullPolicy(b *testing.B) {
 	if err := e.m.SetUplinkUp(isp2, false); err != nil {
 		b.Fatal(err)
 	}
-	benchProgram(b, e.d.LANProgram(), syn(ap(lanHost, 40000), ap(netip.AddrFrom4([4]byte{198, 18, 63, 1}), 443)).Bytes())
+	benchProgram(b, e.d.LANProgram(), syn(ap(lanHost, 40000), ap(netip.AddrFrom4([4]byte{100, 96, 63, 1}), 443)).Bytes())
 }
 
 func BenchmarkUplinkInboundKnownFlow(b *testing.B) {

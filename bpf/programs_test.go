@@ -240,7 +240,7 @@ func TestBalanceSplitsByWeight(t *testing.T) {
 	const n = 10000
 	count := map[int]int{}
 	for i := 0; i < n; i++ {
-		dst := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		dst := netip.AddrFrom4([4]byte{100, 96, byte(i >> 8), byte(i)})
 		count[uplinkOf(e.lanRun(syn(ap(lanHost, 30000), ap(dst, 443)), 0))]++
 	}
 	share := float64(count[isp1]) / n * 100
@@ -257,7 +257,7 @@ func TestStickiness(t *testing.T) {
 	t.Run("destination", func(t *testing.T) {
 		e := newEnv(t)
 		for d := 0; d < 50; d++ {
-			dst := netip.AddrFrom4([4]byte{198, 18, 0, byte(d)})
+			dst := netip.AddrFrom4([4]byte{100, 96, 0, byte(d)})
 			first := e.lanRun(syn(ap(lanHost, 20000), ap(dst, 443)), 0)
 			for port := uint16(20001); port < 20010; port++ {
 				src := netip.AddrFrom4([4]byte{100, 64, 2, byte(port)})
@@ -308,7 +308,7 @@ func TestDownUplinkIsNeverChosen(t *testing.T) {
 	// A flow on isp1, then isp1 goes down: the flow moves, new flows avoid it.
 	var onISP1 packet.Packet
 	for i := 0; ; i++ {
-		p := syn(ap(lanHost, uint16(1000+i)), ap(netip.AddrFrom4([4]byte{198, 18, 1, byte(i)}), 80))
+		p := syn(ap(lanHost, uint16(1000+i)), ap(netip.AddrFrom4([4]byte{100, 96, 1, byte(i)}), 80))
 		if uplinkOf(e.lanRun(p, 0)) == isp1 {
 			onISP1 = p
 			break
@@ -322,7 +322,7 @@ func TestDownUplinkIsNeverChosen(t *testing.T) {
 		t.Fatalf("flow of a down uplink got mark %#x, want isp2", m)
 	}
 	for i := 0; i < 1000; i++ {
-		dst := netip.AddrFrom4([4]byte{198, 18, 2 + byte(i>>8), byte(i)})
+		dst := netip.AddrFrom4([4]byte{100, 96, 2 + byte(i>>8), byte(i)})
 		if m := e.lanRun(syn(ap(lanHost, 2000), ap(dst, 80)), 0); uplinkOf(m) != isp2 || m&markISP1 != 0 {
 			t.Fatalf("flow %d got mark %#x with isp1 down", i, m)
 		}
@@ -370,7 +370,7 @@ func TestPolicyMatches(t *testing.T) {
 	}{
 		{"smtp 25", syn(ap(lanHost, 1), ap(remote, 25)), markISP1 | markStrict},
 		{"smtp 587", syn(ap(lanHost, 2), ap(remote, 587)), markISP1 | markStrict},
-		{"smtp port but udp", udp(ap(lanHost, 3), ap(netip.MustParseAddr("198.18.9.9"), 25)), 0},
+		{"smtp port but udp", udp(ap(lanHost, 3), ap(netip.MustParseAddr("100.96.9.9"), 25)), 0},
 		{"panel", syn(ap(lanHost, 4), ap(netip.MustParseAddr("198.51.100.20"), 443)), markISP2},
 		{"panel nested prefix", syn(ap(lanHost, 5), ap(netip.MustParseAddr("198.51.100.200"), 443)), markISP2},
 		{"vpn server", udp(ap(lanHost, 6), ap(netip.MustParseAddr("192.0.2.1"), 1194)), markISP1 | markISP2},
