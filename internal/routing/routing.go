@@ -226,13 +226,7 @@ func routeKey(r *netlink.Route) string {
 	} else {
 		hops = append(hops, fmt.Sprintf("%d/%v/0", r.LinkIndex, gwString(r.Gw)))
 	}
-	dst := "default"
-	if r.Dst != nil {
-		if ones, _ := r.Dst.Mask.Size(); ones != 0 || !r.Dst.IP.IsUnspecified() {
-			dst = r.Dst.String()
-		}
-	}
-	return fmt.Sprintf("f%d t%d %s %s", r.Family, r.Table, dst, strings.Join(hops, ","))
+	return routeSlot(r) + " " + strings.Join(hops, ",")
 }
 
 func gwString(ip net.IP) string {
@@ -245,6 +239,7 @@ func gwString(ip net.IP) string {
 // routeSlot is what the kernel replaces on RouteReplace: one route per
 // table, destination and family.
 func routeSlot(r *netlink.Route) string {
+	// The kernel reports a default route with or without a 0/0 Dst.
 	dst := "default"
 	if r.Dst != nil {
 		if ones, _ := r.Dst.Mask.Size(); ones != 0 || !r.Dst.IP.IsUnspecified() {
