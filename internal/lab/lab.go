@@ -152,20 +152,23 @@ func (l *Lab) startServices() error {
 		l.servers = append(l.servers, srv)
 	}
 	// The port forward: isp1's address, port 8080, to the LAN web server.
-	nft := fmt.Sprintf(`table ip lab {
+	portForward := fmt.Sprintf(`table ip lab {
 	chain pre { type nat hook prerouting priority dstnat; iifname "ppp0" tcp dport 8080 dnat to %s:80; }
 }
-table ip count {
+`, topology.LANServer)
+	// The internet counts, by source address, what reaches the VPN server
+	// and the mail server: which uplink the router used.
+	counters := fmt.Sprintf(`table ip count {
 	chain forward_count {
 		type filter hook forward priority 0;
-		udp dport 1194 ip saddr %s counter comment "vpn-isp1"
-		udp dport 1194 ip saddr %s counter comment "vpn-isp2"
-		tcp dport 25 ip saddr %s counter comment "smtp-isp1"
-		tcp dport 25 ip saddr %s counter comment "smtp-isp2"
+		udp dport 1194 ip saddr %[1]s counter comment "vpn-isp1"
+		udp dport 1194 ip saddr %[2]s counter comment "vpn-isp2"
+		tcp dport 25 ip saddr %[1]s counter comment "smtp-isp1"
+		tcp dport 25 ip saddr %[2]s counter comment "smtp-isp2"
 	}
 }
-`, topology.LANServer, topology.ISP1Local, topology.ISP2Local, topology.ISP1Local, topology.ISP2Local)
-	for ns, rules := range map[string]string{s.Router: nft[:strings.Index(nft, "table ip count")], s.Inet: nft[strings.Index(nft, "table ip count"):]} {
+`, topology.ISP1Local, topology.ISP2Local)
+	for ns, rules := range map[string]string{s.Router: portForward, s.Inet: counters} {
 		cmd := s.Exec(ns, "nft", "-f", "-")
 		cmd.Stdin = strings.NewReader(rules)
 		if out, err := cmd.CombinedOutput(); err != nil {
