@@ -49,7 +49,7 @@ int lan_ingress(struct __sk_buff *skb)
 	struct remote *r = bpf_map_lookup_elem(&remotes, &rk);
 	if (r && r->origin == ORIGIN_INBOUND) {
 		count_packet(r->uplink, skb->len, false);
-		skb->mark = apply_mark(skb->mark, uplink_mark(r->uplink));
+		skb->mark = apply_mark(skb->mark, uplink_mark(r->uplink) | mark_reply);
 		return TC_ACT_OK;
 	}
 

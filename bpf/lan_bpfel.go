@@ -191,6 +191,7 @@ const (
 	LanMapUplinks     = "uplinks"
 	LanProgLanIngress = "lan_ingress"
 	LanVarMarkMask    = "mark_mask"
+	LanVarMarkReply   = "mark_reply"
 	LanVarMarkStrict  = "mark_strict"
 	LanVarStickyNs    = "sticky_ns"
 )
@@ -266,6 +267,7 @@ type LanMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanVariableSpecs struct {
 	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
 	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
@@ -332,6 +334,7 @@ func (m *LanMaps) Close() error {
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanVariables struct {
 	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
 	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
 }

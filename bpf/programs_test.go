@@ -26,6 +26,7 @@ const (
 	markISP2   = 0x00020000
 	markVPN    = 0x00040000
 	markStrict = 0x00800000
+	markReply  = 0x00400000
 	markMask   = 0x00ff0000
 
 	isp1, isp2, vpn = 0, 1, 2
@@ -55,7 +56,7 @@ func newEnvTB(t testing.TB) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
 	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{PinDir: dir, MarkMask: markMask, MarkStrict: markStrict})
+	d, err := loader.Load(loader.Options{PinDir: dir, MarkMask: markMask, MarkStrict: markStrict, MarkReply: markReply})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,8 +443,10 @@ func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
 	in := syn(visitor, public)
 	in.L3 = true
 	e.arrivesOn(isp2, true)
-	if m := e.uplinkRun(in, 0x1); m != markISP2|0x1 {
-		t.Fatalf("inbound SYN on isp2: mark %#x, want %#x", m, markISP2|0x1)
+	// The answer bit goes with the arrival uplink's: fib rules route it by
+	// that uplink's table ahead of main's specific routes.
+	if m := e.uplinkRun(in, 0x1); m != markISP2|markReply|0x1 {
+		t.Fatalf("inbound SYN on isp2: mark %#x, want %#x", m, markISP2|markReply|0x1)
 	}
 	f, ok := e.flow(in)
 	if !ok || f.Origin != maps.OriginInbound || f.Uplink != isp2 {
@@ -451,7 +454,7 @@ func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
 	}
 	// Later packets of the flow are counted and marked too.
 	in.TCPFlags = packet.TCPAck
-	if m := e.uplinkRun(in, 0); m != markISP2 {
+	if m := e.uplinkRun(in, 0); m != markISP2|markReply {
 		t.Fatalf("inbound ACK: mark %#x", m)
 	}
 
@@ -460,8 +463,8 @@ func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
 	// the answer must take isp2.
 	e.lan(false)
 	reply := packet.Packet{Src: ap(lanHost, 8080), Dst: visitor, Proto: packet.ProtoTCP, TCPFlags: packet.TCPSyn | packet.TCPAck}
-	if m := e.lanRun(reply, 0); m != markISP2 {
-		t.Fatalf("DNAT reply: mark %#x, want isp2 %#x", m, markISP2)
+	if m := e.lanRun(reply, 0); m != markISP2|markReply {
+		t.Fatalf("DNAT reply: mark %#x, want isp2 %#x", m, markISP2|markReply)
 	}
 }
 
@@ -490,7 +493,7 @@ func TestRepliesToOwnFlowsAreNotInbound(t *testing.T) {
 	}
 	// The inbound echo request is a new flow.
 	echo := packet.Packet{Src: ap(remote, 9), Dst: ap(netip.MustParseAddr("100.64.0.2"), 0), Proto: packet.ProtoICMP, ICMPType: 8}
-	if m := e.uplinkRun(echo, 0); m != markISP1 {
+	if m := e.uplinkRun(echo, 0); m != markISP1|markReply {
 		t.Fatalf("inbound echo request: mark %#x, want isp1", m)
 	}
 }

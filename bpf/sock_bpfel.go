@@ -194,6 +194,7 @@ const (
 	SockProgSockSendmsg4 = "sock_sendmsg4"
 	SockProgSockSendmsg6 = "sock_sendmsg6"
 	SockVarMarkMask      = "mark_mask"
+	SockVarMarkReply     = "mark_reply"
 	SockVarMarkStrict    = "mark_strict"
 	SockVarStickyNs      = "sticky_ns"
 )
@@ -272,6 +273,7 @@ type SockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
 	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
 	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
@@ -338,6 +340,7 @@ func (m *SockMaps) Close() error {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
 	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
 	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
 }

@@ -55,7 +55,7 @@ int uplink_ingress(struct __sk_buff *skb)
 	if (!opens_inbound(&p))
 		return TC_ACT_OK;
 
-	__u32 mark = uplink_mark(ifc->uplink) & mark_mask;
+	__u32 mark = (uplink_mark(ifc->uplink) | mark_reply) & mark_mask;
 	flow_record(&k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
 
 	struct remote_key rk;

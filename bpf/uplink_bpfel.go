@@ -184,6 +184,7 @@ const (
 	UplinkMapUplinks        = "uplinks"
 	UplinkProgUplinkIngress = "uplink_ingress"
 	UplinkVarMarkMask       = "mark_mask"
+	UplinkVarMarkReply      = "mark_reply"
 	UplinkVarMarkStrict     = "mark_strict"
 	UplinkVarStickyNs       = "sticky_ns"
 )
@@ -259,6 +260,7 @@ type UplinkMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkVariableSpecs struct {
 	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
 	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
@@ -325,6 +327,7 @@ func (m *UplinkMaps) Close() error {
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkVariables struct {
 	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
 	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
 }

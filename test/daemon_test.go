@@ -288,18 +288,38 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 	if !strings.Contains(r, "weight 8") || !strings.Contains(r, "weight 2") || !strings.Contains(r, "proto 77") {
 		t.Fatalf("main default route %q, want weights 8 and 2, proto 77", r)
 	}
-	rules := e.ip("rule")
-	for _, want := range []string{
-		"10000:\tfrom all iif ppp0 lookup main proto 77",
-		"10020:\tfrom 100.64.0.2 lookup 100 proto 77",
-		"10021:\tfrom 100.64.1.2 lookup 101 proto 77",
-		"10040:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77",
-		"10041:\tfrom all fwmark 0x20000/0x20000 lookup 101 proto 77",
-		"10060:\tfrom all fwmark 0x800000/0x800000 unreachable proto 77",
-	} {
-		if !strings.Contains(rules, want) {
-			t.Errorf("missing rule %q in\n%s", want, rules)
-		}
+	// The whole layout, as the kernel lists it: answers by their arrival
+	// uplink first, then main's routes more specific than default, then
+	// the uplink tables by source and by mark, then fail closed.
+	const wantRules = `10000:	from all iif ppp0 lookup main proto 77
+10001:	from all iif ppp1 lookup main proto 77
+10016:	from all to 100.64.2.0/24 lookup main proto 77
+10020:	from all fwmark 0x410000/0x410000 lookup 100 proto 77
+10021:	from all fwmark 0x420000/0x420000 lookup 101 proto 77
+10036:	from all lookup main suppress_prefixlength 0 proto 77
+10040:	from 100.64.0.2 lookup 100 proto 77
+10041:	from 100.64.1.2 lookup 101 proto 77
+10060:	from all fwmark 0x10000/0x10000 lookup 100 proto 77
+10061:	from all fwmark 0x20000/0x20000 lookup 101 proto 77
+10080:	from all fwmark 0x800000/0x800000 unreachable proto 77
+`
+	const wantRules6 = `10000:	from all iif ppp0 lookup main proto 77
+10001:	from all iif ppp1 lookup main proto 77
+10016:	from all to 2001:db8:0:3::/64 lookup main proto 77
+10020:	from all fwmark 0x410000/0x410000 lookup 100 proto 77
+10021:	from all fwmark 0x420000/0x420000 lookup 101 proto 77
+10036:	from all lookup main suppress_prefixlength 0 proto 77
+10040:	from 2001:db8:0:1::2 lookup 100 proto 77
+10041:	from 2001:db8:0:2::2 lookup 101 proto 77
+10060:	from all fwmark 0x10000/0x10000 lookup 100 proto 77
+10061:	from all fwmark 0x20000/0x20000 lookup 101 proto 77
+10080:	from all fwmark 0x800000/0x800000 unreachable proto 77
+`
+	if got := grepLines(e.ip("rule"), "proto 77") + "\n"; got != wantRules {
+		t.Errorf("IPv4 rules:\n%s\nwant:\n%s", got, wantRules)
+	}
+	if got := grepLines(e.ip("-6", "rule"), "proto 77") + "\n"; got != wantRules6 {
+		t.Errorf("IPv6 rules:\n%s\nwant:\n%s", got, wantRules6)
 	}
 	for table, dev := range map[string]string{"100": "ppp0", "101": "ppp1"} {
 		if got := e.ip("route", "show", "table", table); !strings.Contains(got, "default via") || !strings.Contains(got, "dev "+dev) {
@@ -307,16 +327,6 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 		}
 		if got := e.ip("-6", "route", "show", "table", table); !strings.Contains(got, "default via") || !strings.Contains(got, "dev "+dev) {
 			t.Errorf("IPv6 table %s: %q", table, got)
-		}
-	}
-	rules6 := e.ip("-6", "rule")
-	for _, want := range []string{
-		"10021:\tfrom 2001:db8:0:2::2 lookup 101 proto 77",
-		"10040:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77",
-		"10060:\tfrom all fwmark 0x800000/0x800000 unreachable proto 77",
-	} {
-		if !strings.Contains(rules6, want) {
-			t.Errorf("missing IPv6 rule %q in\n%s", want, rules6)
 		}
 	}
 	if r := e.ip("-6", "route", "show", "default"); !strings.Contains(r, "weight 8") || !strings.Contains(r, "weight 2") {
@@ -430,8 +440,8 @@ func TestDaemonFlapsLeaveNoDebris(t *testing.T) {
 	if last != settled {
 		t.Fatalf("not settled 5s after flapping:\n%s\n--- want ---\n%s\nlog:\n%s", last, settled, e.log.String())
 	}
-	if n := strings.Count(e.ip("rule"), "proto 77"); n != 7 {
-		t.Fatalf("%d mhbpf rules after flapping, want 7 (2 iif, 2 from, 2 mark, 1 strict):\n%s", n, e.ip("rule"))
+	if n := strings.Count(e.ip("rule"), "proto 77"); n != 11 {
+		t.Fatalf("%d mhbpf rules after flapping, want 11 (2 iif, 1 LAN, 2 reply, 1 main, 2 from, 2 mark, 1 strict):\n%s", n, e.ip("rule"))
 	}
 }
 

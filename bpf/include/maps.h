@@ -21,6 +21,14 @@ volatile const __u32 mark_mask = 0x00ff0000;
  * uplink rules, so a policy whose uplinks are all down fails closed instead
  * of leaking out by main's default route. Inside mark_mask. */
 volatile const __u32 mark_strict = 0x00800000;
+/* The "answer" bit: set with the arrival uplink's bit on everything that
+ * answers a remotely started flow (the inbound packets themselves, so that
+ * tcp_fwmark_accept and fwmark_reflect hand it on, and a port-forwarded
+ * host's replies). fib rules route it by the arrival uplink's table ahead of
+ * main, while everything else lets main's routes more specific than default
+ * win (the LAN, a VPN's routes, the router's own ICMP errors to LAN hosts).
+ * Inside mark_mask. */
+volatile const __u32 mark_reply = 0x00400000;
 volatile const __u64 sticky_ns = 600ULL * 1000000000ULL;
 
 enum origin {

@@ -29,6 +29,7 @@ type Config struct {
 type Global struct {
 	MarkMask      uint32
 	StrictMark    uint32 // the "no fallback" bit, inside MarkMask
+	ReplyMark     uint32 // the "answer by the arrival uplink" bit, inside MarkMask
 	TableMin      int
 	TableMax      int
 	RulePriority  int // first priority of mhbpf's block of fib rules
@@ -60,7 +61,11 @@ type Uplink struct {
 	Gateway    netip.Addr // Ethernet uplinks; invalid for ppp/tun
 	Gateway6   netip.Addr // the IPv6 router of an Ethernet uplink
 	Masquerade bool
-	Health     *Health
+	// ClampMSS rewrites the MSS of TCP SYNs leaving or arriving by this
+	// uplink to its route MTU (PPPoE's 1492 breaks PMTU discovery behind
+	// ICMP filters).
+	ClampMSS bool
+	Health   *Health
 }
 
 type Health struct {
@@ -115,6 +120,7 @@ type rawFile struct {
 type rawGlobal struct {
 	MarkMask       *uint32   `toml:"mark_mask"`
 	StrictMark     *uint32   `toml:"strict_mark"`
+	ReplyMark      *uint32   `toml:"reply_mark"`
 	Tables         []int     `toml:"tables"`
 	RulePriority   *int      `toml:"rule_priority"`
 	RouteProtocol  *int      `toml:"route_protocol"`
@@ -141,6 +147,7 @@ type rawUplink struct {
 	Gateway    string     `toml:"gateway"`
 	Gateway6   string     `toml:"gateway6"`
 	Masquerade bool       `toml:"masquerade"`
+	ClampMSS   *bool      `toml:"clamp_mss"`
 	Health     *rawHealth `toml:"health"`
 }
 
@@ -327,14 +334,22 @@ func (v *validator) global(r *rawGlobal, g *Global) error {
 	if r.MarkMask != nil {
 		g.MarkMask = *r.MarkMask
 	}
-	if bits.OnesCount32(g.MarkMask) < 2 {
-		return v.err("global.mark_mask", "mask %#x needs at least two bits (one per uplink and the strict bit)", g.MarkMask)
+	if bits.OnesCount32(g.MarkMask) < 3 {
+		return v.err("global.mark_mask", "mask %#x needs at least three bits (one per uplink, the strict bit and the reply bit)", g.MarkMask)
 	}
 	g.StrictMark = 1 << (31 - bits.LeadingZeros32(g.MarkMask)) // the mask's highest bit
 	if r.StrictMark != nil {
 		g.StrictMark = *r.StrictMark
 		if bits.OnesCount32(g.StrictMark) != 1 || g.StrictMark&g.MarkMask == 0 {
 			return v.err("global.strict_mark", "%#x must be a single bit inside mark_mask %#x", g.StrictMark, g.MarkMask)
+		}
+	}
+	rest := g.MarkMask &^ g.StrictMark
+	g.ReplyMark = 1 << (31 - bits.LeadingZeros32(rest)) // the highest bit left
+	if r.ReplyMark != nil {
+		g.ReplyMark = *r.ReplyMark
+		if bits.OnesCount32(g.ReplyMark) != 1 || g.ReplyMark&rest == 0 {
+			return v.err("global.reply_mark", "%#x must be a single bit inside mark_mask %#x other than strict_mark %#x", g.ReplyMark, g.MarkMask, g.StrictMark)
 		}
 	}
 	g.TableMin, g.TableMax = DefaultTableMin, DefaultTableMax
@@ -403,7 +418,7 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 	if len(raws) == 0 {
 		return v.err("uplink", "no [[uplink]] configured")
 	}
-	free := g.MarkMask &^ g.StrictMark
+	free := g.MarkMask &^ (g.StrictMark | g.ReplyMark)
 	if len(raws) > bits.OnesCount32(free) || len(raws) > 16 {
 		return v.err("uplink", "%d uplinks, but mark_mask %#x leaves %d bits (and at most 16 uplinks)", len(raws), g.MarkMask, bits.OnesCount32(free))
 	}
@@ -416,7 +431,12 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 	}
 	for i, r := range raws {
 		key := fmt.Sprintf("uplink[%d]", i)
-		u := Uplink{Name: r.Name, Interface: r.Interface, Masquerade: r.Masquerade}
+		u := Uplink{Name: r.Name, Interface: r.Interface, Masquerade: r.Masquerade,
+			// PPP (PPPoE, PPPoA) is where MTUs below 1500 live.
+			ClampMSS: strings.HasPrefix(r.Interface, "ppp")}
+		if r.ClampMSS != nil {
+			u.ClampMSS = *r.ClampMSS
+		}
 		if r.Name == "" {
 			return v.err(key+".name", "missing")
 		}
@@ -451,8 +471,8 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 		tables[u.Table] = i
 		if r.Mark != nil {
 			m := *r.Mark
-			if bits.OnesCount32(m) != 1 || m&g.MarkMask == 0 || m == g.StrictMark {
-				return v.err(key+".mark", "%#x must be a single bit of mark_mask %#x other than the strict bit %#x", m, g.MarkMask, g.StrictMark)
+			if bits.OnesCount32(m) != 1 || m&g.MarkMask == 0 || m == g.StrictMark || m == g.ReplyMark {
+				return v.err(key+".mark", "%#x must be a single bit of mark_mask %#x other than the strict bit %#x and the reply bit %#x", m, g.MarkMask, g.StrictMark, g.ReplyMark)
 			}
 			u.Mark = m
 		} else {

@@ -16,7 +16,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -49,7 +48,7 @@ type Daemon struct {
 	usable    map[int]bool
 	health    map[int]health.Result
 	attached  map[string]int // interface -> ifindex it is attached at
-	natIfaces []string
+	natTable  nat.Table
 	natSet    bool
 	seen      map[int]bool // uplinks usable at least once
 	metrics   *metrics
@@ -87,7 +86,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err := statefile.Write(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark,
+	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark, MarkReply: g.ReplyMark,
 		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize})
 	if err != nil {
 		return err
@@ -195,8 +194,23 @@ func (d *Daemon) applyStatic() error {
 // applyBypass sets the destinations never steered: the configured ones and
 // the subnets of the LAN interfaces (the LAN is the LAN whatever the config
 // says), when they changed.
-func (d *Daemon) applyBypass() {
-	prefixes := append([]netip.Prefix(nil), d.cfg.LAN.Bypass...)
+func (d *Daemon) applyBypass(lan []netip.Prefix) {
+	prefixes := append(append([]netip.Prefix(nil), d.cfg.LAN.Bypass...), lan...)
+	key := fmt.Sprint(prefixes)
+	if key == d.bypass {
+		return
+	}
+	if err := d.dp.Maps.SetBypass(prefixes); err != nil {
+		d.log.Error("bypass prefixes", "error", err)
+		return
+	}
+	d.bypass = key
+	d.log.Info("destinations not steered", "prefixes", key)
+}
+
+// lanSubnets are the subnets of the LAN interfaces' addresses.
+func (d *Daemon) lanSubnets() []netip.Prefix {
+	var prefixes []netip.Prefix
 	for _, ifname := range d.cfg.LAN.Interfaces {
 		l, err := d.nl.LinkByName(ifname)
 		if err != nil {
@@ -215,16 +229,7 @@ func (d *Daemon) applyBypass() {
 			prefixes = append(prefixes, netip.PrefixFrom(ip.Unmap(), ones).Masked())
 		}
 	}
-	key := fmt.Sprint(prefixes)
-	if key == d.bypass {
-		return
-	}
-	if err := d.dp.Maps.SetBypass(prefixes); err != nil {
-		d.log.Error("bypass prefixes", "error", err)
-		return
-	}
-	d.bypass = key
-	d.log.Info("destinations not steered", "prefixes", key)
+	return prefixes
 }
 
 func policyOf(c *config.Config) maps.Policy {
@@ -270,10 +275,10 @@ func (d *Daemon) reload() {
 	}
 	old := d.cfg.Global
 	g := cfg.Global
-	if g.PinDir != old.PinDir || g.MarkMask != old.MarkMask || g.StrictMark != old.StrictMark ||
+	if g.PinDir != old.PinDir || g.MarkMask != old.MarkMask || g.StrictMark != old.StrictMark || g.ReplyMark != old.ReplyMark ||
 		g.FlowMapSize != old.FlowMapSize || g.RulePriority != old.RulePriority || g.RouteProtocol != old.RouteProtocol ||
 		g.NFTable != old.NFTable || g.StateDir != old.StateDir || g.CgroupPath != old.CgroupPath || g.StickyTimeout != old.StickyTimeout {
-		d.log.Error("reload refused: global settings changed that need a restart (mark_mask, strict_mark, pin_dir, flow_map_size, rule_priority, route_protocol, nft_table, state_dir, cgroup, sticky_timeout); keeping the running configuration")
+		d.log.Error("reload refused: global settings changed that need a restart (mark_mask, strict_mark, reply_mark, pin_dir, flow_map_size, rule_priority, route_protocol, nft_table, state_dir, cgroup, sticky_timeout); keeping the running configuration")
 		return
 	}
 	prev := d.cfg
@@ -370,7 +375,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	status.PID = os.Getpid()
 	status.Updated = now
 	status.TCMode = string(d.tcMode)
-	var masq []string
+	var natTable nat.Table
 	var nextHold time.Duration
 
 	for id, u := range d.cfg.Uplinks {
@@ -438,7 +443,10 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway, Gateway6: u.Gateway6,
 			Ifindex: o.ifindex, LinkUp: linkOK, Usable: usable, Addrs: o.addrs})
 		if u.Masquerade {
-			masq = append(masq, u.Interface)
+			natTable.Masquerade = append(natTable.Masquerade, u.Interface)
+		}
+		if u.ClampMSS {
+			natTable.ClampMSS = append(natTable.ClampMSS, u.Interface)
 		}
 		st := UplinkStatus{Name: u.Name, Interface: u.Interface, Usable: usable, Reason: reason,
 			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed}
@@ -464,10 +472,11 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		d.log.Info("attached", "interface", ifname, "role", "lan")
 	}
 
-	d.applyBypass()
+	lan := d.lanSubnets()
+	d.applyBypass(lan)
 
-	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark}
-	changes, err := routing.Apply(d.nl, rs, routing.Desired(rs, routed))
+	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark, ReplyMark: g.ReplyMark}
+	changes, err := routing.Apply(d.nl, rs, routing.Desired(rs, routed, lan))
 	if err != nil {
 		d.log.Error("routing", "error", err)
 	}
@@ -489,11 +498,11 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	if err := routing.ApplySysctls(d.stateFile(sysctlFile), routing.DesiredSysctls(ifaces, ipv6)); err != nil {
 		d.log.Error("sysctls", "error", err)
 	}
-	if !d.natSet || !slices.Equal(masq, d.natIfaces) {
-		if err := nat.Apply(g.NFTable, masq); err != nil {
+	if !d.natSet || !natTable.Equal(d.natTable) {
+		if err := nat.Apply(g.NFTable, natTable); err != nil {
 			d.log.Error("nat", "error", err)
 		} else {
-			d.natIfaces, d.natSet = masq, true
+			d.natTable, d.natSet = natTable, true
 		}
 	}
 	if err := statefile.Write(d.stateFile(statusFile), status); err != nil {

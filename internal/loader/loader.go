@@ -26,6 +26,9 @@ type Options struct {
 	// preserved. MarkStrict is the "no fallback" bit inside it.
 	MarkMask   uint32
 	MarkStrict uint32
+	// MarkReply is the "answer" bit inside it: set with the arrival
+	// uplink's bit on what answers a remotely started flow.
+	MarkReply uint32
 	// StickyTimeout is how long a destination keeps its uplink while unused.
 	StickyTimeout time.Duration
 	// FlowMapSize is the capacity of the flow map (LRU).
@@ -39,6 +42,7 @@ type Options struct {
 const (
 	DefaultMarkMask      = 0x00ff0000
 	DefaultMarkStrict    = 0x00800000
+	DefaultMarkReply     = 0x00400000
 	DefaultStickyTimeout = 10 * time.Minute
 	DefaultFlowMapSize   = 262144
 )
@@ -53,6 +57,9 @@ func (o *Options) withDefaults() Options {
 	}
 	if r.MarkStrict == 0 {
 		r.MarkStrict = DefaultMarkStrict
+	}
+	if r.MarkReply == 0 {
+		r.MarkReply = DefaultMarkReply
 	}
 	if r.StickyTimeout == 0 {
 		r.StickyTimeout = DefaultStickyTimeout
@@ -79,6 +86,9 @@ func Load(o Options) (*Datapath, error) {
 	opts := o.withDefaults()
 	if opts.MarkStrict&opts.MarkMask == 0 || opts.MarkStrict&(opts.MarkStrict-1) != 0 {
 		return nil, fmt.Errorf("strict mark %#x must be one bit inside the mask %#x", opts.MarkStrict, opts.MarkMask)
+	}
+	if opts.MarkReply&opts.MarkMask == 0 || opts.MarkReply&(opts.MarkReply-1) != 0 || opts.MarkReply == opts.MarkStrict {
+		return nil, fmt.Errorf("reply mark %#x must be one bit inside the mask %#x other than the strict mark %#x", opts.MarkReply, opts.MarkMask, opts.MarkStrict)
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
@@ -144,6 +154,7 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 	for name, v := range map[string]any{
 		"mark_mask":   o.MarkMask,
 		"mark_strict": o.MarkStrict,
+		"mark_reply":  o.MarkReply,
 		"sticky_ns":   uint64(o.StickyTimeout.Nanoseconds()),
 	} {
 		vs, ok := s.Variables[name]

@@ -22,14 +22,29 @@ type Settings struct {
 	RulePriority  int // first priority of mhbpf's block
 	RouteProtocol int
 	StrictMark    uint32
+	ReplyMark     uint32
 }
 
-// Rule priorities inside the block.
+// Rule priorities inside the block, in the order the kernel tries them.
+//
+// Answers to remote peers must leave by the interface their flow came in
+// on, whatever main says about the peer (requirement 6), so they go first.
+// Everything else lets main's routes more specific than the default win
+// before any uplink table is consulted: the LAN, a VPN's routes, a container
+// bridge, an admin's static route. That is what keeps the router's own ICMP
+// errors (fragmentation needed, time exceeded, port unreachable) and its
+// answers to LAN hosts that reach it on an uplink address on the LAN: both
+// carry the mark of the LAN packet they answer (fwmark_reflect,
+// tcp_fwmark_accept), which is an uplink choice. Only then do the uplink
+// tables decide, by source address and by mark.
 const (
-	prioIif    = 0  // + uplink id: what arrives on an uplink routes by main
-	prioFrom   = 20 // + id: the uplink's own addresses leave by it
-	prioMark   = 40 // + id: the mark bits, in preference order
-	prioStrict = 60 // the "no fallback" bit: unreachable
+	prioIif      = 0  // + uplink id: what arrives on an uplink routes by main
+	prioLAN      = 16 // to a LAN subnet: main, even for answers (their ICMP errors)
+	prioReply    = 20 // + id: answer bit + uplink bit: the arrival uplink's table
+	prioSuppress = 36 // main without its default routes: more specific routes win
+	prioFrom     = 40 // + id: the uplink's own addresses leave by it
+	prioMark     = 60 // + id: the mark bits, in preference order
+	prioStrict   = 80 // the "no fallback" bit: unreachable
 	// BlockSize is how many priorities mhbpf owns from RulePriority on.
 	BlockSize = 100
 )
@@ -64,13 +79,31 @@ type State struct {
 	Routes []netlink.Route
 }
 
-// Desired computes the whole routing state from scratch.
-func Desired(s Settings, uplinks []Uplink) State {
+// Desired computes the whole routing state from scratch. lan are the
+// subnets of the LAN interfaces.
+func Desired(s Settings, uplinks []Uplink, lan []netip.Prefix) State {
 	var st State
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		for _, p := range lan {
+			if family(p.Addr()) != fam {
+				continue
+			}
+			st.Rules = append(st.Rules, rule(s, fam, prioLAN, func(r *netlink.Rule) {
+				r.Dst = prefixNet(p)
+				r.Table = unix.RT_TABLE_MAIN
+			}))
+		}
+		st.Rules = append(st.Rules, rule(s, fam, prioSuppress, func(r *netlink.Rule) {
+			r.Table = unix.RT_TABLE_MAIN
+			r.SuppressPrefixlen = 0
+		}))
 		for _, u := range uplinks {
 			st.Rules = append(st.Rules,
 				rule(s, fam, prioIif+u.ID, func(r *netlink.Rule) { r.IifName = u.Interface; r.Table = unix.RT_TABLE_MAIN }),
+				rule(s, fam, prioReply+u.ID, func(r *netlink.Rule) {
+					m := u.Mark | s.ReplyMark
+					r.Mark, r.Mask, r.Table = m, &m, u.Table
+				}),
 				rule(s, fam, prioMark+u.ID, func(r *netlink.Rule) {
 					m := u.Mark
 					r.Mark, r.Mask, r.Table = u.Mark, &m, u.Table
@@ -182,6 +215,10 @@ func defaultDst(fam int) *net.IPNet {
 	return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
 }
 
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
 func hostNet(a netip.Addr) *net.IPNet {
 	return &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
 }
@@ -199,9 +236,18 @@ func ruleKey(r *netlink.Rule) string {
 	if r.Mask != nil {
 		mask = fmt.Sprintf("%#x", *r.Mask)
 	}
-	src := ""
+	src, dst := "", ""
 	if r.Src != nil {
 		src = r.Src.String()
+	}
+	if r.Dst != nil {
+		dst = r.Dst.String()
+	}
+	// The library reads an absent suppress_prefixlength back as -1 (as
+	// NewRule sets it) or 0xffffffff, depending on the kernel's answer.
+	suppress := ""
+	if r.SuppressPrefixlen >= 0 && r.SuppressPrefixlen < 129 {
+		suppress = fmt.Sprint(r.SuppressPrefixlen)
 	}
 	mark := uint32(0)
 	if r.Mark != 0 && r.Mark != 0xffffffff {
@@ -211,7 +257,7 @@ func ruleKey(r *netlink.Rule) string {
 	// it back. The unreachable rule is the only one of mhbpf's without a
 	// table, which tells it apart.
 	table := max(r.Table, 0)
-	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s i%s", r.Family, r.Priority, table, mark, mask, src, r.IifName)
+	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s d%s i%s sp%s", r.Family, r.Priority, table, mark, mask, src, dst, r.IifName, suppress)
 }
 
 // routeKey identifies a route by what the kernel keys it by plus its

@@ -2,6 +2,7 @@ package routing
 
 import (
 	"net/netip"
+	"slices"
 	"os/exec"
 	"strings"
 	"testing"
@@ -11,7 +12,9 @@ import (
 	"github.com/mhbpf/mhbpf/internal/testutil"
 )
 
-var settings = Settings{RulePriority: 10000, RouteProtocol: 77, StrictMark: 0x800000}
+var settings = Settings{RulePriority: 10000, RouteProtocol: 77, StrictMark: 0x800000, ReplyMark: 0x400000}
+
+var lan = []netip.Prefix{netip.MustParsePrefix("100.64.2.0/24"), netip.MustParsePrefix("2001:db8:0:3::/64")}
 
 func uplinks(ifindex0, ifindex1 int, usable1 bool) []Uplink {
 	return []Uplink{
@@ -22,26 +25,59 @@ func uplinks(ifindex0, ifindex1 int, usable1 bool) []Uplink {
 	}
 }
 
+// The whole state, in the order the kernel tries the rules: arrival
+// interface, the LAN, answers by arrival uplink, main's specific routes,
+// source addresses, the marks, fail closed.
+const wantBothUp = `10000: from all iif up0 lookup main
+10001: from all iif up1 lookup main
+10016: from all to 100.64.2.0/24 lookup main
+10020: from all fwmark 0x410000/0x410000 lookup 100
+10021: from all fwmark 0x420000/0x420000 lookup 101
+10036: from all lookup main suppress_prefixlength 0
+10040: from 100.64.0.2/32 lookup 100
+10041: from 100.64.1.2/32 lookup 101
+10060: from all fwmark 0x10000/0x10000 lookup 100
+10061: from all fwmark 0x20000/0x20000 lookup 101
+10080: from all fwmark 0x800000/0x800000 unreachable
+-6 10000: from all iif up0 lookup main
+-6 10001: from all iif up1 lookup main
+-6 10016: from all to 2001:db8:0:3::/64 lookup main
+-6 10020: from all fwmark 0x410000/0x410000 lookup 100
+-6 10021: from all fwmark 0x420000/0x420000 lookup 101
+-6 10036: from all lookup main suppress_prefixlength 0
+-6 10060: from all fwmark 0x10000/0x10000 lookup 100
+-6 10061: from all fwmark 0x20000/0x20000 lookup 101
+-6 10080: from all fwmark 0x800000/0x800000 unreachable
+default table 100 via 100.64.0.1 dev #2
+default table 101 via 100.64.1.1 dev #3
+default table 254 nexthop via 100.64.0.1 dev #2 weight 8 nexthop via 100.64.1.1 dev #3 weight 2
+`
+
+// isp2 unusable: its table loses its route, main goes single-path; the
+// rules stay (the kernel falls through them by itself).
+const wantRoutesIsp2Down = `default table 100 via 100.64.0.1 dev #2
+default table 254 via 100.64.0.1 dev #2
+`
+
 func TestDesiredState(t *testing.T) {
-	st := Desired(settings, uplinks(2, 3, true))
-	// Per family: 2 iif + 2 mark + 1 strict; from rules only for the
-	// family of each address (IPv4 here).
-	if len(st.Rules) != 12 {
-		t.Fatalf("%d rules, want 12", len(st.Rules))
+	st := Desired(settings, uplinks(2, 3, true), lan)
+	sortRules(st.Rules)
+	if got := st.String(); got != wantBothUp {
+		t.Fatalf("desired state:\n%s\nwant:\n%s", got, wantBothUp)
 	}
-	// Two tables and main, IPv4 only (no IPv6 addresses).
-	if len(st.Routes) != 3 {
-		t.Fatalf("%d routes, want 3: %v", len(st.Routes), st.Routes)
+	st = Desired(settings, uplinks(2, 3, false), lan)
+	if got := (State{Routes: st.Routes}).String(); got != wantRoutesIsp2Down {
+		t.Fatalf("routes with isp2 down:\n%s\nwant:\n%s", got, wantRoutesIsp2Down)
 	}
-	main := st.Routes[2]
-	if main.Table != 254 || len(main.MultiPath) != 2 || main.MultiPath[0].Hops != 7 || main.MultiPath[1].Hops != 1 {
-		t.Fatalf("main route %+v", main)
-	}
-	// isp2 unusable: its table loses its route, main goes single-path.
-	st = Desired(settings, uplinks(2, 3, false))
-	if len(st.Routes) != 2 || len(st.Routes[1].MultiPath) != 0 || st.Routes[1].LinkIndex != 2 {
-		t.Fatalf("routes with isp2 down: %v", st.Routes)
-	}
+}
+
+func sortRules(rules []netlink.Rule) {
+	slices.SortStableFunc(rules, func(a, b netlink.Rule) int {
+		if a.Family != b.Family {
+			return a.Family - b.Family
+		}
+		return a.Priority - b.Priority
+	})
 }
 
 // Apply is idempotent, Remove takes only mhbpf's own, and a foreign rule
@@ -68,9 +104,9 @@ func TestApplyTwiceRemoveTwice(t *testing.T) {
 		defer h.Close()
 		l0, _ := h.LinkByName("up0")
 		l1, _ := h.LinkByName("up1")
-		want := Desired(settings, uplinks(l0.Attrs().Index, l1.Attrs().Index, true))
+		want := Desired(settings, uplinks(l0.Attrs().Index, l1.Attrs().Index, true), lan)
 		changes, err := Apply(h, settings, want)
-		if err != nil || len(changes) != 15 {
+		if err != nil || len(changes) != len(want.Rules)+len(want.Routes) {
 			t.Fatalf("first apply: %d changes, %v: %v", len(changes), err, changes)
 		}
 		changes, err = Apply(h, settings, want)
