@@ -195,6 +195,7 @@ const (
 	SockProgSockSendmsg6 = "sock_sendmsg6"
 	SockVarMarkMask      = "mark_mask"
 	SockVarMarkStrict    = "mark_strict"
+	SockVarNetnsCookie   = "netns_cookie"
 	SockVarStickyNs      = "sticky_ns"
 )
 
@@ -271,9 +272,10 @@ type SockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
-	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
-	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
-	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
+	MarkMask    *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkStrict  *ebpf.VariableSpec `ebpf:"mark_strict"`
+	NetnsCookie *ebpf.VariableSpec `ebpf:"netns_cookie"`
+	StickyNs    *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
 // SockObjects contains all objects after they have been loaded into the kernel.
@@ -337,9 +339,10 @@ func (m *SockMaps) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
-	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
-	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
-	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
+	MarkMask    *ebpf.Variable `ebpf:"mark_mask"`
+	MarkStrict  *ebpf.Variable `ebpf:"mark_strict"`
+	NetnsCookie *ebpf.Variable `ebpf:"netns_cookie"`
+	StickyNs    *ebpf.Variable `ebpf:"sticky_ns"`
 }
 
 // SockPrograms contains all programs after they have been loaded into the kernel.

@@ -70,7 +70,10 @@ func newScenario(t *testing.T) *scenario {
 		}
 	}
 
-	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0x00ff0000, MarkStrict: markStrict})
+	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0x00ff0000, MarkStrict: markStrict,
+		// The test process loads from the host namespace; the traffic runs
+		// in the router's, where the daemon would run.
+		NetnsCookie: testutil.NetnsCookie(t, topo.Router)})
 	if err != nil {
 		t.Fatal(err)
 	}
