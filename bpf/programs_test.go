@@ -56,7 +56,7 @@ func newEnvTB(t testing.TB) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
 	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{PinDir: dir, MarkMask: markMask, MarkStrict: markStrict, MarkReply: markReply})
+	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, MarkMask: markMask, MarkStrict: markStrict, MarkReply: markReply})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,19 @@
 #include "include/maps.h"
 #include "include/policy.h"
 
+/* The network namespace the daemon manages (the loader rewrites it with the
+ * cookie of its namespace). The hooks sit on a cgroup, normally the root, and
+ * so see the sockets of every process below it in every network namespace:
+ * a container's sockets are in its own namespace, whose routes and addresses
+ * are not the router's, and must be left alone. No namespace has cookie 0,
+ * so an object loaded without it steers nothing. */
+volatile const __u64 netns_cookie = 0;
+
+static __always_inline bool other_netns(struct bpf_sock_addr *ctx)
+{
+	return bpf_get_netns_cookie(ctx) != netns_cookie;
+}
+
 /* The socket is someone else's to steer: it carries a mark bit outside our
  * mask (WireGuard, Tailscale, a firewall), or it is bound to a device (our
  * health probes, ping -I). */
@@ -72,6 +85,8 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t, in
 
 static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src, int hook)
 {
+	if (other_netns(ctx))
+		return 1;
 	if (foreign_socket(ctx))
 		return 1;
 	struct target t = { .family = 4 };
@@ -85,6 +100,8 @@ static __always_inline int steer4(struct bpf_sock_addr *ctx, __u32 src, int hook
 
 static __always_inline int steer6(struct bpf_sock_addr *ctx, int hook)
 {
+	if (other_netns(ctx))
+		return 1;
 	if (foreign_socket(ctx))
 		return 1;
 	struct target t = { .family = 6 };

@@ -196,6 +196,7 @@ const (
 	SockVarMarkMask      = "mark_mask"
 	SockVarMarkReply     = "mark_reply"
 	SockVarMarkStrict    = "mark_strict"
+	SockVarNetnsCookie   = "netns_cookie"
 	SockVarStickyNs      = "sticky_ns"
 )
 
@@ -272,10 +273,11 @@ type SockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
-	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
-	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
-	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
-	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
+	MarkMask    *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply   *ebpf.VariableSpec `ebpf:"mark_reply"`
+	MarkStrict  *ebpf.VariableSpec `ebpf:"mark_strict"`
+	NetnsCookie *ebpf.VariableSpec `ebpf:"netns_cookie"`
+	StickyNs    *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
 // SockObjects contains all objects after they have been loaded into the kernel.
@@ -339,10 +341,11 @@ func (m *SockMaps) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
-	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
-	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
-	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
-	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
+	MarkMask    *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply   *ebpf.Variable `ebpf:"mark_reply"`
+	MarkStrict  *ebpf.Variable `ebpf:"mark_strict"`
+	NetnsCookie *ebpf.Variable `ebpf:"netns_cookie"`
+	StickyNs    *ebpf.Variable `ebpf:"sticky_ns"`
 }
 
 // SockPrograms contains all programs after they have been loaded into the kernel.

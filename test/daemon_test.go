@@ -802,7 +802,7 @@ func TestDaemonGoodReload(t *testing.T) {
 // used must not stay "up" for the datapath to choose.
 func TestDaemonClearsStaleUplinkSlots(t *testing.T) {
 	e := newDaemonEnv(t, "", "")
-	d, err := loader.Load(loader.Options{PinDir: e.pinDir})
+	d, err := loader.Load(loader.Options{PinDir: e.pinDir, NetnsCookie: testutil.NetnsCookie(t, e.topo.Router)})
 	if err != nil {
 		t.Fatal(err)
 	}

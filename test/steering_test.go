@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,7 +72,10 @@ func newScenario(t *testing.T) *scenario {
 		}
 	}
 
-	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0x00ff0000, MarkStrict: markStrict})
+	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0x00ff0000, MarkStrict: markStrict,
+		// The test process loads from the host namespace; the traffic runs
+		// in the router's, where the daemon would run.
+		NetnsCookie: testutil.NetnsCookie(t, topo.Router)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,5 +338,168 @@ func TestInboundConnectionIsAnsweredByArrivalUplink(t *testing.T) {
 	})
 	if inbound != 1 {
 		t.Fatalf("%d inbound flows on isp2 for port 9000, want 1", inbound)
+	}
+}
+
+// Addresses of a container: a network namespace of its own, with a veth to
+// a peer namespace, and its processes in the hooked cgroup (a container's
+// cgroup sits below the root, where the daemon attaches the hooks).
+var (
+	containerAddr  = netip.MustParseAddr("100.64.9.2")
+	containerPeer  = netip.MustParseAddr("100.64.9.1")
+	containerAddr6 = netip.MustParseAddr("2001:db8:0:9::2")
+	containerPeer6 = netip.MustParseAddr("2001:db8:0:9::1")
+)
+
+// container makes the namespaces "container" and its peer, removed when the
+// test ends, and counts in the container's output hook every packet and
+// every packet carrying a bit of mhbpf's mask.
+func (s *scenario) container(t *testing.T) (ctr, peer string) {
+	t.Helper()
+	id := testutil.UniqueName("")
+	ctr, peer = "mhctr"+id, "mhpeer"+id
+	for _, ns := range []string{ctr, peer} {
+		testutil.Run(t, "ip", "netns", "add", ns)
+		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	}
+	for _, args := range [][]string{
+		{"-n", ctr, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer},
+		{"-n", ctr, "addr", "add", containerAddr.String() + "/30", "dev", "eth0"},
+		{"-n", peer, "addr", "add", containerPeer.String() + "/30", "dev", "eth0"},
+		{"-n", ctr, "addr", "add", containerAddr6.String() + "/64", "dev", "eth0", "nodad"},
+		{"-n", peer, "addr", "add", containerPeer6.String() + "/64", "dev", "eth0", "nodad"},
+		{"-n", ctr, "link", "set", "lo", "up"},
+		{"-n", peer, "link", "set", "lo", "up"},
+		{"-n", ctr, "link", "set", "eth0", "up"},
+		{"-n", peer, "link", "set", "eth0", "up"},
+	} {
+		testutil.Run(t, "ip", args...)
+	}
+	cmd := s.topo.Exec(ctr, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(`table inet mhbpf_test {
+	chain out {
+		type filter hook output priority 0;
+		counter comment "all"
+		meta mark & 0x00ff0000 != 0 counter comment "marked"
+	}
+}
+`)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft in %s: %v\n%s", ctr, err, out)
+	}
+	return ctr, peer
+}
+
+// containerCounter reads a counter of container's output chain.
+func (s *scenario) containerCounter(t *testing.T, ctr, name string) int {
+	t.Helper()
+	out, err := s.topo.Exec(ctr, "nft", "list", "table", "inet", "mhbpf_test").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list in %s: %v\n%s", ctr, err, out)
+	}
+	m := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "` + regexp.QuoteMeta(name) + `"`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("no counter %q in %s:\n%s", name, ctr, out)
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
+}
+
+// The socket hooks act on the network namespace the datapath was loaded
+// for only: a process in another namespace (a container) below the hooked
+// cgroup sends unconnected UDP and connects over TCP as without mhbpf, with
+// its own source address and no mark; the router's own sockets, in the same
+// cgroup, are still steered.
+func TestSocketsOfOtherNetnsAreLeftAlone(t *testing.T) {
+	s := newScenario(t)
+	ctr, peer := s.container(t)
+	for _, port := range []uint16{8010, 8011} {
+		for _, addr := range []netip.Addr{containerPeer, containerPeer6} {
+			var srv *topology.Server
+			var err error
+			if port == 8010 {
+				srv, err = s.topo.Serve(peer, "peer", addr, port)
+			} else if addr.Is4() {
+				srv, err = s.topo.ServeUDP(peer, "peer", addr, port)
+			} else {
+				srv, err = s.topo.ServeSocat(peer, fmt.Sprintf("UDP6-RECVFROM:%d,bind=[%s],fork,reuseaddr", port, addr),
+					"echo peer $SOCAT_PEERADDR", "-Hlun", port)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(srv.Close)
+		}
+	}
+	for ns, name := range map[string]string{s.topo.ISP1: "isp1", s.topo.ISP2: "isp2"} {
+		srv, err := s.topo.ServeUDP(ns, name, topology.Internet, 8011)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+		tcp, err := s.topo.Serve(ns, name, topology.Internet, 8010)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(tcp.Close)
+	}
+	// Everything is steered in the router's namespace: the internet by
+	// isp2, any other destination (the container's peer's addresses too)
+	// by the balanced default.
+	s.policy(t, maps.Rule{Dst: []netip.Prefix{netip.PrefixFrom(topology.Internet, 32)}, Action: only(isp2)})
+	cg := testutil.Cgroup(t)
+	if err := s.d.AttachCgroup(cg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.d.DetachCgroup() })
+
+	for _, c := range []struct {
+		what, address string
+		want          netip.Addr
+	}{
+		{"UDP sendto", fmt.Sprintf("UDP4-SENDTO:%s:8011", containerPeer), containerAddr},
+		{"TCP", fmt.Sprintf("TCP4:%s:8010,connect-timeout=2", containerPeer), containerAddr},
+		{"UDP6 sendto", fmt.Sprintf("UDP6-SENDTO:[%s]:8011", containerPeer6), containerAddr6},
+		{"TCP6", fmt.Sprintf("TCP6:[%s]:8010,connect-timeout=2", containerPeer6), containerAddr6},
+	} {
+		input := ""
+		if strings.HasPrefix(c.what, "UDP") {
+			input = "hello\n"
+		}
+		got, err := s.topo.Socat(ctr, cg, input, c.address)
+		if err != nil {
+			t.Errorf("container %s: %v", c.what, err)
+			continue
+		}
+		if name, addr := answer(got); name != "peer" || addr != c.want {
+			t.Errorf("container %s: server said %q, want peer seeing %s (the container's own address)", c.what, got, c.want)
+		}
+	}
+	if n := s.containerCounter(t, ctr, "all"); n == 0 {
+		t.Errorf("the container's output chain counted no packet: the mark check below proves nothing")
+	}
+	if n := s.containerCounter(t, ctr, "marked"); n != 0 {
+		t.Errorf("%d packets of the container carried a bit of mhbpf's mark mask", n)
+	}
+	var flows uint64
+	for _, id := range []int{isp1, isp2} {
+		c, err := s.d.Maps.UplinkCounters(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		flows += c.NewFlows
+	}
+	if flows != 0 {
+		t.Errorf("the hooks counted %d new flows for the container's sockets", flows)
+	}
+
+	// The router's own sockets in the same cgroup are still steered.
+	got, err := s.topo.Socat(s.topo.Router, cg, "hello\n", fmt.Sprintf("UDP4-SENDTO:%s:8011", topology.Internet))
+	if err != nil || !strings.HasPrefix(got, "isp2 "+topology.ISP2Local.String()) {
+		t.Fatalf("router sendto: server said %q, %v; want isp2 seeing %s", got, err, topology.ISP2Local)
+	}
+	got, err = s.topo.Dial(s.topo.Router, cg, topology.Internet, 8010)
+	if err != nil || got != "isp2 "+topology.ISP2Local.String() {
+		t.Fatalf("router TCP: server said %q, %v; want isp2 seeing %s", got, err, topology.ISP2Local)
 	}
 }

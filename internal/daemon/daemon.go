@@ -86,8 +86,14 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err := statefile.Write(d.stateFile(settingsFile), settingsOf(d.cfg)); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	// The socket hooks steer the sockets of the daemon's own network
+	// namespace only (a container's, below the same cgroup, are not ours).
+	netns, err := loader.CurrentNetnsCookie()
+	if err != nil {
+		return err
+	}
 	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark, MarkReply: g.ReplyMark,
-		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize})
+		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize, NetnsCookie: netns})
 	if err != nil {
 		return err
 	}
@@ -117,7 +123,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err := dp.AttachCgroup(cg); err != nil {
 		return err
 	}
-	d.log.Info("socket hooks attached", "cgroup", cg)
+	d.log.Info("socket hooks attached", "cgroup", cg, "netns_cookie", dp.NetnsCookie())
 
 	events, err := d.subscribe(ctx)
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/bpf"
 	"github.com/mhbpf/mhbpf/internal/maps"
@@ -36,6 +37,12 @@ type Options struct {
 	// TCMode forces an attach mechanism; empty means tcx where the kernel
 	// has it, else clsact.
 	TCMode Mode
+	// NetnsCookie is the cookie of the network namespace whose sockets the
+	// socket hooks steer (CurrentNetnsCookie gives the caller's). The hooks
+	// attach to a cgroup and see the sockets of every process below it, in
+	// every namespace; those of other namespaces (containers) they leave
+	// alone. Required: no namespace has cookie 0.
+	NetnsCookie uint64
 }
 
 // Defaults used for zero fields of Options.
@@ -90,6 +97,9 @@ func Load(o Options) (*Datapath, error) {
 	if opts.MarkReply&opts.MarkMask == 0 || opts.MarkReply&(opts.MarkReply-1) != 0 || opts.MarkReply == opts.MarkStrict {
 		return nil, fmt.Errorf("reply mark %#x must be one bit inside the mask %#x other than the strict mark %#x", opts.MarkReply, opts.MarkMask, opts.MarkStrict)
 	}
+	if opts.NetnsCookie == 0 {
+		return nil, errors.New("no network namespace cookie: the socket hooks must know which namespace's sockets to steer (loader.CurrentNetnsCookie)")
+	}
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
@@ -113,6 +123,9 @@ func Load(o Options) (*Datapath, error) {
 		if err := configure(s, &opts); err != nil {
 			return nil, err
 		}
+	}
+	if err := setVariable(sockSpec, "netns_cookie", opts.NetnsCookie); err != nil {
+		return nil, err
 	}
 	collOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)}}
 
@@ -157,12 +170,8 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 		"mark_reply":  o.MarkReply,
 		"sticky_ns":   uint64(o.StickyTimeout.Nanoseconds()),
 	} {
-		vs, ok := s.Variables[name]
-		if !ok {
-			return fmt.Errorf("BPF object has no variable %s", name)
-		}
-		if err := vs.Set(v); err != nil {
-			return fmt.Errorf("set %s: %w", name, err)
+		if err := setVariable(s, name, v); err != nil {
+			return err
 		}
 	}
 	for name, m := range s.Maps {
@@ -175,6 +184,43 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 		}
 	}
 	return nil
+}
+
+// setVariable sets a load-time constant of an object.
+func setVariable(s *ebpf.CollectionSpec, name string, v any) error {
+	vs, ok := s.Variables[name]
+	if !ok {
+		return fmt.Errorf("BPF object has no variable %s", name)
+	}
+	if err := vs.Set(v); err != nil {
+		return fmt.Errorf("set %s: %w", name, err)
+	}
+	return nil
+}
+
+// CurrentNetnsCookie is the cookie of the calling thread's network
+// namespace, as the kernel reports it for a socket made there
+// (SO_NETNS_COOKIE, Linux 5.14): the value Options.NetnsCookie wants for
+// "this namespace". A kernel that cannot report it is an error, not a
+// reason to steer every namespace.
+func CurrentNetnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("network namespace cookie: socket: %w", err)
+	}
+	defer unix.Close(fd)
+	v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if errors.Is(err, unix.ENOPROTOOPT) {
+		return 0, fmt.Errorf("network namespace cookie: the kernel has no SO_NETNS_COOKIE (Linux 5.14 or later): " +
+			"the socket hooks cannot be limited to this network namespace")
+	}
+	if err != nil {
+		return 0, fmt.Errorf("network namespace cookie: getsockopt SO_NETNS_COOKIE: %w", err)
+	}
+	if v == 0 {
+		return 0, errors.New("network namespace cookie: the kernel reported 0")
+	}
+	return v, nil
 }
 
 // Close releases file descriptors. What is attached and pinned stays.
@@ -195,6 +241,9 @@ func (d *Datapath) Close() error {
 // Programs for tests and benchmarks that run them with BPF_PROG_TEST_RUN.
 func (d *Datapath) UplinkProgram() *ebpf.Program { return d.uplinkProg }
 func (d *Datapath) LANProgram() *ebpf.Program    { return d.lanProg }
+
+// NetnsCookie is the network namespace whose sockets the socket hooks steer.
+func (d *Datapath) NetnsCookie() uint64 { return d.opts.NetnsCookie }
 
 // PinDir is where this datapath's pins live.
 func (d *Datapath) PinDir() string { return d.opts.PinDir }

@@ -1,6 +1,7 @@
 package loader_test
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/mhbpf/mhbpf/bpf"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
@@ -137,7 +139,7 @@ func count(names []string, prefix string) int {
 
 func TestLoadVerifies(t *testing.T) {
 	testutil.RequireRoot(t)
-	d, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove)})
+	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: testutil.PinDir(t, loader.Remove)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,13 +148,133 @@ func TestLoadVerifies(t *testing.T) {
 
 func TestBadOptionsAreRefused(t *testing.T) {
 	testutil.RequireRoot(t)
-	_, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0xff, MarkStrict: 0x100})
+	_, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: testutil.PinDir(t, loader.Remove), MarkMask: 0xff, MarkStrict: 0x100})
 	if err == nil || !strings.Contains(err.Error(), "strict mark") {
 		t.Fatalf("strict bit outside the mask: err %v", err)
 	}
-	_, err = loader.Load(loader.Options{PinDir: "/tmp/not-bpffs/mhbpf"})
+	_, err = loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: "/tmp/not-bpffs/mhbpf"})
 	if err == nil || !strings.Contains(err.Error(), "bpf filesystem") {
 		t.Fatalf("pin dir off bpffs: err %v", err)
+	}
+}
+
+func TestLoadWithoutNetnsCookieIsRefused(t *testing.T) {
+	testutil.RequireRoot(t)
+	_, err := loader.Load(loader.Options{PinDir: testutil.PinDir(t, loader.Remove)})
+	if err == nil || !strings.Contains(err.Error(), "network namespace cookie") {
+		t.Fatalf("no netns cookie: err %v", err)
+	}
+}
+
+func TestCurrentNetnsCookieIsPerNamespace(t *testing.T) {
+	testutil.RequireRoot(t)
+	host, err := loader.CurrentNetnsCookie()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := netnsWithVeth(t)
+	var other uint64
+	testutil.InNetNS(t, ns, func() { other, err = loader.CurrentNetnsCookie() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if host == 0 || other == 0 || host == other {
+		t.Fatalf("cookies: this namespace %d, another %d", host, other)
+	}
+}
+
+// netnsCookiesAttached reads the netns_cookie constant of each socket hook
+// attached to cgroup dir, straight from the attached programs' .rodata.
+func netnsCookiesAttached(t *testing.T, dir string) map[ebpf.AttachType][]uint64 {
+	t.Helper()
+	spec, err := bpf.LoadSock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := spec.Variables["netns_cookie"]
+	cg, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	got := map[ebpf.AttachType][]uint64{}
+	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
+		ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg} {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: at})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ap := range res.Programs {
+			prog, err := ebpf.NewProgramFromID(ap.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := prog.Info()
+			prog.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids, _ := info.MapIDs()
+			var cookie uint64
+			found := false
+			for _, id := range ids {
+				m, err := ebpf.NewMapFromID(id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				mi, err := m.Info()
+				if err == nil && strings.HasSuffix(mi.Name, ".rodata") {
+					val := make([]byte, m.ValueSize())
+					if err := m.Lookup(uint32(0), &val); err != nil {
+						t.Fatal(err)
+					}
+					cookie = binary.NativeEndian.Uint64(val[v.Offset : v.Offset+8])
+					found = true
+				}
+				m.Close()
+			}
+			if !found {
+				t.Fatalf("program %s on %s has no .rodata", info.Name, at)
+			}
+			got[at] = append(got[at], cookie)
+		}
+	}
+	return got
+}
+
+// The restart path swaps the socket hooks' programs in place: each load's
+// netns cookie must be the one the attached programs then compare with.
+func TestCgroupHooksTakeEachLoadsNetnsCookie(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	cg := testutil.Cgroup(t)
+	first := testutil.NetnsCookie(t, "")
+	second := testutil.NetnsCookie(t, netnsWithVeth(t))
+	for i, cookie := range []uint64{first, second} {
+		d, err := loader.Load(loader.Options{PinDir: dir, NetnsCookie: cookie})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = d.AttachCgroup(cg)
+		d.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := netnsCookiesAttached(t, cg)
+		if len(got) != 4 {
+			t.Fatalf("load %d: hooks attached %v, want 4", i+1, got)
+		}
+		for at, cookies := range got {
+			if len(cookies) != 1 || cookies[0] != cookie {
+				t.Fatalf("load %d: %s has netns cookies %v, want [%d]", i+1, at, cookies, cookie)
+			}
+		}
+	}
+	if err := loader.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if got := netnsCookiesAttached(t, cg); len(got) != 0 {
+		t.Fatalf("after remove: %v", got)
 	}
 }
 
@@ -200,7 +322,7 @@ func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
 					ours = "mhbpf_uplink"
 				}
 
-				d, err := loader.Load(loader.Options{PinDir: dir, TCMode: mode})
+				d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, TCMode: mode})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -219,7 +341,7 @@ func TestAttachTwiceAndForeignProgramsSurvive(t *testing.T) {
 					}
 				}
 				// A reload (the restart path) swaps in place.
-				d2, err := loader.Load(loader.Options{PinDir: dir, TCMode: mode})
+				d2, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, TCMode: mode})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -252,7 +374,7 @@ func TestClsactQdiscOwnership(t *testing.T) {
 	ns := netnsWithVeth(t)
 	dir := pinDirIn(t, ns)
 	testutil.InNetNS(t, ns, func() {
-		d, err := loader.Load(loader.Options{PinDir: dir, TCMode: loader.ModeClsact})
+		d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, TCMode: loader.ModeClsact})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -285,7 +407,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 		Uplink: 1, Origin: maps.OriginBalanced, Mark: 0x20000, Packets: 7,
 	}
 	testutil.InNetNS(t, ns, func() {
-		d, err := loader.Load(loader.Options{PinDir: dir})
+		d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -323,7 +445,7 @@ func TestRestartHelper(t *testing.T) {
 	if dir == "" {
 		t.Skip("helper process of TestRestartKeepsFlows; runs only from it")
 	}
-	d, err := loader.Load(loader.Options{PinDir: dir})
+	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -345,12 +467,12 @@ func TestRestartHelper(t *testing.T) {
 func TestIncompatiblePinnedMapIsRefused(t *testing.T) {
 	testutil.RequireRoot(t)
 	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{PinDir: dir, FlowMapSize: 1024})
+	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, FlowMapSize: 1024})
 	if err != nil {
 		t.Fatal(err)
 	}
 	d.Close()
-	_, err = loader.Load(loader.Options{PinDir: dir, FlowMapSize: 2048})
+	_, err = loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, FlowMapSize: 2048})
 	if err == nil || !strings.Contains(err.Error(), "mhbpf down") {
 		t.Fatalf("flow map size changed: err %v", err)
 	}

@@ -93,6 +93,24 @@ func InNetNS(tb testing.TB, name string, fn func()) {
 	fn()
 }
 
+// NetnsCookie is the cookie of the named network namespace, or of the
+// calling thread's when name is empty: the loader's Options.NetnsCookie for
+// a datapath whose socket hooks must steer the sockets made there.
+func NetnsCookie(tb testing.TB, name string) uint64 {
+	tb.Helper()
+	var c uint64
+	var err error
+	if name == "" {
+		c, err = loader.CurrentNetnsCookie()
+	} else {
+		InNetNS(tb, name, func() { c, err = loader.CurrentNetnsCookie() })
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c
+}
+
 // Cgroup makes a child cgroup for the test and removes it afterwards.
 func Cgroup(tb testing.TB) string {
 	tb.Helper()
