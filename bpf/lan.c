@@ -1,9 +1,11 @@
 //go:build ignore
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
-/* tc ingress on each LAN interface: steer forwarded traffic. A known flow
- * keeps its uplink; an answer from a port-forwarded host leaves by the uplink
- * its peer came in on; a new flow gets a policy and an uplink. The mark set
- * here is what the fib rules route by. */
+/* tc on each LAN interface. Ingress steers forwarded traffic: a known flow
+ * keeps its uplink (an answer from a port-forwarded host is one: egress
+ * recorded it), a new flow gets a policy and an uplink. The mark set here is
+ * what the fib rules route by. Egress records the exact flow of what a
+ * remote peer sent in through a port forward, as the LAN host will answer
+ * it. */
 #include "include/common.h"
 #include "include/maps.h"
 #include "include/parse.h"
@@ -42,16 +44,12 @@ int lan_ingress(struct __sk_buff *skb)
 	if (is_bypassed(p.family, p.daddr))
 		return TC_ACT_OK;
 
-	/* The answer of a port-forwarded host: its destination is the remote
-	 * peer, which DNAT left untouched. */
+	/* A remote peer's address and port alone never steer a LAN packet
+	 * (one spoofed packet from the internet could otherwise send the LAN's
+	 * mail out of the wrong uplink): the answers of a port forward are
+	 * known flows, recorded by lan_egress from the forwarded packets. */
 	struct remote_key rk;
 	remote_key_of(p.family, p.proto, p.daddr, p.dport, &rk);
-	struct remote *r = bpf_map_lookup_elem(&remotes, &rk);
-	if (r && r->origin == ORIGIN_INBOUND) {
-		count_packet(r->uplink, skb->len, false);
-		skb->mark = apply_mark(skb->mark, uplink_mark(r->uplink) | mark_reply);
-		return TC_ACT_OK;
-	}
 
 	/* A TCP segment of a connection we never saw open (it predates mhbpf,
 	 * or its record was evicted) already has a NAT binding on some uplink;
@@ -80,6 +78,38 @@ int lan_ingress(struct __sk_buff *skb)
 	count_packet(c.uplink, skb->len, false);
 	struct remote rv = { .uplink = c.uplink, .origin = c.origin };
 	bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+	return TC_ACT_OK;
+}
+
+/* What leaves towards the LAN with the answer bit came in on an uplink as
+ * part of a remotely started flow (uplink_ingress set the bit; the mark
+ * survives forwarding): a port forward. Its answer is the reversed tuple of
+ * exactly this packet, after DNAT, and must leave by the arrival uplink.
+ * Nothing else is written here: the check of the mark makes everything but
+ * port-forwarded traffic one load and a branch. */
+SEC("tc")
+int lan_egress(struct __sk_buff *skb)
+{
+	if (!(skb->mark & mark_reply))
+		return TC_ACT_OK;
+	__u32 in = skb->ingress_ifindex;
+	struct iface *from = bpf_map_lookup_elem(&ifaces, &in);
+	if (!from || from->role != ROLE_UPLINK)
+		return TC_ACT_OK; /* the box's own packet (reflected mark), not a forward */
+	__u32 ifindex = skb->ifindex;
+	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!ifc || ifc->role != ROLE_LAN)
+		return TC_ACT_OK;
+
+	struct packet p = {};
+	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
+		return TC_ACT_OK;
+	struct flow_key k;
+	flow_key_of_answer(&p, &k);
+	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f && f->uplink == from->uplink)
+		return TC_ACT_OK;
+	flow_record(&k, from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask, 0);
 	return TC_ACT_OK;
 }
 

@@ -189,6 +189,7 @@ const (
 	LanMapRemotes     = "remotes"
 	LanMapSticky      = "sticky"
 	LanMapUplinks     = "uplinks"
+	LanProgLanEgress  = "lan_egress"
 	LanProgLanIngress = "lan_ingress"
 	LanVarMarkMask    = "mark_mask"
 	LanVarMarkReply   = "mark_reply"
@@ -238,6 +239,7 @@ type LanSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanProgramSpecs struct {
+	LanEgress  *ebpf.ProgramSpec `ebpf:"lan_egress"`
 	LanIngress *ebpf.ProgramSpec `ebpf:"lan_ingress"`
 }
 
@@ -343,11 +345,13 @@ type LanVariables struct {
 //
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanPrograms struct {
+	LanEgress  *ebpf.Program `ebpf:"lan_egress"`
 	LanIngress *ebpf.Program `ebpf:"lan_ingress"`
 }
 
 func (p *LanPrograms) Close() error {
 	return _LanClose(
+		p.LanEgress,
 		p.LanIngress,
 	)
 }

@@ -114,7 +114,11 @@ func l3off(l3 bool) uint8 {
 // run runs prog on data with an incoming mark and returns the mark after.
 func run(t testing.TB, prog *ebpf.Program, data []byte, mark uint32) uint32 {
 	t.Helper()
-	in := skbContext{Mark: mark}
+	return runCtx(t, prog, data, skbContext{Mark: mark})
+}
+
+func runCtx(t testing.TB, prog *ebpf.Program, data []byte, in skbContext) uint32 {
+	t.Helper()
 	var out skbContext
 	ret, err := prog.Run(&ebpf.RunOptions{Data: data, Context: in, ContextOut: &out})
 	if err != nil {
@@ -458,13 +462,88 @@ func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
 		t.Fatalf("inbound ACK: mark %#x", m)
 	}
 
-	// The port-forwarded LAN host answers: DNAT rewrote the box's address
-	// and port, the visitor's stayed. Balance would pick either uplink;
-	// the answer must take isp2.
+	// The SYN, forwarded after DNAT (the box's address and port rewritten,
+	// the visitor's kept), leaves towards the LAN host with that mark:
+	// lan_egress records the answer's exact flow.
 	e.lan(false)
+	e.forwardToLAN(packet.Packet{Src: visitor, Dst: ap(lanHost, 8080), Proto: packet.ProtoTCP, TCPFlags: packet.TCPSyn},
+		isp2, markISP2|markReply)
+	// The port-forwarded LAN host answers. Balance would pick either
+	// uplink; the answer must take isp2.
 	reply := packet.Packet{Src: ap(lanHost, 8080), Dst: visitor, Proto: packet.ProtoTCP, TCPFlags: packet.TCPSyn | packet.TCPAck}
 	if m := e.lanRun(reply, 0); m != markISP2|markReply {
 		t.Fatalf("DNAT reply: mark %#x, want isp2 %#x", m, markISP2|markReply)
+	}
+}
+
+// wanIfindex stands for an uplink interface the forwarded packets of the
+// egress tests arrived on (ingress_ifindex); the test interface is the LAN.
+const wanIfindex = 2
+
+// forwardToLAN runs lan_egress on a packet that came in on uplink id with
+// mark and now leaves towards the LAN.
+func (e *env) forwardToLAN(p packet.Packet, id int, mark uint32) {
+	e.t.Helper()
+	if err := e.m.SetIface(wanIfindex, maps.Iface{Role: maps.RoleUplink, Uplink: uint8(id)}); err != nil {
+		e.t.Fatal(err)
+	}
+	if m := runCtx(e.t, e.d.LANEgressProgram(), p.Bytes(), skbContext{Mark: mark, IngressIfindex: wanIfindex}); m != mark {
+		e.t.Fatalf("lan_egress changed the mark %#x to %#x", mark, m)
+	}
+}
+
+// A packet from the internet never steers the LAN by the remote's address
+// and port: a spoofed SYN from a mail server's port 25 arriving on isp2
+// leaves the LAN's mail to that server on its policy (isp1, fail closed),
+// for TCP and UDP, IPv4 and IPv6; only the exact flow of a port forward,
+// recorded on egress, is answered by its arrival uplink.
+func TestInboundPacketsCannotRewritePolicy(t *testing.T) {
+	e := newEnv(t)
+	for _, c := range []struct {
+		name   string
+		remote netip.Addr
+		box    netip.Addr
+		proto  uint8
+	}{
+		{"tcp4", remote, netip.MustParseAddr("100.64.1.2"), packet.ProtoTCP},
+		{"udp4", remote, netip.MustParseAddr("100.64.1.2"), packet.ProtoUDP},
+		{"tcp6", remote6, netip.MustParseAddr("2001:db8:0:2::2"), packet.ProtoTCP},
+		{"udp6", remote6, netip.MustParseAddr("2001:db8:0:2::2"), packet.ProtoUDP},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e.t = t
+			dst := netip.PrefixFrom(c.remote, c.remote.BitLen())
+			e.policy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: []netip.Prefix{dst}, Proto: c.proto,
+				Ports: []maps.PortRange{{Lo: 25, Hi: 25}},
+				Action: maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 1}}, Fallback: maps.FallbackUnreachable}}}})
+			spoofed := packet.Packet{Src: ap(c.remote, 25), Dst: ap(c.box, 40025), Proto: c.proto, TCPFlags: packet.TCPSyn}
+			e.arrivesOn(isp2, true)
+			spoofed.L3 = true
+			if m := e.uplinkRun(spoofed, 0); m != markISP2|markReply {
+				t.Fatalf("spoofed packet on isp2: mark %#x, want it recorded as inbound on isp2", m)
+			}
+			e.lan(false)
+			src := lanHost
+			if c.remote.Is6() {
+				src = lanHost6
+			}
+			for i, flags := range []uint8{packet.TCPSyn, packet.TCPSyn | packet.TCPAck} {
+				mail := packet.Packet{Src: ap(src, uint16(41000+i)), Dst: ap(c.remote, 25), Proto: c.proto, TCPFlags: flags}
+				if m := e.lanRun(mail, 0); m != markISP1|markStrict {
+					t.Fatalf("LAN mail (flags %#x) after the spoofed packet: mark %#x, want the policy's isp1|strict %#x", flags, m, markISP1|markStrict)
+				}
+			}
+			// What lan_egress must not take for a port forward: a packet
+			// without the answer bit, or one that did not come in on an
+			// uplink (the box's own, with a reflected mark).
+			n := e.flowCount()
+			fwd := packet.Packet{Src: ap(c.remote, 25), Dst: ap(src, 2525), Proto: c.proto, TCPFlags: packet.TCPSyn}
+			runCtx(t, e.d.LANEgressProgram(), fwd.Bytes(), skbContext{Mark: markISP2, IngressIfindex: wanIfindex})
+			runCtx(t, e.d.LANEgressProgram(), fwd.Bytes(), skbContext{Mark: markISP2 | markReply})
+			if got := e.flowCount(); got != n {
+				t.Fatalf("lan_egress recorded %d flows from packets that are no port forward", got-n)
+			}
+		})
 	}
 }
 

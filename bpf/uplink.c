@@ -58,11 +58,6 @@ int uplink_ingress(struct __sk_buff *skb)
 	__u32 mark = (uplink_mark(ifc->uplink) | mark_reply) & mark_mask;
 	flow_record(&k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
 
-	struct remote_key rk;
-	remote_key_of(p.family, p.proto, p.saddr, p.sport, &rk);
-	struct remote r = { .uplink = ifc->uplink, .origin = ORIGIN_INBOUND };
-	bpf_map_update_elem(&remotes, &rk, &r, BPF_ANY);
-
 	skb->mark = apply_mark(skb->mark, mark);
 	return TC_ACT_OK;
 }

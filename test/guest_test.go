@@ -275,3 +275,72 @@ func readFile(t *testing.T, path string) string {
 	}
 	return string(b)
 }
+
+// One packet from the internet cannot rewrite policy: after a spoofed SYN
+// (and a spoofed UDP datagram) from a server's port arrives on isp2, the
+// LAN's connections to that server and port still follow their policy
+// (isp1 only, fail closed). The port-forward answers that must follow the
+// arrival uplink are TestHairpinAndAnswersBeatSpecificRoutes'.
+func TestSpoofedPacketCannotRewritePolicy(t *testing.T) {
+	e := newDaemonEnv(t, "", `
+[[policy]]
+name = "smtp"
+protocol = "tcp"
+ports = [25]
+uplinks = ["isp1"]
+last_resort = "unreachable"
+
+[[policy]]
+name = "dns"
+protocol = "udp"
+ports = [53]
+uplinks = ["isp1"]
+last_resort = "unreachable"
+`)
+	// The servers answer in isp1 only: in isp2 the spoofer owns their
+	// address and ports, and a connection that goes by isp2 is lost.
+	for _, a := range []netip.Addr{topology.Internet, topology.Internet6} {
+		srv, err := e.topo.Serve(e.topo.ISP1, "isp1", a, 25)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+	}
+	srv, err := e.topo.ServeUDP(e.topo.ISP1, "isp1", topology.Internet, 53)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	// The spoofed packets: the server's address and port, to the router's
+	// isp2 address. The router answers the SYN with a RST; that is all.
+	spoof := []string{
+		fmt.Sprintf("TCP4:%s:40025,bind=%s:25,connect-timeout=1", topology.ISP2Local, topology.Internet),
+		fmt.Sprintf("TCP6:[%s]:40025,bind=[%s]:25,connect-timeout=1", topology.ISP2Local6, topology.Internet6),
+	}
+	for _, s := range spoof {
+		if _, err := e.topo.Socat(e.topo.ISP2, "", "", s); err == nil || !strings.Contains(err.Error(), "Connection refused") {
+			t.Fatalf("spoofed SYN %s: %v, want the router's RST", s, err)
+		}
+	}
+	if out, err := runIn(t, 3*time.Second, []byte("spoof\n"), e.topo.ISP2, "socat", "-u", "STDIN",
+		fmt.Sprintf("UDP4-SENDTO:%s:40053,bind=%s:53", topology.ISP2Local, topology.Internet)); err != nil {
+		t.Fatalf("spoofed datagram: %v\n%s", err, out)
+	}
+	if fl, _ := e.mhbpf("flows"); strings.Count(fl, "inbound") < 3 {
+		t.Fatalf("the spoofed packets were not seen as inbound on isp2:\n%s", fl)
+	}
+
+	for _, a := range []netip.Addr{topology.Internet, topology.Internet6} {
+		got, err := e.topo.Dial(e.topo.LAN, "", a, 25)
+		if name, peer := answer(got); err != nil || name != "isp1" || peer != map[bool]netip.Addr{false: topology.LANHost, true: topology.LANHost6}[a.Is6()] {
+			t.Errorf("LAN mail to %s after a spoofed SYN from its port 25 on isp2: %q, %v; want isp1", a, got, err)
+		}
+	}
+	got, err := e.topo.Socat(e.topo.LAN, "", "query\n", fmt.Sprintf("UDP4:%s:53", topology.Internet))
+	if name, _ := answer(got); err != nil || name != "isp1" {
+		t.Errorf("LAN DNS query after a spoofed datagram from the server's port 53 on isp2: %q, %v; want isp1", got, err)
+	}
+}

@@ -17,6 +17,24 @@ static __always_inline void flow_key_of(const struct packet *p, struct flow_key 
 	__builtin_memcpy(k->daddr, p->daddr, 16);
 }
 
+/* The key of the packet that answers p (addresses and ports swapped). ICMP
+ * echo keeps its identifier in sport either way. */
+static __always_inline void flow_key_of_answer(const struct packet *p, struct flow_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = p->family;
+	k->proto = p->proto;
+	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+		k->sport = p->sport;
+		k->dport = p->dport;
+	} else {
+		k->sport = p->dport;
+		k->dport = p->sport;
+	}
+	__builtin_memcpy(k->saddr, p->daddr, 16);
+	__builtin_memcpy(k->daddr, p->saddr, 16);
+}
+
 static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *addr, __be16 port,
 					  struct remote_key *k)
 {

@@ -25,26 +25,36 @@ const (
 	ethPAll      = 0x0003
 )
 
-func filterName(role maps.Role) string {
+func filterName(role maps.Role, dir direction) string {
 	if role == maps.RoleLAN {
+		if dir == egress {
+			return filterPrefix + "lan_egress"
+		}
 		return filterPrefix + "lan"
 	}
 	return filterPrefix + "uplink"
 }
 
-func filterMsg(ifindex int) tc.Msg {
+func (d direction) clsactParent() uint32 {
+	if d == egress {
+		return core.BuildHandle(tc.HandleRoot, tc.HandleMinEgress)
+	}
+	return core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress)
+}
+
+func filterMsg(ifindex int, dir direction) tc.Msg {
 	return tc.Msg{
 		Family:  unix.AF_UNSPEC,
 		Ifindex: uint32(ifindex),
 		Handle:  filterHandle,
-		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress),
+		Parent:  dir.clsactParent(),
 		Info:    filterPrio<<16 | uint32(htons(ethPAll)),
 	}
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role maps.Role) error {
+func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role maps.Role, dir direction) error {
 	nl, err := tc.Open(&tc.Config{})
 	if err != nil {
 		return fmt.Errorf("open rtnetlink: %w", err)
@@ -73,10 +83,10 @@ func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role m
 	}
 
 	fd := uint32(prog.FD())
-	name := filterName(role)
+	name := filterName(role, dir)
 	flags := uint32(tc.BpfActDirect)
 	filter := tc.Object{
-		Msg: filterMsg(ifindex),
+		Msg: filterMsg(ifindex, dir),
 		Attribute: tc.Attribute{
 			Kind: "bpf",
 			BPF:  &tc.Bpf{FD: &fd, Name: &name, Flags: &flags},
@@ -89,8 +99,8 @@ func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role m
 	return nil
 }
 
-// detachClsact deletes mhbpf's filter from ifindex, and the clsact qdisc if
-// mhbpf created it and nothing else uses it.
+// detachClsact deletes mhbpf's filters (ingress and egress) from ifindex,
+// and the clsact qdisc if mhbpf created it and nothing else uses it.
 func detachClsact(pinDir, ifname string, ifindex int) error {
 	nl, err := tc.Open(&tc.Config{})
 	if err != nil {
@@ -98,31 +108,33 @@ func detachClsact(pinDir, ifname string, ifindex int) error {
 	}
 	defer nl.Close()
 
-	filters, err := nl.Filter().Get(&tc.Msg{
-		Family:  unix.AF_UNSPEC,
-		Ifindex: uint32(ifindex),
-		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress),
-	})
-	if err != nil {
-		// No clsact qdisc: nothing of ours can be there.
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-			_ = os.Remove(qdiscMarker(pinDir, ifname))
-			return nil
-		}
-		return fmt.Errorf("list filters of %s: %w", ifname, err)
-	}
 	others := 0
-	for _, f := range filters {
-		if f.Kind == "bpf" && f.BPF != nil && f.BPF.Name != nil && strings.HasPrefix(*f.BPF.Name, filterPrefix) &&
-			f.Info>>16 == filterPrio && f.Handle == filterHandle {
-			del := tc.Object{Msg: filterMsg(ifindex), Attribute: tc.Attribute{Kind: "bpf"}}
-			if err := nl.Filter().Delete(&del); err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("delete filter of %s: %w", ifname, err)
+	for _, dir := range []direction{ingress, egress} {
+		filters, err := nl.Filter().Get(&tc.Msg{
+			Family:  unix.AF_UNSPEC,
+			Ifindex: uint32(ifindex),
+			Parent:  dir.clsactParent(),
+		})
+		if err != nil {
+			// No clsact qdisc: nothing of ours can be there.
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+				_ = os.Remove(qdiscMarker(pinDir, ifname))
+				return nil
 			}
-			continue
+			return fmt.Errorf("list filters of %s: %w", ifname, err)
 		}
-		if f.Handle != 0 { // chain/prio placeholders come back with handle 0
-			others++
+		for _, f := range filters {
+			if f.Kind == "bpf" && f.BPF != nil && f.BPF.Name != nil && strings.HasPrefix(*f.BPF.Name, filterPrefix) &&
+				f.Info>>16 == filterPrio && f.Handle == filterHandle {
+				del := tc.Object{Msg: filterMsg(ifindex, dir), Attribute: tc.Attribute{Kind: "bpf"}}
+				if err := nl.Filter().Delete(&del); err != nil && !errors.Is(err, unix.ENOENT) {
+					return fmt.Errorf("delete filter of %s: %w", ifname, err)
+				}
+				continue
+			}
+			if f.Handle != 0 { // chain/prio placeholders come back with handle 0
+				others++
+			}
 		}
 	}
 
@@ -130,7 +142,7 @@ func detachClsact(pinDir, ifname string, ifindex int) error {
 	if !exists(marker) {
 		return nil
 	}
-	if others == 0 && !hasEgressFilters(nl, ifindex) {
+	if others == 0 {
 		qdisc := tc.Object{
 			Msg: tc.Msg{
 				Family:  unix.AF_UNSPEC,
@@ -145,13 +157,4 @@ func detachClsact(pinDir, ifname string, ifindex int) error {
 		}
 	}
 	return os.Remove(marker)
-}
-
-func hasEgressFilters(nl *tc.Tc, ifindex int) bool {
-	filters, err := nl.Filter().Get(&tc.Msg{
-		Family:  unix.AF_UNSPEC,
-		Ifindex: uint32(ifindex),
-		Parent:  core.BuildHandle(tc.HandleRoot, tc.HandleMinEgress),
-	})
-	return err == nil && len(filters) > 0
 }

@@ -83,8 +83,9 @@ type Datapath struct {
 	Maps *maps.Maps
 	opts Options
 
-	uplinkProg *ebpf.Program
-	lanProg    *ebpf.Program
+	uplinkProg    *ebpf.Program
+	lanProg       *ebpf.Program
+	lanEgressProg *ebpf.Program
 	sock       bpf.SockPrograms
 }
 
@@ -142,7 +143,7 @@ func Load(o Options) (*Datapath, error) {
 		d.Close()
 		return nil, loadError("lan", err)
 	}
-	d.lanProg = lan.LanIngress
+	d.lanProg, d.lanEgressProg = lan.LanIngress, lan.LanEgress
 	if err := sockSpec.LoadAndAssign(&d.sock, collOpts); err != nil {
 		d.Close()
 		return nil, loadError("sock", err)
@@ -226,7 +227,7 @@ func CurrentNetnsCookie() (uint64, error) {
 // Close releases file descriptors. What is attached and pinned stays.
 func (d *Datapath) Close() error {
 	var errs []error
-	for _, p := range []*ebpf.Program{d.uplinkProg, d.lanProg, d.sock.SockConnect4, d.sock.SockConnect6,
+	for _, p := range []*ebpf.Program{d.uplinkProg, d.lanProg, d.lanEgressProg, d.sock.SockConnect4, d.sock.SockConnect6,
 		d.sock.SockSendmsg4, d.sock.SockSendmsg6} {
 		if p != nil {
 			errs = append(errs, p.Close())
@@ -242,6 +243,9 @@ func (d *Datapath) Close() error {
 func (d *Datapath) UplinkProgram() *ebpf.Program { return d.uplinkProg }
 func (d *Datapath) LANProgram() *ebpf.Program    { return d.lanProg }
 
+// LANEgressProgram records port-forwarded flows on the LAN's egress.
+func (d *Datapath) LANEgressProgram() *ebpf.Program { return d.lanEgressProg }
+
 // NetnsCookie is the network namespace whose sockets the socket hooks steer.
 func (d *Datapath) NetnsCookie() uint64 { return d.opts.NetnsCookie }
 
@@ -256,17 +260,40 @@ const (
 	ModeClsact Mode = "clsact"
 )
 
-// AttachTC attaches the program for role to ifname's ingress and records
-// the interface in the ifaces map. On an interface where mhbpf is attached
-// already, it swaps the program in place (no window without one).
+// direction is which side of an interface a tc program hangs on.
+type direction int
+
+const (
+	ingress direction = iota
+	egress
+)
+
+func (d direction) String() string {
+	if d == egress {
+		return "egress"
+	}
+	return "ingress"
+}
+
+func (d direction) tcxAttach() ebpf.AttachType {
+	if d == egress {
+		return ebpf.AttachTCXEgress
+	}
+	return ebpf.AttachTCXIngress
+}
+
+// AttachTC attaches the programs for role to ifname (ingress; a LAN
+// interface also egress) and records the interface in the ifaces map. On an
+// interface where mhbpf is attached already, it swaps the programs in place
+// (no window without one).
 func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, error) {
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return "", fmt.Errorf("interface %s: %w", ifname, err)
 	}
-	prog := d.uplinkProg
+	progs := map[direction]*ebpf.Program{ingress: d.uplinkProg}
 	if role == maps.RoleLAN {
-		prog = d.lanProg
+		progs = map[direction]*ebpf.Program{ingress: d.lanProg, egress: d.lanEgressProg}
 	}
 	// The interface entry goes first: a program that runs before it is
 	// written lets the packet pass untouched.
@@ -275,7 +302,7 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 	}
 	ifindex := l.Attrs().Index
 	if d.opts.TCMode != ModeClsact {
-		err := attachTCX(d.opts.PinDir, ifname, ifindex, prog)
+		err := d.attachAllTCX(ifname, ifindex, progs)
 		if err == nil {
 			// tcx won: a cls_bpf filter left by a run on an older kernel
 			// (or in clsact mode) must go.
@@ -285,11 +312,13 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 			return ModeTCX, nil
 		}
 		if !errors.Is(err, ebpf.ErrNotSupported) || d.opts.TCMode == ModeTCX {
-			return "", fmt.Errorf("attach to %s: %w", ifname, err)
+			return "", err
 		}
 	}
-	if err := attachClsact(d.opts.PinDir, ifname, ifindex, prog, role); err != nil {
-		return "", err
+	for dir, prog := range progs {
+		if err := attachClsact(d.opts.PinDir, ifname, ifindex, prog, role, dir); err != nil {
+			return "", err
+		}
 	}
 	if err := detachTCX(d.opts.PinDir, ifname); err != nil {
 		return ModeClsact, fmt.Errorf("remove old tcx link on %s: %w", ifname, err)
@@ -297,8 +326,24 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 	return ModeClsact, nil
 }
 
-// DetachTC removes mhbpf's program from ifname, if the interface still
-// exists; the pin goes either way.
+func (d *Datapath) attachAllTCX(ifname string, ifindex int, progs map[direction]*ebpf.Program) error {
+	for _, dir := range []direction{ingress, egress} {
+		prog, ok := progs[dir]
+		if !ok {
+			continue
+		}
+		if err := attachTCX(d.opts.PinDir, ifname, ifindex, prog, dir); err != nil {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return err
+			}
+			return fmt.Errorf("attach to %s %s: %w", ifname, dir, err)
+		}
+	}
+	return nil
+}
+
+// DetachTC removes mhbpf's programs from ifname, if the interface still
+// exists; the pins go either way.
 func (d *Datapath) DetachTC(ifname string) error {
 	var errs []error
 	errs = append(errs, detachTCX(d.opts.PinDir, ifname))
@@ -319,8 +364,8 @@ func l3Offset(l netlink.Link) uint8 {
 	return 0 // ppp, tun, none: no link-layer header
 }
 
-func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) error {
-	pin := tcLinkPin(pinDir, ifname)
+func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program, dir direction) error {
+	pin := tcLinkPin(pinDir, ifname, dir)
 	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
 		info, ierr := old.Info()
 		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
@@ -336,7 +381,7 @@ func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) error {
 		_ = old.Unpin()
 		old.Close()
 	}
-	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXIngress})
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: dir.tcxAttach()})
 	if err != nil {
 		return err
 	}
@@ -347,18 +392,24 @@ func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program) error {
 	return nil
 }
 
+// detachTCX removes both directions' tcx links of ifname.
 func detachTCX(pinDir, ifname string) error {
-	pin := tcLinkPin(pinDir, ifname)
-	l, err := link.LoadPinnedLink(pin, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	var errs []error
+	for _, dir := range []direction{ingress, egress} {
+		pin := tcLinkPin(pinDir, ifname, dir)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			// Not a link we can open any more: the pin is all that is left.
+			errs = append(errs, os.Remove(pin))
+			continue
+		}
+		errs = append(errs, l.Unpin())
+		l.Close()
 	}
-	if err != nil {
-		// Not a link we can open any more: the pin is all that is left.
-		return os.Remove(pin)
-	}
-	defer l.Close()
-	return l.Unpin()
+	return errors.Join(errs...)
 }
 
 // CgroupHooks are the socket hooks, by pin name.

@@ -16,7 +16,8 @@ import (
 // Everything mhbpf pins lives below one directory on bpffs:
 //
 //	PinDir/maps/<map name>        every map (the flows survive restarts here)
-//	PinDir/links/tc-<ifname>      tcx link of an interface
+//	PinDir/links/tc-<ifname>      tcx ingress link of an interface
+//	PinDir/links/tce-<ifname>     tcx egress link of a LAN interface
 //	PinDir/links/cgroup-<hook>    cgroup socket hook links
 //	PinDir/qdisc-<ifname>/        marker (empty dir): mhbpf created this clsact qdisc
 const DefaultPinDir = "/sys/fs/bpf/mhbpf"
@@ -25,7 +26,10 @@ const bpffsRoot = "/sys/fs/bpf"
 
 func mapsDir(pinDir string) string  { return filepath.Join(pinDir, "maps") }
 func linksDir(pinDir string) string { return filepath.Join(pinDir, "links") }
-func tcLinkPin(pinDir, ifname string) string {
+func tcLinkPin(pinDir, ifname string, dir direction) string {
+	if dir == egress {
+		return filepath.Join(linksDir(pinDir), "tce-"+ifname)
+	}
 	return filepath.Join(linksDir(pinDir), "tc-"+ifname)
 }
 func cgroupLinkPin(pinDir, hook string) string {
