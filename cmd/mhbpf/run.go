@@ -72,7 +72,7 @@ func checkCmd() *cobra.Command {
 func downCmd(pinDir, stateDir *string) *cobra.Command {
 	return &cobra.Command{
 		Use:   "down",
-		Short: "Remove every rule, route, nftables table, attachment and pin of mhbpf and restore the sysctls (also after a crash)",
+		Short: "Remove every rule, route, nftables table, attachment and pin of mhbpf, put back the routes it replaced and restore the sysctls (also after a crash)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := daemon.LoadSettings(*stateDir)
@@ -82,7 +82,14 @@ func downCmd(pinDir, stateDir *string) *cobra.Command {
 			if cmd.Flags().Changed("pin-dir") {
 				s.PinDir = *pinDir
 			}
-			return daemon.Down(*stateDir, s)
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{
+				ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+					if len(groups) == 0 && a.Key == slog.TimeKey {
+						return slog.Attr{}
+					}
+					return a
+				}}))
+			return daemon.Down(*stateDir, s, log)
 		},
 	}
 }

@@ -19,6 +19,7 @@ const (
 	sysctlFile   = "sysctls.json"  // what the system had before mhbpf
 	settingsFile = "settings.json" // what 'mhbpf down' needs without a config
 	statusFile   = "status.json"   // what 'mhbpf status' shows
+	routesFile   = "routes.json"   // routes of others that mhbpf replaced
 )
 
 // Settings are the parts of the configuration that locate everything mhbpf
