@@ -15,7 +15,11 @@ import (
 
 // Down removes everything mhbpf installed, as recorded in stateDir (or
 // per s when given), puts back the routes of others it replaced and
-// restores the sysctls it changed. Idempotent; needs no running daemon.
+// restores the sysctls it changed. Idempotent; needs no running daemon,
+// and must not race one: the caller holds the state directory's lock
+// (LockForDown) or is the daemon itself. Rules and routes are found by
+// mhbpf's protocol wherever they are, so an install whose settings are
+// lost with the state directory is removed too.
 func Down(stateDir string, s Settings, log *slog.Logger) error {
 	var errs []error
 	h, err := netlink.NewHandle()
@@ -23,7 +27,7 @@ func Down(stateDir string, s Settings, log *slog.Logger) error {
 		return err
 	}
 	defer h.Close()
-	if err := routing.Remove(h, routing.Settings{RulePriority: s.RulePriority, RouteProtocol: s.RouteProtocol}); err != nil {
+	if err := routing.RemoveAll(h, routing.Settings{RulePriority: s.RulePriority, RouteProtocol: s.RouteProtocol}); err != nil {
 		errs = append(errs, fmt.Errorf("routes and rules: %w", err))
 	}
 	// Only once mhbpf's routes are gone is the slot of each free again.
