@@ -827,6 +827,7 @@ func TestDaemonTeardownOnExit(t *testing.T) {
 	e := newDaemonEnv(t, "masquerade = true", "")
 	cfg, _ := os.ReadFile(e.cfgPath)
 	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nteardown_on_exit = true\n", 1))
+	e.addForeignDefaults("ppp0") // replaced by mhbpf's, put back at exit
 	before := e.snapshot()
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -70,11 +71,31 @@ func checkCmd() *cobra.Command {
 }
 
 func downCmd(pinDir, stateDir *string) *cobra.Command {
-	return &cobra.Command{
-		Use:   "down",
-		Short: "Remove every rule, route, nftables table, attachment and pin of mhbpf and restore the sysctls (also after a crash)",
-		Args:  cobra.NoArgs,
+	var stop bool
+	var stopWait time.Duration
+	cmd := &cobra.Command{
+		Use:   "down [--stop]",
+		Short: "Remove every rule, route, nftables table, attachment and pin of mhbpf, put back the routes it replaced and restore the sysctls (also after a crash)",
+		Long: `Remove everything mhbpf installed and put back what it changed: the routes
+it replaced (main's default route of pppd or a DHCP client) and the sysctls.
+Works without a daemon, also after kill -9, and finds mhbpf's rules and
+routes by its protocol even when the state directory is gone.
+
+It refuses while a daemon runs with the state directory (the daemon would
+put everything back); --stop sends that daemon SIGTERM first and waits for it.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			var unlock func()
+			var err error
+			if stop {
+				unlock, err = daemon.StopDaemon(*stateDir, stopWait)
+			} else {
+				unlock, err = daemon.LockForDown(*stateDir)
+			}
+			if err != nil {
+				return err
+			}
+			defer unlock()
 			s, err := daemon.LoadSettings(*stateDir)
 			if err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err
@@ -82,7 +103,17 @@ func downCmd(pinDir, stateDir *string) *cobra.Command {
 			if cmd.Flags().Changed("pin-dir") {
 				s.PinDir = *pinDir
 			}
-			return daemon.Down(*stateDir, s)
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{
+				ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+					if len(groups) == 0 && a.Key == slog.TimeKey {
+						return slog.Attr{}
+					}
+					return a
+				}}))
+			return daemon.Down(*stateDir, s, log)
 		},
 	}
+	cmd.Flags().BoolVar(&stop, "stop", false, "stop the running daemon (SIGTERM) first, then remove everything")
+	cmd.Flags().DurationVar(&stopWait, "stop-timeout", 10*time.Second, "with --stop: how long to wait for the daemon to exit")
+	return cmd
 }

@@ -141,7 +141,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		case <-ctx.Done():
 			if g.TeardownOnExit {
 				d.log.Info("tearing down on exit")
-				return Down(g.StateDir, settingsOf(d.cfg))
+				return Down(g.StateDir, settingsOf(d.cfg), d.log)
 			}
 			d.log.Info("exiting; the datapath stays pinned and keeps forwarding")
 			return nil
@@ -482,7 +482,17 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	d.applyBypass(lan)
 
 	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark, ReplyMark: g.ReplyMark}
-	changes, err := routing.Apply(d.nl, rs, routing.Desired(rs, routed, lan))
+	want := routing.Desired(rs, routed, lan)
+	// What mhbpf's routes replace (main's default of pppd or DHCP) is
+	// recorded first, for 'mhbpf down' to put back.
+	saved, err := routing.SaveReplaced(d.nl, d.stateFile(routesFile), rs, want)
+	if err != nil {
+		d.log.Error("recording the routes mhbpf replaces", "error", err)
+	}
+	for _, r := range saved {
+		d.log.Info("replacing a route of another program; 'mhbpf down' puts it back", "route", r.String())
+	}
+	changes, err := routing.Apply(d.nl, rs, want)
 	if err != nil {
 		d.log.Error("routing", "error", err)
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 
 	"github.com/vishvananda/netlink"
@@ -13,17 +14,25 @@ import (
 )
 
 // Down removes everything mhbpf installed, as recorded in stateDir (or
-// per s when given), and restores the sysctls it changed. Idempotent; needs
-// no running daemon.
-func Down(stateDir string, s Settings) error {
+// per s when given), puts back the routes of others it replaced and
+// restores the sysctls it changed. Idempotent; needs no running daemon,
+// and must not race one: the caller holds the state directory's lock
+// (LockForDown) or is the daemon itself. Rules and routes are found by
+// mhbpf's protocol wherever they are, so an install whose settings are
+// lost with the state directory is removed too.
+func Down(stateDir string, s Settings, log *slog.Logger) error {
 	var errs []error
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	if err := routing.Remove(h, routing.Settings{RulePriority: s.RulePriority, RouteProtocol: s.RouteProtocol}); err != nil {
+	if err := routing.RemoveAll(h, routing.Settings{RulePriority: s.RulePriority, RouteProtocol: s.RouteProtocol}); err != nil {
 		errs = append(errs, fmt.Errorf("routes and rules: %w", err))
+	}
+	// Only once mhbpf's routes are gone is the slot of each free again.
+	if err := routing.RestoreSaved(h, filepath.Join(stateDir, routesFile), log); err != nil {
+		errs = append(errs, fmt.Errorf("replaced routes: %w", err))
 	}
 	if err := nat.Remove(s.NFTable); err != nil {
 		errs = append(errs, err)

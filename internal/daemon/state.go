@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,6 +21,7 @@ const (
 	sysctlFile   = "sysctls.json"  // what the system had before mhbpf
 	settingsFile = "settings.json" // what 'mhbpf down' needs without a config
 	statusFile   = "status.json"   // what 'mhbpf status' shows
+	routesFile   = "routes.json"   // routes of others that mhbpf replaced
 )
 
 // Settings are the parts of the configuration that locate everything mhbpf
@@ -101,4 +104,83 @@ func lockStateDir(dir string) (func(), error) {
 	_ = f.Truncate(0)
 	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
 	return func() { f.Close() }, nil
+}
+
+// RunningError says that a daemon holds the state directory's lock.
+type RunningError struct {
+	PID      int // 0: unknown (the holder has not written it yet)
+	StateDir string
+}
+
+func (e *RunningError) Error() string {
+	pid := "unknown"
+	if e.PID > 0 {
+		pid = strconv.Itoa(e.PID)
+	}
+	return fmt.Sprintf("a daemon (pid %s) is running with state directory %s; stop it first or use --stop", pid, e.StateDir)
+}
+
+// LockForDown takes the state directory's lock for 'mhbpf down', so that
+// no daemon puts back what it removes, nor starts while it runs. A daemon
+// holding the lock is a *RunningError. A state directory that does not
+// exist has no daemon (and is not created): the returned func is a no-op.
+func LockForDown(dir string) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if errors.Is(err, os.ErrNotExist) {
+		return func() {}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
+		}
+		return nil, &RunningError{PID: holderPID(dir), StateDir: dir}
+	}
+	// The pid in the file names the holder, for a daemon refused meanwhile.
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	return func() { f.Close() }, nil
+}
+
+// holderPID reads the pid the lock's holder wrote (it writes it right
+// after taking the lock: a moment is allowed for that).
+func holderPID(dir string) int {
+	for range 20 {
+		b, _ := os.ReadFile(filepath.Join(dir, "lock"))
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
+			return pid
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return 0
+}
+
+// StopDaemon sends SIGTERM to the daemon that holds dir's lock and waits,
+// up to wait, for the lock to be free; then it holds it, as LockForDown.
+func StopDaemon(dir string, wait time.Duration) (func(), error) {
+	unlock, err := LockForDown(dir)
+	var running *RunningError
+	if !errors.As(err, &running) {
+		return unlock, err // nothing to stop, or another failure
+	}
+	if running.PID <= 0 {
+		return nil, fmt.Errorf("a daemon holds the lock of state directory %s but wrote no pid: cannot stop it", dir)
+	}
+	if err := syscall.Kill(running.PID, syscall.SIGTERM); err != nil {
+		return nil, fmt.Errorf("stop the daemon (pid %d): %w", running.PID, err)
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		unlock, err = LockForDown(dir)
+		if !errors.As(err, &running) {
+			return unlock, err
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("the daemon (pid %d) did not stop within %v after SIGTERM; state directory %s is still locked", running.PID, wait, dir)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
