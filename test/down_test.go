@@ -241,7 +241,7 @@ func TestDownWithoutStateDirAfterCrash(t *testing.T) {
 	before := e.snapshot()
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
-	if rules := e.ip("rule"); !strings.Contains(rules, "20040:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77") {
+	if rules := e.ip("rule"); !strings.Contains(rules, "20060:\tfrom all fwmark 0x10000/0x10000 lookup 100 proto 77") {
 		t.Fatalf("no rules at rule_priority 20000:\n%s", rules)
 	}
 	if out, _ := e.inRouter("nft", "list", "table", "inet", "mhbpf").CombinedOutput(); !strings.Contains(string(out), "masquerade") {
