@@ -104,10 +104,28 @@ int lan_egress(struct __sk_buff *skb)
 	struct packet p = {};
 	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
 		return TC_ACT_OK;
+	/* Only the packet that opens the forwarded exchange makes a record
+	 * (a later one may be forged to look like an answer to a LAN host's
+	 * own flow: an ICMP echo request's key is its reply's), and a record
+	 * the LAN started is never overwritten. */
+	switch (p.proto) {
+	case IPPROTO_TCP:
+		if ((p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+			return TC_ACT_OK;
+		break;
+	case IPPROTO_ICMP:
+		if (p.icmp_type != ICMP_ECHO)
+			return TC_ACT_OK;
+		break;
+	case IPPROTO_ICMPV6:
+		if (p.icmp_type != ICMPV6_ECHO_REQUEST)
+			return TC_ACT_OK;
+		break;
+	}
 	struct flow_key k;
 	flow_key_of_answer(&p, &k);
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (f && f->uplink == from->uplink)
+	if (f && (f->origin != ORIGIN_INBOUND || f->uplink == from->uplink))
 		return TC_ACT_OK;
 	flow_record(&k, from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask, 0);
 	return TC_ACT_OK;

@@ -752,3 +752,28 @@ func TestCounters(t *testing.T) {
 		t.Fatalf("counters %+v, want 3 packets, %d bytes, 1 new flow", c, 3*size)
 	}
 }
+
+// lan_egress never takes over a flow the LAN started: a forged echo request
+// from the remote the LAN host pings has the key of that host's own echo
+// request's reply, and a forged mid-connection TCP segment is no opener.
+func TestPortForwardRecordsNeverOverwriteLANFlows(t *testing.T) {
+	e := newEnv(t)
+	e.lan(false)
+	ping := packet.Packet{Src: ap(lanHost, 77), Dst: ap(remote, 0), Proto: packet.ProtoICMP, ICMPType: 8}
+	first := e.lanRun(ping, 0)
+	tcp := syn(ap(lanHost, 41000), ap(remote, 443))
+	firstTCP := e.lanRun(tcp, 0)
+	other := isp2
+	if uplinkOf(first) == isp2 {
+		other = isp1
+	}
+	e.forwardToLAN(packet.Packet{Src: ap(remote, 77), Dst: ap(lanHost, 0), Proto: packet.ProtoICMP, ICMPType: 8}, other, markReply|map[int]uint32{isp1: markISP1, isp2: markISP2}[other])
+	e.forwardToLAN(packet.Packet{Src: ap(remote, 443), Dst: ap(lanHost, 41000), Proto: packet.ProtoTCP, TCPFlags: packet.TCPAck}, other, markReply|map[int]uint32{isp1: markISP1, isp2: markISP2}[other])
+	if m := e.lanRun(ping, 0); m != first {
+		t.Fatalf("the LAN host's ping flow moved: mark %#x, was %#x", m, first)
+	}
+	tcp.TCPFlags = packet.TCPAck
+	if m := e.lanRun(tcp, 0); m != firstTCP {
+		t.Fatalf("the LAN host's TCP flow moved: mark %#x, was %#x", m, firstTCP)
+	}
+}

@@ -296,7 +296,7 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 10016:	from all to 100.64.2.0/24 lookup main proto 77
 10020:	from all fwmark 0x410000/0x410000 lookup 100 proto 77
 10021:	from all fwmark 0x420000/0x420000 lookup 101 proto 77
-10036:	from all lookup main suppress_prefixlength 0 proto 77
+10036:	from all lookup main suppress_prefixlength 1 proto 77
 10040:	from 100.64.0.2 lookup 100 proto 77
 10041:	from 100.64.1.2 lookup 101 proto 77
 10060:	from all fwmark 0x10000/0x10000 lookup 100 proto 77
@@ -308,7 +308,7 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 10016:	from all to 2001:db8:0:3::/64 lookup main proto 77
 10020:	from all fwmark 0x410000/0x410000 lookup 100 proto 77
 10021:	from all fwmark 0x420000/0x420000 lookup 101 proto 77
-10036:	from all lookup main suppress_prefixlength 0 proto 77
+10036:	from all lookup main suppress_prefixlength 1 proto 77
 10040:	from 2001:db8:0:1::2 lookup 100 proto 77
 10041:	from 2001:db8:0:2::2 lookup 101 proto 77
 10060:	from all fwmark 0x10000/0x10000 lookup 100 proto 77

@@ -61,8 +61,8 @@ type Uplink struct {
 	Gateway    netip.Addr // Ethernet uplinks; invalid for ppp/tun
 	Gateway6   netip.Addr // the IPv6 router of an Ethernet uplink
 	Masquerade bool
-	// ClampMSS rewrites the MSS of TCP SYNs leaving or arriving by this
-	// uplink to its route MTU (PPPoE's 1492 breaks PMTU discovery behind
+	// ClampMSS rewrites the MSS of TCP SYNs leaving by this uplink to its
+	// route MTU (PPPoE's 1492 breaks PMTU discovery behind
 	// ICMP filters).
 	ClampMSS bool
 	Health   *Health

@@ -232,6 +232,9 @@ func (d *Daemon) lanSubnets() []netip.Prefix {
 				continue
 			}
 			ones, _ := a.Mask.Size()
+			if ones == 0 {
+				continue // not a subnet: no rule can say "to" it
+			}
 			prefixes = append(prefixes, netip.PrefixFrom(ip.Unmap(), ones).Masked())
 		}
 	}

@@ -17,7 +17,7 @@ import (
 // Table is what mhbpf's nftables table does, by interface name.
 type Table struct {
 	Masquerade []string // masquerade what leaves by these
-	ClampMSS   []string // clamp the MSS of SYNs leaving or arriving by these
+	ClampMSS   []string // clamp the MSS of SYNs leaving by these to the route MTU
 }
 
 func (t Table) empty() bool { return len(t.Masquerade) == 0 && len(t.ClampMSS) == 0 }
@@ -63,12 +63,10 @@ func Apply(table string, want Table) error {
 			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityMangle,
 		})
 		for _, ifname := range want.ClampMSS {
-			// Both directions: the SYN a LAN host sends out, and the SYN
-			// a remote peer sends in to a port-forwarded host (whose
-			// answers leave by this uplink).
-			for _, key := range []expr.MetaKey{expr.MetaKeyOIFNAME, expr.MetaKeyIIFNAME} {
-				c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: clampMSS(key, ifname)})
-			}
+			// What leaves by the uplink: a LAN host's SYN, and a
+			// port-forwarded host's SYN-ACK. (A SYN coming in is routed
+			// to the LAN, whose MTU rt mtu would give.)
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: clampMSS(expr.MetaKeyOIFNAME, ifname)})
 		}
 	}
 	if err := c.Flush(); err != nil {

@@ -95,7 +95,9 @@ func Desired(s Settings, uplinks []Uplink, lan []netip.Prefix) State {
 		}
 		st.Rules = append(st.Rules, rule(s, fam, prioSuppress, func(r *netlink.Rule) {
 			r.Table = unix.RT_TABLE_MAIN
-			r.SuppressPrefixlen = 0
+			// Also /1: 0.0.0.0/1 + 128.0.0.0/1 (OpenVPN's def1,
+			// wg-quick) stand in for a default route, which mhbpf owns.
+			r.SuppressPrefixlen = 1
 		}))
 		for _, u := range uplinks {
 			st.Rules = append(st.Rules,

@@ -33,7 +33,7 @@ const wantBothUp = `10000: from all iif up0 lookup main
 10016: from all to 100.64.2.0/24 lookup main
 10020: from all fwmark 0x410000/0x410000 lookup 100
 10021: from all fwmark 0x420000/0x420000 lookup 101
-10036: from all lookup main suppress_prefixlength 0
+10036: from all lookup main suppress_prefixlength 1
 10040: from 100.64.0.2/32 lookup 100
 10041: from 100.64.1.2/32 lookup 101
 10060: from all fwmark 0x10000/0x10000 lookup 100
@@ -44,7 +44,7 @@ const wantBothUp = `10000: from all iif up0 lookup main
 -6 10016: from all to 2001:db8:0:3::/64 lookup main
 -6 10020: from all fwmark 0x410000/0x410000 lookup 100
 -6 10021: from all fwmark 0x420000/0x420000 lookup 101
--6 10036: from all lookup main suppress_prefixlength 0
+-6 10036: from all lookup main suppress_prefixlength 1
 -6 10060: from all fwmark 0x10000/0x10000 lookup 100
 -6 10061: from all fwmark 0x20000/0x20000 lookup 101
 -6 10080: from all fwmark 0x800000/0x800000 unreachable
