@@ -21,9 +21,8 @@ static __always_inline bool uplink_is_up(__u32 id)
 SEC("tc")
 int lan_ingress(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
-	if (!ifc || ifc->role != ROLE_LAN)
+	struct iface *ifc = iface_with_role(skb->ifindex, ROLE_LAN);
+	if (!ifc)
 		return TC_ACT_OK;
 
 	struct packet p = {};
@@ -92,13 +91,11 @@ int lan_egress(struct __sk_buff *skb)
 {
 	if (!(skb->mark & mark_reply))
 		return TC_ACT_OK;
-	__u32 in = skb->ingress_ifindex;
-	struct iface *from = bpf_map_lookup_elem(&ifaces, &in);
-	if (!from || from->role != ROLE_UPLINK)
+	struct iface *from = iface_with_role(skb->ingress_ifindex, ROLE_UPLINK);
+	if (!from)
 		return TC_ACT_OK; /* the box's own packet (reflected mark), not a forward */
-	__u32 ifindex = skb->ifindex;
-	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
-	if (!ifc || ifc->role != ROLE_LAN)
+	struct iface *ifc = iface_with_role(skb->ifindex, ROLE_LAN);
+	if (!ifc)
 		return TC_ACT_OK;
 
 	struct packet p = {};

@@ -33,9 +33,8 @@ static __always_inline bool opens_inbound(const struct packet *p)
 SEC("tc")
 int uplink_ingress(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
-	if (!ifc || ifc->role != ROLE_UPLINK)
+	struct iface *ifc = iface_with_role(skb->ifindex, ROLE_UPLINK);
+	if (!ifc)
 		return TC_ACT_OK;
 
 	count_packet(ifc->uplink, skb->len, true);

@@ -6,6 +6,13 @@
 #include "maps.h"
 #include "parse.h"
 
+/* The interface entry of ifindex if it has role, else NULL. */
+static __always_inline struct iface *iface_with_role(__u32 ifindex, __u8 role)
+{
+	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	return ifc && ifc->role == role ? ifc : 0;
+}
+
 static __always_inline void flow_key_of(const struct packet *p, struct flow_key *k)
 {
 	__builtin_memset(k, 0, sizeof(*k));
