@@ -844,25 +844,9 @@ func TestDaemonTeardownOnExit(t *testing.T) {
 // with only CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW in its
 // bounding set, converges, and steers.
 func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
-	unit, err := os.ReadFile("../dist/mhbpf.service")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var caps []string
-	for _, line := range strings.Split(string(unit), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
-			caps = strings.Fields(v)
-		}
-	}
-	if len(caps) == 0 {
-		t.Fatal("the unit sets no CapabilityBoundingSet")
-	}
-	set := "-all"
-	for _, c := range caps {
-		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
-	}
+	wrap, caps := unitCapabilities(t)
 	e := newDaemonEnv(t, "", "")
-	e.wrap = []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all"}
+	e.wrap = wrap
 	srv, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
 	if err != nil {
 		t.Fatal(err)
@@ -886,6 +870,29 @@ func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
 	if strings.Contains(e.log.String(), "level=ERROR") {
 		t.Fatalf("errors with the unit's capabilities:\n%s", e.log.String())
 	}
+}
+
+// unitCapabilities is the wrapper that runs the daemon with only the
+// capabilities the systemd unit grants in its bounding set, and those.
+func unitCapabilities(t *testing.T) (wrap, caps []string) {
+	t.Helper()
+	unit, err := os.ReadFile("../dist/mhbpf.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(unit), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
+			caps = strings.Fields(v)
+		}
+	}
+	if len(caps) == 0 {
+		t.Fatal("the unit sets no CapabilityBoundingSet")
+	}
+	set := "-all"
+	for _, c := range caps {
+		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	}
+	return []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all"}, caps
 }
 
 // The unit file is valid for systemd.

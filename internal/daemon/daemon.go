@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/config"
+	"github.com/mhbpf/mhbpf/internal/conntrack"
 	"github.com/mhbpf/mhbpf/internal/health"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
@@ -51,6 +52,10 @@ type Daemon struct {
 	natTable  nat.Table
 	natSet    bool
 	seen      map[int]bool // uplinks usable at least once
+	// lastAddrs: each uplink's addresses when last seen with any. A link
+	// that just died may show none, but its connections are still bound
+	// to them.
+	lastAddrs map[int][]netip.Addr
 	metrics   *metrics
 	bypass    string // the bypass prefixes last written
 }
@@ -64,7 +69,8 @@ func New(cfgPath string, log *slog.Logger) (*Daemon, error) {
 	}
 	d := &Daemon{cfgPath: cfgPath, cfg: cfg, log: log,
 		healthCh: make(chan health.Result, 16),
-		upSince:  map[int]time.Time{}, usable: map[int]bool{}, health: map[int]health.Result{}, attached: map[string]int{}}
+		upSince:  map[int]time.Time{}, usable: map[int]bool{}, health: map[int]health.Result{}, attached: map[string]int{},
+		lastAddrs: map[int][]netip.Addr{}}
 	return d, nil
 }
 
@@ -386,9 +392,13 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	status.TCMode = string(d.tcMode)
 	var natTable nat.Table
 	var nextHold time.Duration
+	var wentDown []downUplink
 
 	for id, u := range d.cfg.Uplinks {
 		o := d.observe(u.Interface)
+		if len(o.addrs) > 0 {
+			d.lastAddrs[id] = o.addrs
+		}
 		linkOK := o.reason == ""
 		if !linkOK {
 			delete(d.upSince, id)
@@ -443,7 +453,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 				d.markEverUsable(id)
 			} else {
 				n, _ := d.dp.Maps.DeleteFlowsOfUplink(id)
-				d.log.Warn("uplink down", "uplink", u.Name, "reason", reason, "flows_moved", n)
+				wentDown = append(wentDown, downUplink{id: id, name: u.Name, reason: reason, flows: n})
 			}
 			d.usable[id] = usable
 		}
@@ -524,6 +534,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			d.natTable, d.natSet = natTable, true
 		}
 	}
+	d.forgetConnections(wentDown)
 	if err := statefile.Write(d.stateFile(statusFile), status); err != nil {
 		d.log.Error("status", "error", err)
 	}
@@ -532,6 +543,36 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	}
 	if nextHold > 0 {
 		*holdTimer = time.After(nextHold)
+	}
+}
+
+// downUplink is an uplink that stopped being usable in this pass.
+type downUplink struct {
+	id           int
+	name, reason string
+	flows        int // flows moved off it
+}
+
+// forgetConnections makes conntrack forget the connections bound to the
+// addresses of the uplinks that went down: what was masqueraded to them,
+// and the box's own connections from them. Their next packets are already
+// steered to a live uplink (their flows went first) but still bound to the
+// dead uplink's address: left alone, the kernel drops the first one that
+// leaves by another interface and only then forgets the binding
+// (nf_nat_oif_changed), which costs a SYN a whole retransmission timeout
+// and a sparse UDP session (a VPN's keepalive) its next datagram; had it
+// left, the live uplink's provider would drop it for its source (BCP 38).
+// Forgotten, the next packet is a new connection, NATed to the live
+// uplink's address. This runs after routing: a large conntrack table is
+// walked whole, and the routes must not wait for it.
+func (d *Daemon) forgetConnections(down []downUplink) {
+	for _, w := range down {
+		addrs := d.lastAddrs[w.id]
+		n, err := conntrack.Forget(d.nl, addrs)
+		if err != nil {
+			d.log.Error("conntrack", "uplink", w.name, "addresses", fmt.Sprint(addrs), "error", err)
+		}
+		d.log.Warn("uplink down", "uplink", w.name, "reason", w.reason, "flows_moved", w.flows, "conntrack_forgotten", n)
 	}
 }
 

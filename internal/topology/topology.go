@@ -1,7 +1,9 @@
 // Package topology builds the scenario's network in namespaces: a router
 // with two uplinks (ppp0, ppp1: veth here, Ethernet framing) to two ISPs,
-// a LAN behind eth2, and "internet" hosts inside the ISPs. Tests and the lab
-// share it. It runs iproute2 (tests may; the daemon never does) and uses only
+// a LAN behind eth2, and "internet" hosts inside the ISPs. The ISPs drop
+// what the router sends from an address not routed back by its line to
+// them (BCP 38), as real providers do. Tests and the lab share it. It runs
+// iproute2 and nft (tests may; the daemon never does) and uses only
 // 100.64.0.0/10 and the documentation ranges.
 package topology
 
@@ -73,10 +75,17 @@ func (t *Topology) build() error {
 			}
 		}
 	}
+	// The router's ends get ifindexes of their own. A veth whose peer has
+	// the same ifindex (both the first link of a fresh namespace) is, for
+	// the kernel, a device like a physical NIC, whose carrier changes
+	// linkwatch reports at most once a second: the router would hear of a
+	// line's carrier loss up to a second late, at random. With distinct
+	// ifindexes it hears at once, and tests time what mhbpf does from the
+	// moment the carrier goes.
 	steps := [][]string{
-		{"-n", t.Router, "link", "add", "ppp0", "type", "veth", "peer", "name", "wan", "netns", t.ISP1},
-		{"-n", t.Router, "link", "add", "ppp1", "type", "veth", "peer", "name", "wan", "netns", t.ISP2},
-		{"-n", t.Router, "link", "add", "eth2", "type", "veth", "peer", "name", "eth0", "netns", t.LAN},
+		{"-n", t.Router, "link", "add", "ppp0", "index", "10", "type", "veth", "peer", "name", "wan", "netns", t.ISP1},
+		{"-n", t.Router, "link", "add", "ppp1", "index", "11", "type", "veth", "peer", "name", "wan", "netns", t.ISP2},
+		{"-n", t.Router, "link", "add", "eth2", "index", "12", "type", "veth", "peer", "name", "eth0", "netns", t.LAN},
 
 		{"-n", t.Router, "addr", "add", ISP1Local.String() + "/30", "dev", "ppp0"},
 		{"-n", t.Router, "addr", "add", ISP2Local.String() + "/30", "dev", "ppp1"},
@@ -122,6 +131,11 @@ func (t *Topology) build() error {
 			return err
 		}
 	}
+	for _, ns := range []string{t.ISP1, t.ISP2} {
+		if err := t.NFT(ns, bcp38); err != nil {
+			return err
+		}
+	}
 	for _, kv := range []string{
 		"net.ipv4.ip_forward=1",
 		"net.ipv4.tcp_fwmark_accept=1",
@@ -138,6 +152,55 @@ func (t *Topology) build() error {
 		}
 	}
 	return nil
+}
+
+// bcp38 is each ISP's filtering of what its customer (the router) sends,
+// as real providers do (BCP 38): a packet whose source is not routed back
+// by the link it came in on is dropped, IPv4 and IPv6. The router's own
+// address on that ISP's line and the LAN (routed there, for the tests
+// without NAT) pass; the other ISP's address does not, so a packet that
+// leaves by one uplink with the other's address is lost, and counted.
+const bcp38 = `table inet bcp38 {
+	chain prerouting {
+		type filter hook prerouting priority -300; policy accept;
+		iifname "wan" fib saddr . iif oif missing counter drop
+	}
+}
+`
+
+// SpoofedDrops is how many packets the ISP in ns dropped for their source
+// address (its BCP 38 filter).
+func (t *Topology) SpoofedDrops(ns string) (int, error) {
+	return t.NFTCounter(ns, "inet", "bcp38", "prerouting")
+}
+
+// NFT loads an nftables ruleset into ns.
+func (t *Topology) NFT(ns, ruleset string) error {
+	cmd := t.Exec(ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(ruleset)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft in %s: %v: %s", ns, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// NFTCounter is the sum of the packet counters in one chain in ns.
+func (t *Topology) NFTCounter(ns, family, table, chain string) (int, error) {
+	out, err := t.Exec(ns, "nft", "list", "chain", family, table, chain).CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("nft list chain %s %s %s in %s: %v: %s", family, table, chain, ns, err, out)
+	}
+	sum := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		if i := strings.Index(line, "counter packets "); i >= 0 {
+			var n int
+			if _, err := fmt.Sscanf(line[i:], "counter packets %d", &n); err != nil {
+				return 0, fmt.Errorf("counter in %q: %w", line, err)
+			}
+			sum += n
+		}
+	}
+	return sum, nil
 }
 
 // Close removes the namespaces (and with them every link in them).

@@ -101,7 +101,7 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mkdir -p /lib/modules/$KVER && mount --bind $CACHE/root/lib/modules/$KVER /lib/modules/$KVER
 printf '#!/bin/sh\nexec busybox modprobe "\$@"\n' > /run/modprobe && chmod +x /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
-for m in tun ppp_generic ppp_async slhc veth sch_ingress cls_bpf act_bpf sch_tbf nf_tables nft_masq nft_nat nft_chain_nat nft_ct nft_counter; do busybox modprobe \$m 2>/dev/null; done
+for m in tun ppp_generic ppp_async slhc veth sch_ingress cls_bpf act_bpf sch_tbf nf_tables nft_masq nft_nat nft_chain_nat nft_ct nft_counter nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nf_conntrack_netlink; do busybox modprobe \$m 2>/dev/null; done
 ip link set lo up
 hostname mhbpf-vm
 bash /mnt/vm-results/cmd > /mnt/vm-results/stdout 2> /mnt/vm-results/stderr
