@@ -56,6 +56,14 @@ type LanIface struct {
 	Pad    uint8
 }
 
+type LanInboundGuard struct {
+	_        structs.HostLayout
+	Window   uint64
+	InWindow uint64
+	Admitted uint64
+	Refused  uint64
+}
+
 type LanLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -174,27 +182,30 @@ type LanUplinkCounters struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	LanMapBypass4     = "bypass4"
-	LanMapBypass6     = "bypass6"
-	LanMapCounters    = "counters"
-	LanMapFlows       = "flows"
-	LanMapIfaces      = "ifaces"
-	LanMapPolicyDst4  = "policy_dst4"
-	LanMapPolicyDst6  = "policy_dst6"
-	LanMapPolicyGen   = "policy_gen"
-	LanMapPolicyMeta  = "policy_meta"
-	LanMapPolicyRules = "policy_rules"
-	LanMapPolicySrc4  = "policy_src4"
-	LanMapPolicySrc6  = "policy_src6"
-	LanMapRemotes     = "remotes"
-	LanMapSticky      = "sticky"
-	LanMapUplinks     = "uplinks"
-	LanProgLanEgress  = "lan_egress"
-	LanProgLanIngress = "lan_ingress"
-	LanVarMarkMask    = "mark_mask"
-	LanVarMarkReply   = "mark_reply"
-	LanVarMarkStrict  = "mark_strict"
-	LanVarStickyNs    = "sticky_ns"
+	LanMapBypass4           = "bypass4"
+	LanMapBypass6           = "bypass6"
+	LanMapCounters          = "counters"
+	LanMapFlows             = "flows"
+	LanMapIfaces            = "ifaces"
+	LanMapInbound           = "inbound"
+	LanMapInboundGuards     = "inbound_guards"
+	LanMapPolicyDst4        = "policy_dst4"
+	LanMapPolicyDst6        = "policy_dst6"
+	LanMapPolicyGen         = "policy_gen"
+	LanMapPolicyMeta        = "policy_meta"
+	LanMapPolicyRules       = "policy_rules"
+	LanMapPolicySrc4        = "policy_src4"
+	LanMapPolicySrc6        = "policy_src6"
+	LanMapRemotes           = "remotes"
+	LanMapSticky            = "sticky"
+	LanMapUplinks           = "uplinks"
+	LanProgLanEgress        = "lan_egress"
+	LanProgLanIngress       = "lan_ingress"
+	LanVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	LanVarMarkMask          = "mark_mask"
+	LanVarMarkReply         = "mark_reply"
+	LanVarMarkStrict        = "mark_strict"
+	LanVarStickyNs          = "sticky_ns"
 )
 
 // LoadLan returns the embedded CollectionSpec for Lan.
@@ -247,31 +258,34 @@ type LanProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanMapSpecs struct {
-	Bypass4     *ebpf.MapSpec `ebpf:"bypass4"`
-	Bypass6     *ebpf.MapSpec `ebpf:"bypass6"`
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	Flows       *ebpf.MapSpec `ebpf:"flows"`
-	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.MapSpec `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.MapSpec `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.MapSpec `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.MapSpec `ebpf:"policy_meta"`
-	PolicyRules *ebpf.MapSpec `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.MapSpec `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.MapSpec `ebpf:"policy_src6"`
-	Remotes     *ebpf.MapSpec `ebpf:"remotes"`
-	Sticky      *ebpf.MapSpec `ebpf:"sticky"`
-	Uplinks     *ebpf.MapSpec `ebpf:"uplinks"`
+	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
+	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
+	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.MapSpec `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.MapSpec `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.MapSpec `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.MapSpec `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.MapSpec `ebpf:"policy_src6"`
+	Remotes       *ebpf.MapSpec `ebpf:"remotes"`
+	Sticky        *ebpf.MapSpec `ebpf:"sticky"`
+	Uplinks       *ebpf.MapSpec `ebpf:"uplinks"`
 }
 
 // LanVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanVariableSpecs struct {
-	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
-	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
-	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
-	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
 // LanObjects contains all objects after they have been loaded into the kernel.
@@ -294,21 +308,23 @@ func (o *LanObjects) Close() error {
 //
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanMaps struct {
-	Bypass4     *ebpf.Map `ebpf:"bypass4"`
-	Bypass6     *ebpf.Map `ebpf:"bypass6"`
-	Counters    *ebpf.Map `ebpf:"counters"`
-	Flows       *ebpf.Map `ebpf:"flows"`
-	Ifaces      *ebpf.Map `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.Map `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.Map `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.Map `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.Map `ebpf:"policy_meta"`
-	PolicyRules *ebpf.Map `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.Map `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.Map `ebpf:"policy_src6"`
-	Remotes     *ebpf.Map `ebpf:"remotes"`
-	Sticky      *ebpf.Map `ebpf:"sticky"`
-	Uplinks     *ebpf.Map `ebpf:"uplinks"`
+	Bypass4       *ebpf.Map `ebpf:"bypass4"`
+	Bypass6       *ebpf.Map `ebpf:"bypass6"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	Flows         *ebpf.Map `ebpf:"flows"`
+	Ifaces        *ebpf.Map `ebpf:"ifaces"`
+	Inbound       *ebpf.Map `ebpf:"inbound"`
+	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.Map `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.Map `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.Map `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.Map `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.Map `ebpf:"policy_src6"`
+	Remotes       *ebpf.Map `ebpf:"remotes"`
+	Sticky        *ebpf.Map `ebpf:"sticky"`
+	Uplinks       *ebpf.Map `ebpf:"uplinks"`
 }
 
 func (m *LanMaps) Close() error {
@@ -318,6 +334,8 @@ func (m *LanMaps) Close() error {
 		m.Counters,
 		m.Flows,
 		m.Ifaces,
+		m.Inbound,
+		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
 		m.PolicyGen,
@@ -335,10 +353,11 @@ func (m *LanMaps) Close() error {
 //
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanVariables struct {
-	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
-	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
-	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
-	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 
 // LanPrograms contains all programs after they have been loaded into the kernel.

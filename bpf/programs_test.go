@@ -52,11 +52,16 @@ type env struct {
 
 func newEnv(t *testing.T) *env { return newEnvTB(t) }
 
-func newEnvTB(t testing.TB) *env {
+func newEnvTB(t testing.TB) *env { return newEnvWith(t, loader.Options{}) }
+
+// newEnvWith loads the datapath with o's sizes and budgets (marks are the
+// tests' own).
+func newEnvWith(t testing.TB, o loader.Options) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
-	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, MarkMask: markMask, MarkStrict: markStrict, MarkReply: markReply})
+	o.NetnsCookie, o.PinDir = testutil.NetnsCookie(t, ""), testutil.PinDir(t, loader.Remove)
+	o.MarkMask, o.MarkStrict, o.MarkReply = markMask, markStrict, markReply
+	d, err := loader.Load(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -775,5 +780,52 @@ func TestPortForwardRecordsNeverOverwriteLANFlows(t *testing.T) {
 	tcp.TCPFlags = packet.TCPAck
 	if m := e.lanRun(tcp, 0); m != firstTCP {
 		t.Fatalf("the LAN host's TCP flow moved: mark %#x, was %#x", m, firstTCP)
+	}
+}
+
+// A flood of openers on one uplink: past its inbound_rate budget they pass
+// unrecorded and unmarked, the refusals are counted, the LAN's flows (in
+// their own map) are never evicted by them, and the other uplink's budget
+// is untouched.
+func TestInboundFloodStaysInItsBudget(t *testing.T) {
+	const rate = 64
+	e := newEnvWith(t, loader.Options{InboundRate: rate, InboundMapSize: 1024, FlowMapSize: 1024})
+	e.lan(false)
+	var lanFlows []packet.Packet
+	for i := 0; i < 100; i++ {
+		p := syn(ap(lanHost, uint16(20000+i)), ap(remote, 443))
+		e.lanRun(p, 0)
+		lanFlows = append(lanFlows, p)
+	}
+	e.arrivesOn(isp2, true)
+	const n = 5000 // more than the budget and than the inbound map holds
+	marked := 0
+	box := netip.MustParseAddr("100.64.1.2")
+	for i := 0; i < n; i++ {
+		src := netip.AddrFrom4([4]byte{198, 51, 100, byte(i % 250)})
+		p := syn(ap(src, uint16(1024+i)), ap(box, 80))
+		p.L3 = true
+		if e.uplinkRun(p, 0)&markReply != 0 {
+			marked++
+		}
+	}
+	c, err := e.m.UplinkCounters(isp2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpus, _ := ebpf.PossibleCPU()
+	limit := uint64((rate + cpus - 1) / cpus * cpus) // per-CPU budgets, rounded up
+	if c.InboundAdmitted+c.InboundRefused != n || c.InboundAdmitted > limit || uint64(marked) != c.InboundAdmitted {
+		t.Fatalf("%d openers: %d recorded, %d refused, %d marked; want at most %d recorded (one second's budget) and the rest refused",
+			n, c.InboundAdmitted, c.InboundRefused, marked, limit)
+	}
+	if other, _ := e.m.UplinkCounters(isp1); other.InboundAdmitted+other.InboundRefused != 0 {
+		t.Fatalf("isp1's budget moved: %+v", other)
+	}
+	e.lan(false)
+	for i, p := range lanFlows {
+		if f, ok := e.flow(p); !ok || f.Origin == maps.OriginInbound {
+			t.Fatalf("LAN flow %d gone or replaced after the flood (%+v, %v)", i, f, ok)
+		}
 	}
 }

@@ -56,6 +56,14 @@ type SockIface struct {
 	Pad    uint8
 }
 
+type SockInboundGuard struct {
+	_        structs.HostLayout
+	Window   uint64
+	InWindow uint64
+	Admitted uint64
+	Refused  uint64
+}
+
 type SockLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -174,30 +182,33 @@ type SockUplinkCounters struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SockMapBypass4       = "bypass4"
-	SockMapBypass6       = "bypass6"
-	SockMapCounters      = "counters"
-	SockMapFlows         = "flows"
-	SockMapIfaces        = "ifaces"
-	SockMapPolicyDst4    = "policy_dst4"
-	SockMapPolicyDst6    = "policy_dst6"
-	SockMapPolicyGen     = "policy_gen"
-	SockMapPolicyMeta    = "policy_meta"
-	SockMapPolicyRules   = "policy_rules"
-	SockMapPolicySrc4    = "policy_src4"
-	SockMapPolicySrc6    = "policy_src6"
-	SockMapRemotes       = "remotes"
-	SockMapSticky        = "sticky"
-	SockMapUplinks       = "uplinks"
-	SockProgSockConnect4 = "sock_connect4"
-	SockProgSockConnect6 = "sock_connect6"
-	SockProgSockSendmsg4 = "sock_sendmsg4"
-	SockProgSockSendmsg6 = "sock_sendmsg6"
-	SockVarMarkMask      = "mark_mask"
-	SockVarMarkReply     = "mark_reply"
-	SockVarMarkStrict    = "mark_strict"
-	SockVarNetnsCookie   = "netns_cookie"
-	SockVarStickyNs      = "sticky_ns"
+	SockMapBypass4           = "bypass4"
+	SockMapBypass6           = "bypass6"
+	SockMapCounters          = "counters"
+	SockMapFlows             = "flows"
+	SockMapIfaces            = "ifaces"
+	SockMapInbound           = "inbound"
+	SockMapInboundGuards     = "inbound_guards"
+	SockMapPolicyDst4        = "policy_dst4"
+	SockMapPolicyDst6        = "policy_dst6"
+	SockMapPolicyGen         = "policy_gen"
+	SockMapPolicyMeta        = "policy_meta"
+	SockMapPolicyRules       = "policy_rules"
+	SockMapPolicySrc4        = "policy_src4"
+	SockMapPolicySrc6        = "policy_src6"
+	SockMapRemotes           = "remotes"
+	SockMapSticky            = "sticky"
+	SockMapUplinks           = "uplinks"
+	SockProgSockConnect4     = "sock_connect4"
+	SockProgSockConnect6     = "sock_connect6"
+	SockProgSockSendmsg4     = "sock_sendmsg4"
+	SockProgSockSendmsg6     = "sock_sendmsg6"
+	SockVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	SockVarMarkMask          = "mark_mask"
+	SockVarMarkReply         = "mark_reply"
+	SockVarMarkStrict        = "mark_strict"
+	SockVarNetnsCookie       = "netns_cookie"
+	SockVarStickyNs          = "sticky_ns"
 )
 
 // LoadSock returns the embedded CollectionSpec for Sock.
@@ -252,32 +263,35 @@ type SockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
-	Bypass4     *ebpf.MapSpec `ebpf:"bypass4"`
-	Bypass6     *ebpf.MapSpec `ebpf:"bypass6"`
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	Flows       *ebpf.MapSpec `ebpf:"flows"`
-	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.MapSpec `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.MapSpec `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.MapSpec `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.MapSpec `ebpf:"policy_meta"`
-	PolicyRules *ebpf.MapSpec `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.MapSpec `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.MapSpec `ebpf:"policy_src6"`
-	Remotes     *ebpf.MapSpec `ebpf:"remotes"`
-	Sticky      *ebpf.MapSpec `ebpf:"sticky"`
-	Uplinks     *ebpf.MapSpec `ebpf:"uplinks"`
+	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
+	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
+	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.MapSpec `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.MapSpec `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.MapSpec `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.MapSpec `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.MapSpec `ebpf:"policy_src6"`
+	Remotes       *ebpf.MapSpec `ebpf:"remotes"`
+	Sticky        *ebpf.MapSpec `ebpf:"sticky"`
+	Uplinks       *ebpf.MapSpec `ebpf:"uplinks"`
 }
 
 // SockVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
-	MarkMask    *ebpf.VariableSpec `ebpf:"mark_mask"`
-	MarkReply   *ebpf.VariableSpec `ebpf:"mark_reply"`
-	MarkStrict  *ebpf.VariableSpec `ebpf:"mark_strict"`
-	NetnsCookie *ebpf.VariableSpec `ebpf:"netns_cookie"`
-	StickyNs    *ebpf.VariableSpec `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	NetnsCookie       *ebpf.VariableSpec `ebpf:"netns_cookie"`
+	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
 // SockObjects contains all objects after they have been loaded into the kernel.
@@ -300,21 +314,23 @@ func (o *SockObjects) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
-	Bypass4     *ebpf.Map `ebpf:"bypass4"`
-	Bypass6     *ebpf.Map `ebpf:"bypass6"`
-	Counters    *ebpf.Map `ebpf:"counters"`
-	Flows       *ebpf.Map `ebpf:"flows"`
-	Ifaces      *ebpf.Map `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.Map `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.Map `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.Map `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.Map `ebpf:"policy_meta"`
-	PolicyRules *ebpf.Map `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.Map `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.Map `ebpf:"policy_src6"`
-	Remotes     *ebpf.Map `ebpf:"remotes"`
-	Sticky      *ebpf.Map `ebpf:"sticky"`
-	Uplinks     *ebpf.Map `ebpf:"uplinks"`
+	Bypass4       *ebpf.Map `ebpf:"bypass4"`
+	Bypass6       *ebpf.Map `ebpf:"bypass6"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	Flows         *ebpf.Map `ebpf:"flows"`
+	Ifaces        *ebpf.Map `ebpf:"ifaces"`
+	Inbound       *ebpf.Map `ebpf:"inbound"`
+	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.Map `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.Map `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.Map `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.Map `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.Map `ebpf:"policy_src6"`
+	Remotes       *ebpf.Map `ebpf:"remotes"`
+	Sticky        *ebpf.Map `ebpf:"sticky"`
+	Uplinks       *ebpf.Map `ebpf:"uplinks"`
 }
 
 func (m *SockMaps) Close() error {
@@ -324,6 +340,8 @@ func (m *SockMaps) Close() error {
 		m.Counters,
 		m.Flows,
 		m.Ifaces,
+		m.Inbound,
+		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
 		m.PolicyGen,
@@ -341,11 +359,12 @@ func (m *SockMaps) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
-	MarkMask    *ebpf.Variable `ebpf:"mark_mask"`
-	MarkReply   *ebpf.Variable `ebpf:"mark_reply"`
-	MarkStrict  *ebpf.Variable `ebpf:"mark_strict"`
-	NetnsCookie *ebpf.Variable `ebpf:"netns_cookie"`
-	StickyNs    *ebpf.Variable `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	NetnsCookie       *ebpf.Variable `ebpf:"netns_cookie"`
+	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 
 // SockPrograms contains all programs after they have been loaded into the kernel.

@@ -30,6 +30,30 @@ static __always_inline bool opens_inbound(const struct packet *p)
 	return !r || r->origin == ORIGIN_INBOUND;
 }
 
+/* Whether uplink may record one more inbound flow this second on this CPU.
+ * Katran's flood guard, per uplink: past the budget, openers pass through
+ * unrecorded, so a flood costs a counter update, not an LRU insert. */
+static __always_inline bool inbound_admit(__u32 uplink)
+{
+	struct inbound_guard *g = bpf_map_lookup_elem(&inbound_guards, &uplink);
+	if (!g)
+		return false;
+	if (inbound_rate_per_cpu) {
+		__u64 now = bpf_ktime_get_ns();
+		if (now - g->window >= 1000000000ULL) {
+			g->window = now;
+			g->in_window = 0;
+		}
+		if (g->in_window >= inbound_rate_per_cpu) {
+			g->refused++;
+			return false;
+		}
+		g->in_window++;
+	}
+	g->admitted++;
+	return true;
+}
+
 SEC("tc")
 int uplink_ingress(struct __sk_buff *skb)
 {
@@ -45,7 +69,7 @@ int uplink_ingress(struct __sk_buff *skb)
 
 	struct flow_key k;
 	flow_key_of(&p, &k);
-	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	struct flow *f = bpf_map_lookup_elem(&inbound, &k);
 	if (f) {
 		flow_seen(f, skb->len);
 		skb->mark = apply_mark(skb->mark, f->mark);
@@ -54,8 +78,10 @@ int uplink_ingress(struct __sk_buff *skb)
 	if (!opens_inbound(&p))
 		return TC_ACT_OK;
 
+	if (!inbound_admit(ifc->uplink))
+		return TC_ACT_OK; /* over budget: delivered, but neither recorded nor marked */
 	__u32 mark = (uplink_mark(ifc->uplink) | mark_reply) & mark_mask;
-	flow_record(&k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
+	flow_record_in(&inbound, &k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
 
 	skb->mark = apply_mark(skb->mark, mark);
 	return TC_ACT_OK;

@@ -56,6 +56,14 @@ type UplinkIface struct {
 	Pad    uint8
 }
 
+type UplinkInboundGuard struct {
+	_        structs.HostLayout
+	Window   uint64
+	InWindow uint64
+	Admitted uint64
+	Refused  uint64
+}
+
 type UplinkLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -167,26 +175,29 @@ type UplinkUplinkCounters struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	UplinkMapBypass4        = "bypass4"
-	UplinkMapBypass6        = "bypass6"
-	UplinkMapCounters       = "counters"
-	UplinkMapFlows          = "flows"
-	UplinkMapIfaces         = "ifaces"
-	UplinkMapPolicyDst4     = "policy_dst4"
-	UplinkMapPolicyDst6     = "policy_dst6"
-	UplinkMapPolicyGen      = "policy_gen"
-	UplinkMapPolicyMeta     = "policy_meta"
-	UplinkMapPolicyRules    = "policy_rules"
-	UplinkMapPolicySrc4     = "policy_src4"
-	UplinkMapPolicySrc6     = "policy_src6"
-	UplinkMapRemotes        = "remotes"
-	UplinkMapSticky         = "sticky"
-	UplinkMapUplinks        = "uplinks"
-	UplinkProgUplinkIngress = "uplink_ingress"
-	UplinkVarMarkMask       = "mark_mask"
-	UplinkVarMarkReply      = "mark_reply"
-	UplinkVarMarkStrict     = "mark_strict"
-	UplinkVarStickyNs       = "sticky_ns"
+	UplinkMapBypass4           = "bypass4"
+	UplinkMapBypass6           = "bypass6"
+	UplinkMapCounters          = "counters"
+	UplinkMapFlows             = "flows"
+	UplinkMapIfaces            = "ifaces"
+	UplinkMapInbound           = "inbound"
+	UplinkMapInboundGuards     = "inbound_guards"
+	UplinkMapPolicyDst4        = "policy_dst4"
+	UplinkMapPolicyDst6        = "policy_dst6"
+	UplinkMapPolicyGen         = "policy_gen"
+	UplinkMapPolicyMeta        = "policy_meta"
+	UplinkMapPolicyRules       = "policy_rules"
+	UplinkMapPolicySrc4        = "policy_src4"
+	UplinkMapPolicySrc6        = "policy_src6"
+	UplinkMapRemotes           = "remotes"
+	UplinkMapSticky            = "sticky"
+	UplinkMapUplinks           = "uplinks"
+	UplinkProgUplinkIngress    = "uplink_ingress"
+	UplinkVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	UplinkVarMarkMask          = "mark_mask"
+	UplinkVarMarkReply         = "mark_reply"
+	UplinkVarMarkStrict        = "mark_strict"
+	UplinkVarStickyNs          = "sticky_ns"
 )
 
 // LoadUplink returns the embedded CollectionSpec for Uplink.
@@ -238,31 +249,34 @@ type UplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkMapSpecs struct {
-	Bypass4     *ebpf.MapSpec `ebpf:"bypass4"`
-	Bypass6     *ebpf.MapSpec `ebpf:"bypass6"`
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	Flows       *ebpf.MapSpec `ebpf:"flows"`
-	Ifaces      *ebpf.MapSpec `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.MapSpec `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.MapSpec `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.MapSpec `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.MapSpec `ebpf:"policy_meta"`
-	PolicyRules *ebpf.MapSpec `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.MapSpec `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.MapSpec `ebpf:"policy_src6"`
-	Remotes     *ebpf.MapSpec `ebpf:"remotes"`
-	Sticky      *ebpf.MapSpec `ebpf:"sticky"`
-	Uplinks     *ebpf.MapSpec `ebpf:"uplinks"`
+	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
+	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
+	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.MapSpec `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.MapSpec `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.MapSpec `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.MapSpec `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.MapSpec `ebpf:"policy_src6"`
+	Remotes       *ebpf.MapSpec `ebpf:"remotes"`
+	Sticky        *ebpf.MapSpec `ebpf:"sticky"`
+	Uplinks       *ebpf.MapSpec `ebpf:"uplinks"`
 }
 
 // UplinkVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkVariableSpecs struct {
-	MarkMask   *ebpf.VariableSpec `ebpf:"mark_mask"`
-	MarkReply  *ebpf.VariableSpec `ebpf:"mark_reply"`
-	MarkStrict *ebpf.VariableSpec `ebpf:"mark_strict"`
-	StickyNs   *ebpf.VariableSpec `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
+	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
 // UplinkObjects contains all objects after they have been loaded into the kernel.
@@ -285,21 +299,23 @@ func (o *UplinkObjects) Close() error {
 //
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkMaps struct {
-	Bypass4     *ebpf.Map `ebpf:"bypass4"`
-	Bypass6     *ebpf.Map `ebpf:"bypass6"`
-	Counters    *ebpf.Map `ebpf:"counters"`
-	Flows       *ebpf.Map `ebpf:"flows"`
-	Ifaces      *ebpf.Map `ebpf:"ifaces"`
-	PolicyDst4  *ebpf.Map `ebpf:"policy_dst4"`
-	PolicyDst6  *ebpf.Map `ebpf:"policy_dst6"`
-	PolicyGen   *ebpf.Map `ebpf:"policy_gen"`
-	PolicyMeta  *ebpf.Map `ebpf:"policy_meta"`
-	PolicyRules *ebpf.Map `ebpf:"policy_rules"`
-	PolicySrc4  *ebpf.Map `ebpf:"policy_src4"`
-	PolicySrc6  *ebpf.Map `ebpf:"policy_src6"`
-	Remotes     *ebpf.Map `ebpf:"remotes"`
-	Sticky      *ebpf.Map `ebpf:"sticky"`
-	Uplinks     *ebpf.Map `ebpf:"uplinks"`
+	Bypass4       *ebpf.Map `ebpf:"bypass4"`
+	Bypass6       *ebpf.Map `ebpf:"bypass6"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	Flows         *ebpf.Map `ebpf:"flows"`
+	Ifaces        *ebpf.Map `ebpf:"ifaces"`
+	Inbound       *ebpf.Map `ebpf:"inbound"`
+	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
+	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
+	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
+	PolicyGen     *ebpf.Map `ebpf:"policy_gen"`
+	PolicyMeta    *ebpf.Map `ebpf:"policy_meta"`
+	PolicyRules   *ebpf.Map `ebpf:"policy_rules"`
+	PolicySrc4    *ebpf.Map `ebpf:"policy_src4"`
+	PolicySrc6    *ebpf.Map `ebpf:"policy_src6"`
+	Remotes       *ebpf.Map `ebpf:"remotes"`
+	Sticky        *ebpf.Map `ebpf:"sticky"`
+	Uplinks       *ebpf.Map `ebpf:"uplinks"`
 }
 
 func (m *UplinkMaps) Close() error {
@@ -309,6 +325,8 @@ func (m *UplinkMaps) Close() error {
 		m.Counters,
 		m.Flows,
 		m.Ifaces,
+		m.Inbound,
+		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
 		m.PolicyGen,
@@ -326,10 +344,11 @@ func (m *UplinkMaps) Close() error {
 //
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkVariables struct {
-	MarkMask   *ebpf.Variable `ebpf:"mark_mask"`
-	MarkReply  *ebpf.Variable `ebpf:"mark_reply"`
-	MarkStrict *ebpf.Variable `ebpf:"mark_strict"`
-	StickyNs   *ebpf.Variable `ebpf:"sticky_ns"`
+	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
+	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
+	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 
 // UplinkPrograms contains all programs after they have been loaded into the kernel.

@@ -59,8 +59,8 @@ static __always_inline void flow_seen(struct flow *f, __u64 len)
 	__sync_fetch_and_add(&f->bytes, len);
 }
 
-static __always_inline void flow_record(const struct flow_key *k, __u8 uplink, __u8 origin, __u32 mark,
-					__u64 len)
+static __always_inline void flow_record_in(void *map, const struct flow_key *k, __u8 uplink, __u8 origin,
+					   __u32 mark, __u64 len)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct flow f = {
@@ -72,8 +72,14 @@ static __always_inline void flow_record(const struct flow_key *k, __u8 uplink, _
 		.packets = 1,
 		.bytes = len,
 	};
-	bpf_map_update_elem(&flows, k, &f, BPF_ANY);
+	bpf_map_update_elem(map, k, &f, BPF_ANY);
 	count_new_flow(uplink);
+}
+
+static __always_inline void flow_record(const struct flow_key *k, __u8 uplink, __u8 origin, __u32 mark,
+					__u64 len)
+{
+	flow_record_in(&flows, k, uplink, origin, mark, len);
 }
 
 static __always_inline void count_packet(__u32 uplink, __u64 len, bool rx)

@@ -30,6 +30,10 @@ volatile const __u32 mark_strict = 0x00800000;
  * Inside mark_mask. */
 volatile const __u32 mark_reply = 0x00400000;
 volatile const __u64 sticky_ns = 600ULL * 1000000000ULL;
+/* New inbound records each CPU may make per uplink and second (0: no cap):
+ * the internet's floods of SYNs, first datagrams and echo requests must not
+ * crowd out the LAN's own flows, nor each other's uplinks'. */
+volatile const __u32 inbound_rate_per_cpu = 0;
 
 enum origin {
 	ORIGIN_BALANCED = 1, /* default policy, weighted choice */
@@ -294,5 +298,31 @@ struct {
 	__type(key, __u32);
 	__type(value, struct uplink_counters);
 } counters SEC(".maps");
+
+/* Flows a remote peer started on an uplink (uplink ingress records them),
+ * in a map of their own: a flood from the internet evicts only its own kind,
+ * never the LAN's flows in `flows`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} inbound SEC(".maps");
+
+/* The per-CPU, per-uplink budget of new inbound records: a one-second
+ * window and what it admitted and refused. */
+struct inbound_guard {
+	__u64 window; /* start of the current second, ns */
+	__u64 in_window;
+	__u64 admitted; /* records made, ever */
+	__u64 refused;  /* openers left unrecorded by the budget, ever */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_UPLINKS);
+	__type(key, __u32);
+	__type(value, struct inbound_guard);
+} inbound_guards SEC(".maps");
 
 #endif

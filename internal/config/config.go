@@ -37,6 +37,10 @@ type Global struct {
 	PinDir        string
 	CgroupPath    string // empty: detect
 	FlowMapSize   uint32
+	// InboundMapSize bounds the flows remote peers start (their own LRU);
+	// InboundRate the new ones each uplink may record per second.
+	InboundMapSize uint32
+	InboundRate    uint32
 	StickyTimeout time.Duration
 	UpDelay       time.Duration // a link must stay up this long before use
 	MetricsListen string
@@ -100,6 +104,10 @@ type Policy struct {
 // Defaults.
 const (
 	DefaultMarkMask      = 0x00ff0000
+	// DefaultInboundMapSize and DefaultInboundRate: far more inbound flows
+	// than an ADSL line carries, far fewer than a flood.
+	DefaultInboundMapSize = 65536
+	DefaultInboundRate    = 2000
 	DefaultTableMin      = 100
 	DefaultTableMax      = 199
 	DefaultRulePriority  = 10000
@@ -127,6 +135,8 @@ type rawGlobal struct {
 	PinDir         string    `toml:"pin_dir"`
 	Cgroup         string    `toml:"cgroup"`
 	FlowMapSize    *uint32   `toml:"flow_map_size"`
+	InboundMapSize *uint32   `toml:"inbound_map_size"`
+	InboundRate    *uint32   `toml:"inbound_rate"`
 	StickyTimeout  *duration `toml:"sticky_timeout"`
 	UpDelay        *duration `toml:"up_delay"`
 	ResyncEvery    *duration `toml:"resync_every"`
@@ -384,6 +394,17 @@ func (v *validator) global(r *rawGlobal, g *Global) error {
 			return v.err("global.flow_map_size", "%d is too small (at least 1024)", *r.FlowMapSize)
 		}
 		g.FlowMapSize = *r.FlowMapSize
+	}
+	g.InboundMapSize = DefaultInboundMapSize
+	if r.InboundMapSize != nil {
+		if *r.InboundMapSize < 1024 {
+			return v.err("global.inbound_map_size", "%d is too small (at least 1024)", *r.InboundMapSize)
+		}
+		g.InboundMapSize = *r.InboundMapSize
+	}
+	g.InboundRate = DefaultInboundRate
+	if r.InboundRate != nil {
+		g.InboundRate = *r.InboundRate
 	}
 	g.StickyTimeout = 10 * time.Minute
 	if r.StickyTimeout != nil {

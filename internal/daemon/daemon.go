@@ -99,7 +99,8 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		return err
 	}
 	dp, err := loader.Load(loader.Options{PinDir: g.PinDir, MarkMask: g.MarkMask, MarkStrict: g.StrictMark, MarkReply: g.ReplyMark,
-		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize, NetnsCookie: netns})
+		StickyTimeout: g.StickyTimeout, FlowMapSize: g.FlowMapSize, NetnsCookie: netns,
+		InboundMapSize: g.InboundMapSize, InboundRate: g.InboundRate})
 	if err != nil {
 		return err
 	}
@@ -291,9 +292,9 @@ func (d *Daemon) reload() {
 	old := d.cfg.Global
 	g := cfg.Global
 	if g.PinDir != old.PinDir || g.MarkMask != old.MarkMask || g.StrictMark != old.StrictMark || g.ReplyMark != old.ReplyMark ||
-		g.FlowMapSize != old.FlowMapSize || g.RulePriority != old.RulePriority || g.RouteProtocol != old.RouteProtocol ||
+		g.FlowMapSize != old.FlowMapSize || g.InboundMapSize != old.InboundMapSize || g.InboundRate != old.InboundRate || g.RulePriority != old.RulePriority || g.RouteProtocol != old.RouteProtocol ||
 		g.NFTable != old.NFTable || g.StateDir != old.StateDir || g.CgroupPath != old.CgroupPath || g.StickyTimeout != old.StickyTimeout {
-		d.log.Error("reload refused: global settings changed that need a restart (mark_mask, strict_mark, reply_mark, pin_dir, flow_map_size, rule_priority, route_protocol, nft_table, state_dir, cgroup, sticky_timeout); keeping the running configuration")
+		d.log.Error("reload refused: global settings changed that need a restart (mark_mask, strict_mark, reply_mark, pin_dir, flow_map_size, inbound_map_size, inbound_rate, rule_priority, route_protocol, nft_table, state_dir, cgroup, sticky_timeout); keeping the running configuration")
 		return
 	}
 	prev := d.cfg

@@ -81,6 +81,8 @@ func (m *metrics) serve(w http.ResponseWriter, _ *http.Request) {
 		{"mhbpf_uplink_tx_packets_total", "LAN packets steered to the uplink.", func(c maps.Counters) uint64 { return c.TxPackets }},
 		{"mhbpf_uplink_tx_bytes_total", "LAN bytes steered to the uplink.", func(c maps.Counters) uint64 { return c.TxBytes }},
 		{"mhbpf_uplink_new_flows_total", "Flows and sockets assigned to the uplink.", func(c maps.Counters) uint64 { return c.NewFlows }},
+		{"mhbpf_uplink_inbound_records_total", "Flows remote peers started on the uplink that were recorded.", func(c maps.Counters) uint64 { return c.InboundAdmitted }},
+		{"mhbpf_uplink_inbound_refused_total", "Flow openers from the uplink left unrecorded by its inbound_rate budget (a flood).", func(c maps.Counters) uint64 { return c.InboundRefused }},
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n", c.name, c.help, c.name)
 		for id, u := range st.Uplinks {

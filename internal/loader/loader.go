@@ -34,6 +34,11 @@ type Options struct {
 	StickyTimeout time.Duration
 	// FlowMapSize is the capacity of the flow map (LRU).
 	FlowMapSize uint32
+	// InboundMapSize is the capacity of the map of flows remote peers
+	// started (LRU); InboundRate the new ones each uplink may record per
+	// second (0: no cap).
+	InboundMapSize uint32
+	InboundRate    uint32
 	// TCMode forces an attach mechanism; empty means tcx where the kernel
 	// has it, else clsact.
 	TCMode Mode
@@ -47,11 +52,12 @@ type Options struct {
 
 // Defaults used for zero fields of Options.
 const (
-	DefaultMarkMask      = 0x00ff0000
-	DefaultMarkStrict    = 0x00800000
-	DefaultMarkReply     = 0x00400000
-	DefaultStickyTimeout = 10 * time.Minute
-	DefaultFlowMapSize   = 262144
+	DefaultMarkMask       = 0x00ff0000
+	DefaultMarkStrict     = 0x00800000
+	DefaultMarkReply      = 0x00400000
+	DefaultStickyTimeout  = 10 * time.Minute
+	DefaultFlowMapSize    = 262144
+	DefaultInboundMapSize = 65536
 )
 
 func (o *Options) withDefaults() Options {
@@ -74,6 +80,9 @@ func (o *Options) withDefaults() Options {
 	if r.FlowMapSize == 0 {
 		r.FlowMapSize = DefaultFlowMapSize
 	}
+	if r.InboundMapSize == 0 {
+		r.InboundMapSize = DefaultInboundMapSize
+	}
 	return r
 }
 
@@ -86,7 +95,7 @@ type Datapath struct {
 	uplinkProg    *ebpf.Program
 	lanProg       *ebpf.Program
 	lanEgressProg *ebpf.Program
-	sock       bpf.SockPrograms
+	sock          bpf.SockPrograms
 }
 
 // Load loads the programs and creates, or reopens, the pinned maps.
@@ -165,11 +174,16 @@ func loadError(obj string, err error) error {
 // configure sets the load-time constants and map sizes of one object and
 // makes every map pinned by name, so the three objects share one set.
 func configure(s *ebpf.CollectionSpec, o *Options) error {
+	perCPU, err := inboundRatePerCPU(o.InboundRate)
+	if err != nil {
+		return err
+	}
 	for name, v := range map[string]any{
-		"mark_mask":   o.MarkMask,
-		"mark_strict": o.MarkStrict,
-		"mark_reply":  o.MarkReply,
-		"sticky_ns":   uint64(o.StickyTimeout.Nanoseconds()),
+		"mark_mask":            o.MarkMask,
+		"mark_strict":          o.MarkStrict,
+		"mark_reply":           o.MarkReply,
+		"sticky_ns":            uint64(o.StickyTimeout.Nanoseconds()),
+		"inbound_rate_per_cpu": perCPU,
 	} {
 		if err := setVariable(s, name, v); err != nil {
 			return err
@@ -180,11 +194,28 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 			continue
 		}
 		m.Pinning = ebpf.PinByName
-		if name == "flows" || name == "remotes" {
+		switch name {
+		case "flows", "remotes":
 			m.MaxEntries = o.FlowMapSize
+		case "inbound":
+			m.MaxEntries = o.InboundMapSize
 		}
 	}
 	return nil
+}
+
+// inboundRatePerCPU splits an uplink's budget of new inbound records per
+// second over the CPUs, which count it each on their own (no shared cache
+// line under a flood). Rounded up: never below what was asked.
+func inboundRatePerCPU(rate uint32) (uint32, error) {
+	if rate == 0 {
+		return 0, nil
+	}
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return 0, fmt.Errorf("number of CPUs: %w", err)
+	}
+	return (rate + uint32(n) - 1) / uint32(n), nil
 }
 
 // setVariable sets a load-time constant of an object.

@@ -94,7 +94,7 @@ func OpenPinned(pinDir string) (*maps.Maps, error) {
 		"policy_gen": &m.PolicyGen, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
 		"policy_dst4": &m.PolicyDst4, "policy_src4": &m.PolicySrc4, "policy_dst6": &m.PolicyDst6,
 		"policy_src6": &m.PolicySrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,
-		"sticky": &m.Sticky, "counters": &m.Counters,
+		"sticky": &m.Sticky, "counters": &m.Counters, "inbound": &m.Inbound, "inbound_guards": &m.InboundGuards,
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(pinDir), name), nil)
 		if err != nil {

@@ -84,17 +84,24 @@ func decodeFlow(k *bpf.UplinkFlowKey, v *bpf.UplinkFlow) Flow {
 	}
 }
 
+// flowMaps are the maps that hold flows: the LAN's (and the answers of
+// port forwards) and the inbound records of the uplinks.
+func (m *Maps) flowMaps() []*ebpf.Map { return []*ebpf.Map{m.Flows, m.Inbound} }
+
 // LookupFlow finds one flow; ok is false if there is none.
 func (m *Maps) LookupFlow(k FlowKey) (f Flow, ok bool, err error) {
 	bk := k.encode()
 	var v bpf.UplinkFlow
-	if err := m.Flows.Lookup(&bk, &v); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Flow{}, false, nil
+	for _, fm := range m.flowMaps() {
+		err := fm.Lookup(&bk, &v)
+		if err == nil {
+			return decodeFlow(&bk, &v), true, nil
 		}
-		return Flow{}, false, err
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Flow{}, false, err
+		}
 	}
-	return decodeFlow(&bk, &v), true, nil
+	return Flow{}, false, nil
 }
 
 // PutFlow records a flow (tests and state restores use it; the programs
@@ -109,7 +116,11 @@ func (m *Maps) PutFlow(f Flow) error {
 // DeleteFlow forgets one flow; deleting a missing flow is not an error.
 func (m *Maps) DeleteFlow(k FlowKey) error {
 	bk := k.encode()
-	return ignoreNotExist(m.Flows.Delete(&bk))
+	var errs []error
+	for _, fm := range m.flowMaps() {
+		errs = append(errs, ignoreNotExist(fm.Delete(&bk)))
+	}
+	return errors.Join(errs...)
 }
 
 // WalkFlows calls fn for every flow until fn returns false. The map changes
@@ -117,37 +128,44 @@ func (m *Maps) DeleteFlow(k FlowKey) error {
 func (m *Maps) WalkFlows(fn func(Flow) bool) error {
 	var k bpf.UplinkFlowKey
 	var v bpf.UplinkFlow
-	it := m.Flows.Iterate()
-	for it.Next(&k, &v) {
-		if !fn(decodeFlow(&k, &v)) {
-			return nil
+	for _, fm := range m.flowMaps() {
+		it := fm.Iterate()
+		for it.Next(&k, &v) {
+			if !fn(decodeFlow(&k, &v)) {
+				return nil
+			}
+		}
+		if err := it.Err(); err != nil {
+			return err
 		}
 	}
-	return it.Err()
+	return nil
 }
 
 // DeleteFlowsOfUplink forgets every flow on uplink id, and the remote
 // endpoints that point to it, so their next packet chooses again. It returns
 // how many flows it deleted.
 func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
-	var keys []bpf.UplinkFlowKey
-	var k bpf.UplinkFlowKey
-	var v bpf.UplinkFlow
-	it := m.Flows.Iterate()
-	for it.Next(&k, &v) {
-		if int(v.Uplink) == id {
-			keys = append(keys, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return 0, err
-	}
 	n := 0
-	for i := range keys {
-		if err := m.Flows.Delete(&keys[i]); err == nil {
-			n++
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+	for _, fm := range m.flowMaps() {
+		var keys []bpf.UplinkFlowKey
+		var k bpf.UplinkFlowKey
+		var v bpf.UplinkFlow
+		it := fm.Iterate()
+		for it.Next(&k, &v) {
+			if int(v.Uplink) == id {
+				keys = append(keys, k)
+			}
+		}
+		if err := it.Err(); err != nil {
 			return n, err
+		}
+		for i := range keys {
+			if err := fm.Delete(&keys[i]); err == nil {
+				n++
+			} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return n, err
+			}
 		}
 	}
 

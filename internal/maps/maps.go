@@ -42,6 +42,10 @@ type Maps struct {
 	Bypass6     *ebpf.Map
 	Sticky      *ebpf.Map
 	Counters    *ebpf.Map
+	// Inbound holds the flows remote peers started on the uplinks;
+	// InboundGuards the per-uplink budget of new ones.
+	Inbound       *ebpf.Map
+	InboundGuards *ebpf.Map
 }
 
 // FromObjects takes the maps of a loaded object.
@@ -51,6 +55,7 @@ func FromObjects(m *bpf.UplinkMaps) *Maps {
 		PolicyGen: m.PolicyGen, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
 		PolicyDst4: m.PolicyDst4, PolicySrc4: m.PolicySrc4, PolicyDst6: m.PolicyDst6, PolicySrc6: m.PolicySrc6,
 		Bypass4: m.Bypass4, Bypass6: m.Bypass6, Sticky: m.Sticky, Counters: m.Counters,
+		Inbound: m.Inbound, InboundGuards: m.InboundGuards,
 	}
 }
 
@@ -59,7 +64,7 @@ func (m *Maps) Close() error {
 	var errs []error
 	for _, x := range []*ebpf.Map{m.Flows, m.Remotes, m.Uplinks, m.Ifaces, m.PolicyGen, m.PolicyMeta,
 		m.PolicyRules, m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6, m.Bypass4, m.Bypass6,
-		m.Sticky, m.Counters} {
+		m.Sticky, m.Counters, m.Inbound, m.InboundGuards} {
 		if x != nil {
 			errs = append(errs, x.Close())
 		}
@@ -215,6 +220,9 @@ type Counters struct {
 	RxPackets, RxBytes uint64
 	TxPackets, TxBytes uint64
 	NewFlows           uint64
+	// New inbound records made, and openers the per-uplink budget left
+	// unrecorded (a flood).
+	InboundAdmitted, InboundRefused uint64
 }
 
 // UplinkCounters sums the per-CPU counters of uplink id.
@@ -230,6 +238,14 @@ func (m *Maps) UplinkCounters(id int) (Counters, error) {
 		c.TxPackets += p.TxPackets
 		c.TxBytes += p.TxBytes
 		c.NewFlows += p.NewFlows
+	}
+	var guards []bpf.UplinkInboundGuard
+	if err := m.InboundGuards.Lookup(uint32(id), &guards); err != nil {
+		return Counters{}, err
+	}
+	for _, g := range guards {
+		c.InboundAdmitted += g.Admitted
+		c.InboundRefused += g.Refused
 	}
 	return c, nil
 }

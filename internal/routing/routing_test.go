@@ -2,8 +2,8 @@ package routing
 
 import (
 	"net/netip"
-	"slices"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
