@@ -5,7 +5,7 @@
  * recorded it), a new flow gets a policy and an uplink. The mark set here is
  * what the fib rules route by. Egress records the exact flow of what a
  * remote peer sent in through a port forward, as the LAN host will answer
- * it. */
+ * it, among the inbound records. */
 #include "include/common.h"
 #include "include/maps.h"
 #include "include/parse.h"
@@ -34,6 +34,8 @@ int lan_ingress(struct __sk_buff *skb)
 	struct flow_key k;
 	flow_key_of(&p, &k);
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (!f) /* the answer of a port forward (lan_egress recorded it) */
+		f = bpf_map_lookup_elem(&inbound, &k);
 	if (f && uplink_is_up(f->uplink)) {
 		flow_seen(f, skb->len);
 		count_packet(f->uplink, skb->len, false);
@@ -121,10 +123,14 @@ int lan_egress(struct __sk_buff *skb)
 	}
 	struct flow_key k;
 	flow_key_of_answer(&p, &k);
-	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (f && (f->origin != ORIGIN_INBOUND || f->uplink == from->uplink))
+	if (bpf_map_lookup_elem(&flows, &k))
+		return TC_ACT_OK; /* the LAN's own flow */
+	/* With the inbound records: what remote peers start, however many,
+	 * never evicts the LAN's own flows. */
+	struct flow *f = bpf_map_lookup_elem(&inbound, &k);
+	if (f && f->uplink == from->uplink)
 		return TC_ACT_OK;
-	flow_record(&k, from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask, 0);
+	flow_record_in(&inbound, &k, from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask, 0);
 	return TC_ACT_OK;
 }
 
