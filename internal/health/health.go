@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -56,7 +57,11 @@ func NewProber(s Spec) *Prober {
 	return &Prober{spec: s, healthy: true}
 }
 
-// Run probes every interval and sends a Result after each round.
+// Run probes every interval and sends a Result after each round. A round
+// probes all targets at once and ends by its timeout, which is at most the
+// interval: rounds start on the interval's schedule whatever the probes do,
+// so a silent uplink is judged down failures × interval + timeout after
+// the last answer at the latest.
 func (p *Prober) Run(ctx context.Context, out chan<- Result) {
 	t := time.NewTicker(p.spec.Interval)
 	defer t.Stop()
@@ -75,19 +80,12 @@ func (p *Prober) Run(ctx context.Context, out chan<- Result) {
 	}
 }
 
-// round probes the targets in turn: one success is enough.
+// round probes every target in parallel: the first answer ends it with a
+// success; without one it ends when the last probe has timed out (each
+// probe has the timeout). Serial probes would make a failed round last
+// targets × timeout, and a silent uplink wait that much per round.
 func (p *Prober) round(ctx context.Context) Result {
-	var rtt time.Duration
-	var lastErr error
-	ok := false
-	for _, target := range p.spec.Targets {
-		d, err := p.probe(ctx, target)
-		if err == nil {
-			ok, rtt = true, d
-			break
-		}
-		lastErr = fmt.Errorf("%v: %w", target, err)
-	}
+	ok, rtt, lastErr := p.probeAll(ctx)
 	p.history = append(p.history, ok)
 	if len(p.history) > 20 {
 		p.history = p.history[1:]
@@ -113,18 +111,51 @@ func (p *Prober) round(ctx context.Context) Result {
 	}
 	r := Result{Uplink: p.spec.Uplink, Healthy: p.healthy, RTT: rtt, Loss: float64(lost) / float64(len(p.history))}
 	if !p.healthy && lastErr != nil {
-		r.Reason = fmt.Sprintf("%d probes failed, last: %v", p.fails, lastErr)
+		r.Reason = fmt.Sprintf("%d probes failed, last: %s", p.fails, strings.ReplaceAll(lastErr.Error(), "\n", "; "))
 	}
 	return r
+}
+
+func (p *Prober) probeAll(ctx context.Context) (bool, time.Duration, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // the first success stops the others
+	type answer struct {
+		i   int
+		rtt time.Duration
+		err error
+	}
+	answers := make(chan answer, len(p.spec.Targets))
+	for i, target := range p.spec.Targets {
+		go func() {
+			d, err := p.probe(ctx, target)
+			answers <- answer{i, d, err}
+		}()
+	}
+	errs := make([]error, len(p.spec.Targets))
+	for range p.spec.Targets {
+		a := <-answers
+		if a.err == nil {
+			return true, a.rtt, nil
+		}
+		errs[a.i] = fmt.Errorf("%v: %w", p.spec.Targets[a.i], a.err)
+	}
+	return false, 0, errors.Join(errs...)
 }
 
 func (p *Prober) probe(ctx context.Context, target netip.Addr) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.spec.Timeout)
 	defer cancel()
+	var d time.Duration
+	var err error
 	if p.spec.Method == "tcp" {
-		return p.probeTCP(ctx, target)
+		d, err = p.probeTCP(ctx, target)
+	} else {
+		d, err = p.probeICMP(ctx, target)
 	}
-	return p.probeICMP(ctx, target)
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		err = fmt.Errorf("no answer within %v", p.spec.Timeout)
+	}
+	return d, err
 }
 
 // control binds a probe socket to the uplink's device and gives it the
@@ -163,6 +194,8 @@ func (p *Prober) probeICMP(ctx context.Context, target netip.Addr) (time.Duratio
 		return 0, err
 	}
 	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() }) // the round ended: another target answered
+	defer stop()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
