@@ -2,10 +2,13 @@ package test
 
 import (
 	"fmt"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemon"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
@@ -45,6 +48,47 @@ func (e *daemonEnv) silence(ns string, on bool) {
 	} else {
 		e.nft(ns, "delete table inet mhbpftest-silent\n")
 	}
+}
+
+// deafTarget makes namespace ns drop the echo requests to target (the
+// probe target stops answering; everything else still works), or lifts
+// that again.
+func (e *daemonEnv) deafTarget(ns, target string, on bool) {
+	e.t.Helper()
+	if on {
+		e.nft(ns, fmt.Sprintf("table inet mhbpftest-deaf {\n chain in {\n  type filter hook input priority 0; policy accept;\n  ip daddr %s icmp type echo-request drop\n }\n}\n", target))
+	} else {
+		e.nft(ns, "delete table inet mhbpftest-deaf\n")
+	}
+}
+
+// uplinkStatus is what the daemon last wrote about uplink name.
+func (e *daemonEnv) uplinkStatus(name string) daemon.UplinkStatus {
+	e.t.Helper()
+	st, err := daemon.LoadStatus(e.stateDir)
+	if err != nil {
+		e.t.Fatalf("status: %v", err)
+	}
+	for _, u := range st.Uplinks {
+		if u.Name == name {
+			return u
+		}
+	}
+	e.t.Fatalf("no uplink %s in the status: %+v", name, st)
+	return daemon.UplinkStatus{}
+}
+
+// probeISP2 adds an [uplink.health] table to isp2 in the configuration.
+func (e *daemonEnv) probeISP2(health string) {
+	e.t.Helper()
+	cfg, err := os.ReadFile(e.cfgPath)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if !strings.Contains(string(cfg), "weight = 2\n") {
+		e.t.Fatalf("no isp2 in the configuration:\n%s", cfg)
+	}
+	e.writeConfig(strings.Replace(string(cfg), "weight = 2\n", "weight = 2\n"+health+"\n", 1))
 }
 
 // The requirement: a silently dead uplink is out of main's route within
@@ -88,4 +132,191 @@ func TestProbeDetectionTime(t *testing.T) {
 		t.Fatalf("silent failure detected after %v at worst, want at most %v (interval %v × failures %d + timeout %v + margin %v)",
 			worst, limit, interval, failures, timeout, margin)
 	}
+}
+
+// An uplink whose probe target never answers is never used, from the first
+// pass on: first "waiting for the first probe verdict", then "probes
+// failing". The unprobed isp2 carries everything meanwhile.
+func TestProbeFirstVerdictGating(t *testing.T) {
+	const interval, timeout, failures = 500 * time.Millisecond, 400 * time.Millisecond, 3
+	e := newDaemonEnv(t, probeConfig([]string{"192.0.2.99"}, interval, timeout, failures, 2), "") // nobody has it
+	e.start()
+	// The first pass ran before any probe could time out: the first
+	// verdict is failures rounds away (about 1.4 s).
+	if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "waiting for the first probe verdict") {
+		t.Fatalf("isp1 at the first pass: usable %v, reason %q; want unused, waiting for the first probe verdict", u.Usable, u.Reason)
+	}
+	out, _ := e.mhbpf("status")
+	if !strings.Contains(out, "waiting for the first probe verdict") {
+		t.Fatalf("mhbpf status does not say why isp1 is unused:\n%s", out)
+	}
+	t.Logf("before the verdict:\n%s", out)
+	sawISP2 := false
+	neverPPP0 := func() {
+		r := e.defaultRoute()
+		if strings.Contains(r, "ppp0") {
+			t.Fatalf("main's route uses isp1, whose probes never answered: %q\nlog:\n%s", r, e.log.String())
+		}
+		sawISP2 = sawISP2 || e.mainVia("ppp1")
+	}
+	e.waitFor("the verdict: probes failing", 5*time.Second, func() bool {
+		neverPPP0()
+		return strings.Contains(e.uplinkStatus("isp1").Reason, "probes failing")
+	})
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		neverPPP0()
+	}
+	if !sawISP2 {
+		t.Fatalf("main never routed by isp2 alone: %q", e.defaultRoute())
+	}
+	if u := e.uplinkStatus("isp1"); u.Usable {
+		t.Fatalf("isp1 usable after its probes failed: %+v", u)
+	}
+}
+
+// Both uplinks probe the same target, which stops answering: the probes
+// would take the LAN offline, so link state decides; when isp2's probes
+// answer again, isp1 (still failing) is taken out.
+func TestProbeAllFailingFallsBackToLinkState(t *testing.T) {
+	const interval, timeout = 200 * time.Millisecond, 150 * time.Millisecond
+	target := topology.Internet.String() // in both ISPs: "one shared target"
+	e := newDaemonEnv(t, probeConfig([]string{target}, interval, timeout, 3, 2), "")
+	e.probeISP2(probeConfig([]string{target}, interval, timeout, 3, 2))
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	e.deafTarget(e.topo.ISP1, target, true)
+	e.deafTarget(e.topo.ISP2, target, true)
+	const fallback = "all probed uplinks failing at once: using link state"
+	e.waitFor("both uplinks by link state", 5*time.Second, func() bool {
+		if e.mainVia() {
+			t.Fatalf("main lost its default route: the probes took the LAN offline\nlog:\n%s", e.log.String())
+		}
+		return e.mainVia("ppp0", "ppp1") && strings.Contains(e.uplinkStatus("isp1").Reason, fallback) &&
+			strings.Contains(e.uplinkStatus("isp2").Reason, fallback)
+	})
+	// It stays so: the probes keep failing, main keeps both.
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if !e.mainVia("ppp0", "ppp1") {
+			t.Fatalf("main left link state while every probe fails: %q", e.defaultRoute())
+		}
+	}
+	out, _ := e.mhbpf("status")
+	if strings.Count(out, fallback) < 3 { // the headline and both uplinks
+		t.Fatalf("mhbpf status does not say so:\n%s", out)
+	}
+	t.Logf("while all fail:\n%s", out)
+
+	e.deafTarget(e.topo.ISP2, target, false)
+	e.waitFor("isp1 out again once isp2 answers", 3*time.Second, func() bool { return e.mainVia("ppp1") })
+	if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "probes failing") {
+		t.Fatalf("isp1 after isp2 recovered: %+v", u)
+	}
+	if u := e.uplinkStatus("isp2"); !u.Usable || u.Reason != "" {
+		t.Fatalf("isp2 after it recovered: %+v", u)
+	}
+	if !strings.Contains(e.log.String(), fallback) {
+		t.Fatalf("the fallback is not in the log:\n%s", e.log.String())
+	}
+}
+
+// startAgain starts the daemon when an earlier one left its status: it
+// returns once the new one has written its first.
+func (e *daemonEnv) startAgain() {
+	e.t.Helper()
+	e.start()
+	e.waitFor("the new daemon's first pass", 10*time.Second, func() bool {
+		st, err := daemon.LoadStatus(e.stateDir)
+		return err == nil && st.PID == e.cmd.Process.Pid
+	})
+}
+
+// A restart keeps what the datapath was doing until the first verdict: an
+// uplink in use stays in use, one that was out stays out.
+func TestProbeRestartKeepsStateUntilFirstVerdict(t *testing.T) {
+	const interval, timeout = 500 * time.Millisecond, 400 * time.Millisecond // a verdict of failures takes ~1.4 s
+	target := topology.Internet.String()
+	e := newDaemonEnv(t, probeConfig([]string{target}, interval, timeout, 3, 2), "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	failing := func() bool { return strings.Contains(e.uplinkStatus("isp1").Reason, "probes failing") }
+
+	e.stop()
+	e.deafTarget(e.topo.ISP1, target, true) // the next verdict takes 3 rounds
+	e.startAgain()
+	if u := e.uplinkStatus("isp1"); !u.Usable || !strings.Contains(u.Reason, "in use before the restart; waiting for the first probe verdict") {
+		t.Fatalf("isp1 right after the restart: usable %v, reason %q; want kept in use until the first verdict", u.Usable, u.Reason)
+	}
+	took := e.waitFor("the first verdict after the restart", 5*time.Second, func() bool {
+		if failing() {
+			return true
+		}
+		if !e.mainVia("ppp0", "ppp1") {
+			time.Sleep(50 * time.Millisecond) // the route changes just before the status is written
+			if !failing() {
+				t.Fatalf("isp1 left main before its first verdict: %q\nlog:\n%s", e.defaultRoute(), e.log.String())
+			}
+		}
+		return false
+	})
+	t.Logf("isp1 kept in use for %v after the restart, until its probes had failed 3 times", took)
+	e.waitFor("isp1 out", time.Second, func() bool { return e.mainVia("ppp1") })
+
+	// Restarted while isp1 is out: it stays out until it answers.
+	e.stop()
+	e.startAgain()
+	if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "waiting for the first probe verdict") || strings.Contains(u.Reason, "restart") {
+		t.Fatalf("isp1 right after a restart while it was out: usable %v, reason %q", u.Usable, u.Reason)
+	}
+	e.waitFor("the first verdict", 5*time.Second, func() bool {
+		if strings.Contains(e.defaultRoute(), "ppp0") {
+			t.Fatalf("isp1, out before the restart, used before any verdict: %q", e.defaultRoute())
+		}
+		return failing()
+	})
+	e.deafTarget(e.topo.ISP1, target, false)
+	e.waitFor("isp1 back once it answers", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+}
+
+// reloadWith rewrites the configuration with isp1Extra in isp1's table and
+// has the daemon reload it.
+func (e *daemonEnv) reloadWith(isp1Extra string) {
+	e.t.Helper()
+	n := strings.Count(e.log.String(), "configuration reloaded")
+	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, ""))
+	if err := e.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		e.t.Fatal(err)
+	}
+	e.waitFor("the reload", 3*time.Second, func() bool { return strings.Count(e.log.String(), "configuration reloaded") > n })
+}
+
+// A reload that changes an uplink's health check waits for the new
+// check's first verdict; one that leaves it as it was keeps its verdict.
+func TestProbeReloadKeepsOrRestartsVerdicts(t *testing.T) {
+	live := probeConfig([]string{topology.Internet.String()}, 200*time.Millisecond, 150*time.Millisecond, 3, 2)
+	dead := probeConfig([]string{"192.0.2.99"}, 500*time.Millisecond, 400*time.Millisecond, 3, 2) // nobody has it
+	e := newDaemonEnv(t, live, "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	// A new check: isp1 is out at once, waiting (not after 3 failures).
+	e.reloadWith(dead)
+	took := e.waitFor("isp1 out, waiting for the new check's verdict", 300*time.Millisecond, func() bool {
+		return e.mainVia("ppp1") && strings.Contains(e.uplinkStatus("isp1").Reason, "waiting for the first probe verdict")
+	})
+	t.Logf("isp1 out %v after the reload that changed its check", took)
+	e.waitFor("the verdict", 5*time.Second, func() bool { return strings.Contains(e.uplinkStatus("isp1").Reason, "probes failing") })
+
+	// The same check again (the file is rewritten, nothing changes): the
+	// verdict stands, isp1 stays out.
+	e.reloadWith(dead)
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "probes failing") || strings.Contains(e.defaultRoute(), "ppp0") {
+			t.Fatalf("after a reload that kept isp1's check: %+v, main %q", u, e.defaultRoute())
+		}
+	}
+
+	// Back to a target that answers: in use after its first answer.
+	e.reloadWith(live)
+	e.waitFor("isp1 back", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 }

@@ -1,6 +1,8 @@
 // Package health probes each uplink through that uplink only (the socket is
 // bound to its device and carries its mark) and turns the results into an
 // up/down verdict with hysteresis: failures-before-down, successes-before-up.
+// A prober starts without a verdict; its first answer, or failures failed
+// rounds in a row, give it one.
 package health
 
 import (
@@ -30,31 +32,42 @@ type Spec struct {
 	Uplink    int
 	Interface string
 	Mark      uint32
+	Gen       uint64 // copied into every Result: tells a restarted prober's results from its predecessor's
 	config.Health
 }
 
-// Result is the verdict after one round of probes.
+// Result is the state after one round of probes.
 type Result struct {
-	Uplink  int
+	Uplink int
+	Gen    uint64 // Spec.Gen of the prober that sent it
+	// Verdict: the prober has judged the uplink. It starts without one: a
+	// success gives one (healthy), as do Failures failed rounds in a row
+	// (unhealthy). Until then Healthy is false and means nothing.
+	Verdict bool
 	Healthy bool
+	Fails   int           // failed rounds in a row
 	RTT     time.Duration // of the last success
-	Loss    float64       // over the last 20 probes
-	Reason  string        // why unhealthy
+	Loss    float64       // over the last 20 rounds
+	Reason  string        // why unhealthy (or, without a verdict, what failed so far)
 }
 
 // Prober runs the probes of one uplink until its context ends.
 type Prober struct {
 	spec    Spec
+	verdict bool
 	healthy bool
 	fails   int
 	oks     int
 	history []bool
+	rtt     time.Duration // of the last success
 	seq     atomic.Uint32
 }
 
+// NewProber makes a prober without a verdict: whether the uplink is used
+// meanwhile is the daemon's decision (a link it does not know yet is not; a
+// link the datapath was using when the daemon restarted is).
 func NewProber(s Spec) *Prober {
-	// Start healthy: an uplink is not taken out before it has failed.
-	return &Prober{spec: s, healthy: true}
+	return &Prober{spec: s}
 }
 
 // Run probes every interval and sends a Result after each round. A round
@@ -66,7 +79,11 @@ func (p *Prober) Run(ctx context.Context, out chan<- Result) {
 	t := time.NewTicker(p.spec.Interval)
 	defer t.Stop()
 	for {
-		r := p.round(ctx)
+		ok, rtt, err := p.round(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		r := p.record(ok, rtt, err)
 		select {
 		case out <- r:
 		case <-ctx.Done():
@@ -84,39 +101,7 @@ func (p *Prober) Run(ctx context.Context, out chan<- Result) {
 // success; without one it ends when the last probe has timed out (each
 // probe has the timeout). Serial probes would make a failed round last
 // targets × timeout, and a silent uplink wait that much per round.
-func (p *Prober) round(ctx context.Context) Result {
-	ok, rtt, lastErr := p.probeAll(ctx)
-	p.history = append(p.history, ok)
-	if len(p.history) > 20 {
-		p.history = p.history[1:]
-	}
-	if ok {
-		p.oks++
-		p.fails = 0
-		if !p.healthy && p.oks >= p.spec.Successes {
-			p.healthy = true
-		}
-	} else {
-		p.fails++
-		p.oks = 0
-		if p.healthy && p.fails >= p.spec.Failures {
-			p.healthy = false
-		}
-	}
-	lost := 0
-	for _, h := range p.history {
-		if !h {
-			lost++
-		}
-	}
-	r := Result{Uplink: p.spec.Uplink, Healthy: p.healthy, RTT: rtt, Loss: float64(lost) / float64(len(p.history))}
-	if !p.healthy && lastErr != nil {
-		r.Reason = fmt.Sprintf("%d probes failed, last: %s", p.fails, strings.ReplaceAll(lastErr.Error(), "\n", "; "))
-	}
-	return r
-}
-
-func (p *Prober) probeAll(ctx context.Context) (bool, time.Duration, error) {
+func (p *Prober) round(ctx context.Context) (bool, time.Duration, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // the first success stops the others
 	type answer struct {
@@ -140,6 +125,42 @@ func (p *Prober) probeAll(ctx context.Context) (bool, time.Duration, error) {
 		errs[a.i] = fmt.Errorf("%v: %w", p.spec.Targets[a.i], a.err)
 	}
 	return false, 0, errors.Join(errs...)
+}
+
+// record applies one round's outcome: failures-before-down and
+// successes-before-up once there is a verdict, and the first verdict
+// (one success, or failures in a row) before.
+func (p *Prober) record(ok bool, rtt time.Duration, err error) Result {
+	p.history = append(p.history, ok)
+	if len(p.history) > 20 {
+		p.history = p.history[1:]
+	}
+	if ok {
+		p.rtt = rtt
+		p.oks++
+		p.fails = 0
+		if !p.verdict || (!p.healthy && p.oks >= p.spec.Successes) {
+			p.verdict, p.healthy = true, true
+		}
+	} else {
+		p.fails++
+		p.oks = 0
+		if (!p.verdict || p.healthy) && p.fails >= p.spec.Failures {
+			p.verdict, p.healthy = true, false
+		}
+	}
+	lost := 0
+	for _, h := range p.history {
+		if !h {
+			lost++
+		}
+	}
+	r := Result{Uplink: p.spec.Uplink, Gen: p.spec.Gen, Verdict: p.verdict, Healthy: p.verdict && p.healthy, Fails: p.fails,
+		RTT: p.rtt, Loss: float64(lost) / float64(len(p.history))}
+	if !r.Healthy && err != nil {
+		r.Reason = fmt.Sprintf("%d probes failed, last: %s", p.fails, strings.ReplaceAll(err.Error(), "\n", "; "))
+	}
+	return r
 }
 
 func (p *Prober) probe(ctx context.Context, target netip.Addr) (time.Duration, error) {

@@ -1,0 +1,53 @@
+package health
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/mhbpf/mhbpf/internal/config"
+)
+
+func newTestProber() *Prober {
+	return NewProber(Spec{Uplink: 1, Gen: 7, Health: config.Health{Failures: 3, Successes: 2}})
+}
+
+var errLost = errors.New("i/o timeout")
+
+// The first answer is a verdict; so are failures rounds in a row without
+// one. Before either, there is none.
+func TestFirstVerdict(t *testing.T) {
+	p := newTestProber()
+	r := p.record(false, 0, errLost)
+	if r.Verdict || r.Healthy || r.Fails != 1 || r.Uplink != 1 || r.Gen != 7 {
+		t.Fatalf("after one failure: %+v", r)
+	}
+	if r = p.record(true, 5, nil); !r.Verdict || !r.Healthy {
+		t.Fatalf("after the first answer (one is enough for the first verdict): %+v", r)
+	}
+
+	p = newTestProber()
+	for i := 1; i <= 2; i++ {
+		if r = p.record(false, 0, errLost); r.Verdict {
+			t.Fatalf("verdict after %d failures of 3: %+v", i, r)
+		}
+	}
+	if r = p.record(false, 0, errLost); !r.Verdict || r.Healthy || !strings.Contains(r.Reason, "3 probes failed") {
+		t.Fatalf("after 3 failures: %+v", r)
+	}
+	// Down: successes-before-up applies from now on.
+	if r = p.record(true, 5, nil); r.Healthy {
+		t.Fatalf("up after one success of 2: %+v", r)
+	}
+	if r = p.record(true, 5, nil); !r.Healthy {
+		t.Fatalf("not up after 2 successes: %+v", r)
+	}
+	for i := 1; i <= 2; i++ {
+		if r = p.record(false, 0, errLost); !r.Healthy {
+			t.Fatalf("down after %d failures of 3: %+v", i, r)
+		}
+	}
+	if r = p.record(false, 0, errLost); r.Healthy || r.Loss != 6.0/8 || r.RTT != 5 {
+		t.Fatalf("after 3 more failures: %+v", r)
+	}
+}
