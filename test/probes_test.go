@@ -4,11 +4,16 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
@@ -217,6 +222,76 @@ func TestProbeAllFailingFallsBackToLinkState(t *testing.T) {
 	}
 	if !strings.Contains(e.log.String(), fallback) {
 		t.Fatalf("the fallback is not in the log:\n%s", e.log.String())
+	}
+}
+
+// A probe target that does not answer, and something in the provider's
+// network that sees every echo request to it and answers each with forged
+// replies: the request's identifier and sequence with another payload,
+// and the request's payload and sequence with another identifier. Neither
+// is an answer: the uplink goes down as if nothing came back.
+func TestProbeSpoofedRepliesDoNotKeepUplinkUp(t *testing.T) {
+	const interval, timeout, failures = 200 * time.Millisecond, 150 * time.Millisecond, 3
+	limit := interval*failures + timeout + 300*time.Millisecond // as TestProbeDetectionTime
+	target := topology.Internet.String()
+	e := newDaemonEnv(t, probeConfig([]string{target}, interval, timeout, failures, 2), "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+
+	// The socket is made inside isp1's namespace and stays there.
+	var conn *icmp.PacketConn
+	var err error
+	testutil.InNetNS(t, e.topo.ISP1, func() { conn, err = icmp.ListenPacket("ip4:icmp", target) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	var forged atomic.Int64
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := conn.ReadFrom(buf)
+			if err != nil {
+				return // closed
+			}
+			m, err := icmp.ParseMessage(1, buf[:n])
+			if err != nil || m.Type != ipv4.ICMPTypeEcho {
+				continue
+			}
+			req, ok := m.Body.(*icmp.Echo)
+			if !ok {
+				continue
+			}
+			other := append([]byte{}, req.Data...)
+			if len(other) == 0 {
+				other = []byte{0}
+			}
+			other[len(other)-1] ^= 0xff
+			for _, body := range []*icmp.Echo{
+				{ID: req.ID, Seq: req.Seq, Data: other},
+				{ID: req.ID ^ 0x5a5a, Seq: req.Seq, Data: req.Data},
+			} {
+				b, err := (&icmp.Message{Type: ipv4.ICMPTypeEchoReply, Body: body}).Marshal(nil)
+				if err == nil {
+					if _, err := conn.WriteTo(b, from); err == nil {
+						forged.Add(1)
+					}
+				}
+			}
+		}
+	}()
+	// The target itself stops answering (the forger still sees the requests).
+	if out, err := e.topo.Exec(e.topo.ISP1, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	start := time.Now()
+	e.waitFor("isp1 out while only forged replies come back", limit, func() bool { return e.mainVia("ppp1") })
+	t.Logf("isp1 out after %v, %d forged replies sent", time.Since(start).Round(time.Millisecond), forged.Load())
+	if forged.Load() < 2*failures {
+		t.Fatalf("only %d forged replies were sent: the test proves nothing", forged.Load())
+	}
+	if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "probes failing") {
+		t.Fatalf("isp1: %+v", u)
 	}
 }
 

@@ -6,13 +6,14 @@
 package health
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -220,10 +221,14 @@ func (p *Prober) probeICMP(ctx context.Context, target netip.Addr) (time.Duratio
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	id := (os.Getpid() ^ p.spec.Uplink<<12) & 0xffff
+	// A random identifier and a random payload per probe, both checked in
+	// the reply: a forged echo reply (a guessed identifier, or a copy of an
+	// earlier request) does not count as an answer.
+	var nonce [2 + payloadLen]byte
+	_, _ = rand.Read(nonce[:]) // never fails (crypto/rand)
+	id := int(binary.BigEndian.Uint16(nonce[:2]))
 	seq := int(p.seq.Add(1) & 0xffff)
-	payload := make([]byte, 16)
-	binary.BigEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
+	payload := nonce[2:]
 	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: seq, Data: payload}}
 	b, err := msg.Marshal(nil)
 	if err != nil {
@@ -243,12 +248,22 @@ func (p *Prober) probeICMP(ctx context.Context, target netip.Addr) (time.Duratio
 		if ip == nil || !ip.IP.Equal(target.AsSlice()) {
 			continue
 		}
-		m, err := icmp.ParseMessage(proto, buf[:n])
-		if err != nil || m.Type != reply {
-			continue
-		}
-		if e, ok := m.Body.(*icmp.Echo); ok && e.ID == id && e.Seq == seq {
+		if isReply(proto, reply, buf[:n], id, seq, payload) {
 			return time.Since(start), nil
 		}
 	}
+}
+
+// payloadLen is the size of the random payload of an ICMP probe.
+const payloadLen = 16
+
+// isReply tells whether b (an ICMP message of protocol proto) is the echo
+// reply to the request with id, seq and payload: all three must match.
+func isReply(proto int, reply icmp.Type, b []byte, id, seq int, payload []byte) bool {
+	m, err := icmp.ParseMessage(proto, b)
+	if err != nil || m.Type != reply {
+		return false
+	}
+	e, ok := m.Body.(*icmp.Echo)
+	return ok && e.ID == id && e.Seq == seq && bytes.Equal(e.Data, payload)
 }

@@ -5,6 +5,10 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
+
 	"github.com/mhbpf/mhbpf/internal/config"
 )
 
@@ -49,5 +53,40 @@ func TestFirstVerdict(t *testing.T) {
 	}
 	if r = p.record(false, 0, errLost); r.Healthy || r.Loss != 6.0/8 || r.RTT != 5 {
 		t.Fatalf("after 3 more failures: %+v", r)
+	}
+}
+
+// Only the reply with the request's identifier, sequence and payload is
+// an answer.
+func TestIsReply(t *testing.T) {
+	payload := []byte("0123456789abcdef")
+	for _, fam := range []struct {
+		proto      int
+		reply, req icmp.Type
+	}{{1, ipv4.ICMPTypeEchoReply, ipv4.ICMPTypeEcho}, {58, ipv6.ICMPTypeEchoReply, ipv6.ICMPTypeEchoRequest}} {
+		msg := func(typ icmp.Type, id, seq int, data []byte) []byte {
+			b, err := (&icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: seq, Data: data}}).Marshal(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return b
+		}
+		for name, c := range map[string]struct {
+			b    []byte
+			want bool
+		}{
+			"the reply":         {msg(fam.reply, 0x1234, 9, payload), true},
+			"other identifier":  {msg(fam.reply, 0x1235, 9, payload), false},
+			"other sequence":    {msg(fam.reply, 0x1234, 10, payload), false},
+			"other payload":     {msg(fam.reply, 0x1234, 9, []byte("0123456789abcdeX")), false},
+			"short payload":     {msg(fam.reply, 0x1234, 9, payload[:8]), false},
+			"no payload":        {msg(fam.reply, 0x1234, 9, nil), false},
+			"the request":       {msg(fam.req, 0x1234, 9, payload), false},
+			"truncated message": {msg(fam.reply, 0x1234, 9, payload)[:3], false},
+		} {
+			if got := isReply(fam.proto, fam.reply, c.b, 0x1234, 9, payload); got != c.want {
+				t.Errorf("proto %d, %s: %v, want %v", fam.proto, name, got, c.want)
+			}
+		}
 	}
 }
