@@ -119,6 +119,9 @@ func statusCmd(pinDir, stateDir *string) *cobra.Command {
 			}
 			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, st.TCMode,
 				time.Since(st.Updated).Truncate(time.Millisecond))
+			if st.ProbeFallback {
+				fmt.Println("all probed uplinks failing at once: using link state")
+			}
 			m, _ := loader.OpenPinned(*pinDir)
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "UPLINK\tIFACE\tSTATE\tWEIGHT\tTABLE\tADDRESSES\tRTT\tLOSS\tRX BYTES\tTX BYTES\tNEW FLOWS\tREASON")

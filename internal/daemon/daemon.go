@@ -42,7 +42,10 @@ type Daemon struct {
 
 	ctx      context.Context
 	healthCh chan health.Result
-	stopHC   context.CancelFunc
+	probers  map[int]*prober // running, by uplink id (probes.go)
+	probeGen uint64
+	kept     map[int]bool // in use before a restart: used until the first probe verdict
+	fallback bool         // every probed uplink failing: using link state
 
 	// Observed and derived per uplink, by id.
 	upSince   map[int]time.Time // link usable since (for up_delay)
@@ -136,8 +139,9 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err != nil {
 		return err
 	}
-	d.startHealth(ctx)
-	defer func() { d.stopHC() }()
+	d.keepPinned()
+	d.syncHealth(ctx)
+	defer d.stopHealth()
 
 	resync := time.NewTicker(g.ResyncEvery)
 	defer resync.Stop()
@@ -157,7 +161,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		case r := <-d.healthCh:
 			// Every result is a pass: a pass is cheap, idempotent, and
 			// keeps the status (RTT, loss, reason) current.
-			d.health[r.Uplink] = r
+			d.probeResult(r)
 		case <-events:
 			// Bursts (a link going away deletes addresses and routes too)
 			// are folded into one pass.
@@ -308,9 +312,9 @@ func (d *Daemon) reload() {
 	// Interfaces gone from the configuration lose the program (their map
 	// slots went in applyStatic).
 	d.detachRemoved(prev)
-	d.stopHC()
-	d.health = map[int]health.Result{}
-	d.startHealth(d.ctx)
+	// Probers of unchanged health checks keep running, and their verdicts
+	// stand; changed ones start again without a verdict (probes.go).
+	d.syncHealth(d.ctx)
 	d.log.Info("configuration reloaded")
 }
 
@@ -327,18 +331,6 @@ func (d *Daemon) detachRemoved(prev *config.Config) {
 			_ = d.dp.DetachTC(ifname)
 			delete(d.attached, ifname)
 		}
-	}
-}
-
-func (d *Daemon) startHealth(parent context.Context) {
-	ctx, cancel := context.WithCancel(parent)
-	d.stopHC = cancel
-	for id, u := range d.cfg.Uplinks {
-		if u.Health == nil {
-			continue
-		}
-		p := health.NewProber(health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Health: *u.Health})
-		go p.Run(ctx, d.healthCh)
 	}
 }
 
@@ -394,6 +386,8 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	var natTable nat.Table
 	var nextHold time.Duration
 	var wentDown []downUplink
+	fallback := d.probeFallback()
+	status.ProbeFallback = fallback
 
 	for id, u := range d.cfg.Uplinks {
 		o := d.observe(u.Interface)
@@ -419,9 +413,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			}
 		}
 		hr, probed := d.health[id]
-		if usable && probed && !hr.Healthy {
-			usable, reason = false, "probes failing: "+hr.Reason
-		}
+		usable, reason = d.judgeProbes(id, linkOK, usable, reason, fallback)
 
 		// Datapath: interface program and uplink entry.
 		if o.ifindex != 0 && d.attached[u.Interface] != o.ifindex {

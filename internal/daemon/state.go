@@ -48,10 +48,13 @@ func DefaultSettings() Settings {
 
 // Status is the daemon's view for the CLI.
 type Status struct {
-	Updated time.Time      `json:"updated"`
-	PID     int            `json:"pid"`
-	TCMode  string         `json:"tc_mode"`
-	Uplinks []UplinkStatus `json:"uplinks"`
+	Updated time.Time `json:"updated"`
+	PID     int       `json:"pid"`
+	TCMode  string    `json:"tc_mode"`
+	// ProbeFallback: every probed uplink is failing at once; uplinks are
+	// used by their link state.
+	ProbeFallback bool           `json:"probe_fallback,omitempty"`
+	Uplinks       []UplinkStatus `json:"uplinks"`
 }
 
 type UplinkStatus struct {

@@ -1,0 +1,171 @@
+package daemon
+
+import (
+	"context"
+	"reflect"
+
+	"github.com/mhbpf/mhbpf/internal/health"
+)
+
+// What the probes mean for using an uplink whose link is up:
+//
+//   - A prober starts without a verdict. Until its first one (an answer, or
+//     failures failed rounds in a row) the uplink is not used: "waiting for
+//     the first probe verdict". This is so at the first start and for an
+//     uplink whose health check a reload changed (or added): the new check
+//     has not said anything yet. A reload that leaves an uplink's check as
+//     it was keeps its prober and its verdict.
+//   - A restarted daemon keeps an uplink in use until its first verdict if
+//     the pinned uplinks map says the datapath was using it (up, same mark,
+//     same interface index): a restart does not take a working uplink out
+//     for the time of a verdict; one that was out stays out until its
+//     probes answer.
+//   - When every uplink of the default balance whose link is up is probed
+//     and failing, the LAN would have no way out; that is more likely one
+//     shared target gone than every provider at once. Then the probes are
+//     ignored and failing uplinks are used by their link state ("all probed
+//     uplinks failing at once: using link state"), until one answers again.
+const (
+	reasonWaiting  = "waiting for the first probe verdict"
+	reasonKept     = "in use before the restart; " + reasonWaiting
+	reasonFallback = "all probed uplinks failing at once: using link state"
+)
+
+// prober is a running health.Prober.
+type prober struct {
+	spec   health.Spec
+	cancel context.CancelFunc
+}
+
+// syncHealth runs one prober per uplink with a health check: a prober whose
+// spec is unchanged keeps running (and its verdict stands); a changed one is
+// started anew, without a verdict; one of an uplink no longer probed stops.
+func (d *Daemon) syncHealth(parent context.Context) {
+	if d.probers == nil {
+		d.probers = map[int]*prober{}
+	}
+	want := map[int]health.Spec{}
+	for id, u := range d.cfg.Uplinks {
+		if u.Health != nil {
+			want[id] = health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Health: *u.Health}
+		}
+	}
+	for id, p := range d.probers {
+		if s, ok := want[id]; ok && sameSpec(s, p.spec) {
+			continue
+		}
+		p.cancel()
+		delete(d.probers, id)
+		delete(d.health, id)
+		delete(d.kept, id)
+	}
+	for id, s := range want {
+		if _, ok := d.probers[id]; ok {
+			continue
+		}
+		d.probeGen++
+		s.Gen = d.probeGen
+		ctx, cancel := context.WithCancel(parent)
+		d.probers[id] = &prober{spec: s, cancel: cancel}
+		go health.NewProber(s).Run(ctx, d.healthCh)
+	}
+}
+
+func sameSpec(a, b health.Spec) bool {
+	a.Gen, b.Gen = 0, 0
+	return reflect.DeepEqual(a, b)
+}
+
+func (d *Daemon) stopHealth() {
+	for id, p := range d.probers {
+		p.cancel()
+		delete(d.probers, id)
+	}
+}
+
+// probeResult takes a prober's result, unless it comes from a prober that
+// was replaced since (its results may still be queued).
+func (d *Daemon) probeResult(r health.Result) {
+	if p, ok := d.probers[r.Uplink]; !ok || p.spec.Gen != r.Gen {
+		return
+	}
+	d.health[r.Uplink] = r
+	if r.Verdict {
+		delete(d.kept, r.Uplink)
+	}
+}
+
+// keepPinned notes, before the first pass writes the uplinks map, which
+// probed uplinks the datapath was using: those stay in use until their
+// first verdict.
+func (d *Daemon) keepPinned() {
+	d.kept = map[int]bool{}
+	for id, u := range d.cfg.Uplinks {
+		if u.Health == nil {
+			continue
+		}
+		m, err := d.dp.Maps.LookupUplink(id)
+		if err != nil || !m.Up || m.Mark != u.Mark {
+			continue
+		}
+		if l, err := d.nl.LinkByName(u.Interface); err != nil || uint32(l.Attrs().Index) != m.Ifindex {
+			continue
+		}
+		d.kept[id] = true
+		d.log.Info("uplink was in use before the restart: kept until the first probe verdict", "uplink", u.Name)
+	}
+}
+
+// probeFallback tells whether the probes are ignored in this pass: every
+// uplink of the default balance whose link is up is probed and judged
+// failing. It logs when that starts and ends.
+func (d *Daemon) probeFallback() bool {
+	fallback, some := true, false
+	for id, u := range d.cfg.Uplinks {
+		if !u.Balance || u.Weight == 0 || d.observe(u.Interface).reason != "" {
+			continue
+		}
+		some = true
+		hr, ok := d.health[id]
+		if u.Health == nil || !ok || !hr.Verdict || hr.Healthy {
+			fallback = false
+			break
+		}
+	}
+	fallback = fallback && some
+	if fallback != d.fallback {
+		if fallback {
+			d.log.Warn(reasonFallback)
+		} else {
+			d.log.Info("probe fallback over: the probes decide again")
+		}
+		d.fallback = fallback
+	}
+	return fallback
+}
+
+// judgeProbes is what the probes make of an uplink that is otherwise
+// usable (its link up and not held back).
+func (d *Daemon) judgeProbes(id int, linkOK, usable bool, reason string, fallback bool) (bool, string) {
+	if !linkOK {
+		delete(d.kept, id) // it was out: its next use waits for a verdict
+	}
+	if d.cfg.Uplinks[id].Health == nil || !usable {
+		return usable, reason
+	}
+	hr := d.health[id]
+	switch {
+	case !hr.Verdict && d.kept[id]:
+		return true, reasonKept
+	case !hr.Verdict:
+		if hr.Reason != "" {
+			return false, reasonWaiting + " (" + hr.Reason + ")"
+		}
+		return false, reasonWaiting
+	case !hr.Healthy && fallback:
+		return true, reasonFallback + " (" + hr.Reason + ")"
+	case !hr.Healthy:
+		return false, "probes failing: " + hr.Reason
+	}
+	return true, ""
+}
