@@ -213,7 +213,11 @@ func TestProbeAllFailingFallsBackToLinkState(t *testing.T) {
 	t.Logf("while all fail:\n%s", out)
 
 	e.deafTarget(e.topo.ISP2, target, false)
-	e.waitFor("isp1 out again once isp2 answers", 3*time.Second, func() bool { return e.mainVia("ppp1") })
+	// The status file is written at the end of the pass that changed the
+	// route: wait for both.
+	e.waitFor("isp1 out again once isp2 answers", 3*time.Second, func() bool {
+		return e.mainVia("ppp1") && !e.uplinkStatus("isp1").Usable && e.uplinkStatus("isp2").Reason == ""
+	})
 	if u := e.uplinkStatus("isp1"); u.Usable || !strings.Contains(u.Reason, "probes failing") {
 		t.Fatalf("isp1 after isp2 recovered: %+v", u)
 	}
@@ -285,7 +289,9 @@ func TestProbeSpoofedRepliesDoNotKeepUplinkUp(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	start := time.Now()
-	e.waitFor("isp1 out while only forged replies come back", limit, func() bool { return e.mainVia("ppp1") })
+	e.waitFor("isp1 out while only forged replies come back", limit, func() bool {
+		return e.mainVia("ppp1") && !e.uplinkStatus("isp1").Usable // the status follows the route in the same pass
+	})
 	t.Logf("isp1 out after %v, %d forged replies sent", time.Since(start).Round(time.Millisecond), forged.Load())
 	if forged.Load() < 2*failures {
 		t.Fatalf("only %d forged replies were sent: the test proves nothing", forged.Load())
