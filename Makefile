@@ -44,4 +44,4 @@ test-host:
 VM_EXEC = $(CURDIR)/test/vm/vm.sh
 test-vm: build
 	$(GO) test -p 1 -count=1 -timeout 30m -exec $(VM_EXEC) ./bpf/ ./internal/loader/ ./internal/routing/
-	MHBPF_BIN=$(CURDIR)/bin/mhbpf $(GO) test -count=1 -timeout 30m -exec $(VM_EXEC) -run 'TestPPP|TestDaemonRestoresMainRouteWhenAnUplinkVanishes|TestLANConnectionLeavesByChosenUplink' ./test/
+	MHBPF_BIN=$(CURDIR)/bin/mhbpf $(GO) test -count=1 -timeout 30m -exec $(VM_EXEC) -run 'TestPPP|TestDaemonRestoresMainRouteWhenAnUplinkVanishes|TestLANConnectionLeavesByChosenUplink|TestDaemonRepairsDetachedTC' ./test/

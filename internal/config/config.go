@@ -414,7 +414,7 @@ func (v *validator) global(r *rawGlobal, g *Global) error {
 	if r.UpDelay != nil {
 		g.UpDelay = r.UpDelay.Duration
 	}
-	g.ResyncEvery = 30 * time.Second
+	g.ResyncEvery = 10 * time.Second
 	if r.ResyncEvery != nil {
 		if r.ResyncEvery.Duration < time.Second {
 			return v.err("global.resync_every", "at least 1s")

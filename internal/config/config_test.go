@@ -116,3 +116,15 @@ func numbered(s string) string {
 	}
 	return b.String()
 }
+
+// The periodic resync is the fallback for drift nothing announces: short
+// by default.
+func TestResyncDefault(t *testing.T) {
+	c, err := Parse("base.toml", []byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Global.ResyncEvery != 10*time.Second {
+		t.Fatalf("resync_every defaults to %v, want 10s", c.Global.ResyncEvery)
+	}
+}

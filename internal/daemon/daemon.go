@@ -484,6 +484,8 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		d.log.Info("attached", "interface", ifname, "role", "lan")
 	}
 
+	d.repairAttachments()
+
 	lan := d.lanSubnets()
 	d.applyBypass(lan)
 
@@ -520,13 +522,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	if err := routing.ApplySysctls(d.stateFile(sysctlFile), routing.DesiredSysctls(ifaces, ipv6)); err != nil {
 		d.log.Error("sysctls", "error", err)
 	}
-	if !d.natSet || !natTable.Equal(d.natTable) {
-		if err := nat.Apply(g.NFTable, natTable); err != nil {
-			d.log.Error("nat", "error", err)
-		} else {
-			d.natTable, d.natSet = natTable, true
-		}
-	}
+	d.applyNAT(natTable)
 	d.forgetConnections(wentDown)
 	if err := statefile.Write(d.stateFile(statusFile), status); err != nil {
 		d.log.Error("status", "error", err)
@@ -656,6 +652,7 @@ func (d *Daemon) subscribe(ctx context.Context) (<-chan struct{}, error) {
 	if err := start(); err != nil {
 		return nil, fmt.Errorf("netlink subscribe: %w", err)
 	}
+	d.watchDrift(ctx, notify)
 	return out, nil
 }
 

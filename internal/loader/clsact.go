@@ -99,6 +99,12 @@ func attachClsact(pinDir, ifname string, ifindex int, prog *ebpf.Program, role m
 	return nil
 }
 
+// ourFilter: mhbpf's cls_bpf filter, by priority, handle and name.
+func ourFilter(f tc.Object) bool {
+	return f.Kind == "bpf" && f.BPF != nil && f.BPF.Name != nil && strings.HasPrefix(*f.BPF.Name, filterPrefix) &&
+		f.Info>>16 == filterPrio && f.Handle == filterHandle
+}
+
 // detachClsact deletes mhbpf's filters (ingress and egress) from ifindex,
 // and the clsact qdisc if mhbpf created it and nothing else uses it.
 func detachClsact(pinDir, ifname string, ifindex int) error {
@@ -124,8 +130,7 @@ func detachClsact(pinDir, ifname string, ifindex int) error {
 			return fmt.Errorf("list filters of %s: %w", ifname, err)
 		}
 		for _, f := range filters {
-			if f.Kind == "bpf" && f.BPF != nil && f.BPF.Name != nil && strings.HasPrefix(*f.BPF.Name, filterPrefix) &&
-				f.Info>>16 == filterPrio && f.Handle == filterHandle {
+			if ourFilter(f) {
 				del := tc.Object{Msg: filterMsg(ifindex, dir), Attribute: tc.Attribute{Kind: "bpf"}}
 				if err := nl.Filter().Delete(&del); err != nil && !errors.Is(err, unix.ENOENT) {
 					return fmt.Errorf("delete filter of %s: %w", ifname, err)

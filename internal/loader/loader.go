@@ -96,6 +96,10 @@ type Datapath struct {
 	lanProg       *ebpf.Program
 	lanEgressProg *ebpf.Program
 	sock          bpf.SockPrograms
+
+	// What this datapath attached, for DriftTC and DriftCgroup to check.
+	tcModes map[string]Mode // interface -> how its programs hang
+	cgroup  string          // where the socket hooks were attached
 }
 
 // Load loads the programs and creates, or reopens, the pinned maps.
@@ -332,6 +336,17 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 		return "", fmt.Errorf("interface %s: %w", ifname, err)
 	}
 	ifindex := l.Attrs().Index
+	mode, err := d.attachTC(ifname, ifindex, role, progs)
+	if mode != "" && err == nil {
+		if d.tcModes == nil {
+			d.tcModes = map[string]Mode{}
+		}
+		d.tcModes[ifname] = mode
+	}
+	return mode, err
+}
+
+func (d *Datapath) attachTC(ifname string, ifindex int, role maps.Role, progs map[direction]*ebpf.Program) (Mode, error) {
 	if d.opts.TCMode != ModeClsact {
 		err := d.attachAllTCX(ifname, ifindex, progs)
 		if err == nil {
@@ -376,6 +391,7 @@ func (d *Datapath) attachAllTCX(ifname string, ifindex int, progs map[direction]
 // DetachTC removes mhbpf's programs from ifname, if the interface still
 // exists; the pins go either way.
 func (d *Datapath) DetachTC(ifname string) error {
+	delete(d.tcModes, ifname)
 	var errs []error
 	errs = append(errs, detachTCX(d.opts.PinDir, ifname))
 	if l, err := netlink.LinkByName(ifname); err == nil {
@@ -462,9 +478,14 @@ func (d *Datapath) cgroupHooks() map[string]struct {
 // AttachCgroup attaches the socket hooks to the cgroup v2 directory path
 // (normally the root), or swaps the programs of an earlier attachment.
 func (d *Datapath) AttachCgroup(path string) error {
+	d.cgroup = path
 	for name, h := range d.cgroupHooks() {
 		pin := cgroupLinkPin(d.opts.PinDir, name)
-		if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		if old, err := link.LoadPinnedLink(pin, nil); err == nil && !cgroupLinkAttached(old) {
+			// Detached (BPF_LINK_DETACH, or its cgroup went): a new one.
+			_ = old.Unpin()
+			old.Close()
+		} else if err == nil {
 			err = old.Update(h.prog)
 			old.Close()
 			if err == nil {
