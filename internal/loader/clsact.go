@@ -163,3 +163,29 @@ func detachClsact(pinDir, ifname string, ifindex int) error {
 	}
 	return os.Remove(marker)
 }
+
+// deleteOwnFilter deletes mhbpf's cls_bpf filter on one side of ifindex,
+// if there is one; the qdisc stays.
+func deleteOwnFilter(ifname string, ifindex int, dir direction) error {
+	nl, err := tc.Open(&tc.Config{})
+	if err != nil {
+		return fmt.Errorf("open rtnetlink: %w", err)
+	}
+	defer nl.Close()
+	filters, err := nl.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex), Parent: dir.clsactParent()})
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil // no clsact qdisc
+		}
+		return fmt.Errorf("list %s filters of %s: %w", dir, ifname, err)
+	}
+	for _, f := range filters {
+		if ourFilter(f) {
+			del := tc.Object{Msg: filterMsg(ifindex, dir), Attribute: tc.Attribute{Kind: "bpf"}}
+			if err := nl.Filter().Delete(&del); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("delete %s filter of %s: %w", dir, ifname, err)
+			}
+		}
+	}
+	return nil
+}

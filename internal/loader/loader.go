@@ -337,6 +337,11 @@ func (d *Datapath) AttachTC(ifname string, role maps.Role, uplink int) (Mode, er
 	}
 	ifindex := l.Attrs().Index
 	mode, err := d.attachTC(ifname, ifindex, role, progs)
+	if err == nil && role != maps.RoleLAN {
+		// An interface that was a LAN interface before (a reload) keeps no
+		// egress program.
+		err = detachEgress(d.opts.PinDir, ifname, ifindex)
+	}
 	if mode != "" && err == nil {
 		if d.tcModes == nil {
 			d.tcModes = map[string]Mode{}
@@ -441,22 +446,29 @@ func attachTCX(pinDir, ifname string, ifindex int, prog *ebpf.Program, dir direc
 
 // detachTCX removes both directions' tcx links of ifname.
 func detachTCX(pinDir, ifname string) error {
-	var errs []error
-	for _, dir := range []direction{ingress, egress} {
-		pin := tcLinkPin(pinDir, ifname, dir)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			// Not a link we can open any more: the pin is all that is left.
-			errs = append(errs, os.Remove(pin))
-			continue
-		}
-		errs = append(errs, l.Unpin())
-		l.Close()
+	return errors.Join(detachTCXDir(pinDir, ifname, ingress), detachTCXDir(pinDir, ifname, egress))
+}
+
+func detachTCXDir(pinDir, ifname string, dir direction) error {
+	pin := tcLinkPin(pinDir, ifname, dir)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
 	}
-	return errors.Join(errs...)
+	if err != nil {
+		// Not a link we can open any more: the pin is all that is left.
+		return os.Remove(pin)
+	}
+	defer l.Close()
+	return l.Unpin()
+}
+
+// detachEgress removes mhbpf's egress program from ifname, tcx or cls_bpf.
+func detachEgress(pinDir, ifname string, ifindex int) error {
+	if err := detachTCXDir(pinDir, ifname, egress); err != nil {
+		return fmt.Errorf("remove egress tcx link of %s: %w", ifname, err)
+	}
+	return deleteOwnFilter(ifname, ifindex, egress)
 }
 
 // CgroupHooks are the socket hooks, by pin name.

@@ -477,3 +477,76 @@ func TestIncompatiblePinnedMapIsRefused(t *testing.T) {
 		t.Fatalf("flow map size changed: err %v", err)
 	}
 }
+
+// egressPrograms lists mhbpf's and others' egress programs on ifname: tcx
+// program names, or cls_bpf filter names.
+func egressPrograms(t *testing.T, ifname string, mode loader.Mode) []string {
+	t.Helper()
+	var names []string
+	if mode == loader.ModeTCX {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex(t, ifname), Attach: ebpf.AttachTCXEgress})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range res.Programs {
+			prog, err := ebpf.NewProgramFromID(p.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, _ := prog.Info()
+			prog.Close()
+			names = append(names, info.Name)
+		}
+		return names
+	}
+	nl, err := tc.Open(&tc.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	fs, err := nl.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex(t, ifname)),
+		Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinEgress)})
+	if err != nil {
+		return nil
+	}
+	for _, f := range fs {
+		if f.BPF != nil && f.BPF.Name != nil {
+			names = append(names, *f.BPF.Name)
+		}
+	}
+	return names
+}
+
+// A LAN interface has an egress program (port-forward records); when a
+// reload makes it an uplink, the egress program goes.
+func TestRoleChangeLeavesNoEgressProgram(t *testing.T) {
+	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeClsact} {
+		t.Run(string(mode), func(t *testing.T) {
+			if mode == loader.ModeTCX && !testutil.KernelAtLeast(6, 6) {
+				t.Skipf("tcx needs Linux 6.6; this is %s (the clsact case runs)", testutil.KernelRelease())
+			}
+			ns := netnsWithVeth(t)
+			dir := pinDirIn(t, ns)
+			testutil.InNetNS(t, ns, func() {
+				d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, TCMode: mode})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer d.Close()
+				defer func() { _ = loader.Remove(dir) }()
+				if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
+					t.Fatal(err)
+				}
+				if got := egressPrograms(t, "up0", mode); len(got) != 1 {
+					t.Fatalf("LAN interface: egress programs %v, want mhbpf's", got)
+				}
+				if _, err := d.AttachTC("up0", maps.RoleUplink, 0); err != nil {
+					t.Fatal(err)
+				}
+				if got := egressPrograms(t, "up0", mode); len(got) != 0 {
+					t.Fatalf("after it became an uplink: egress programs %v, want none", got)
+				}
+			})
+		})
+	}
+}
