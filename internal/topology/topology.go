@@ -257,6 +257,10 @@ func (t *Topology) serve(ns, name, listen, ssFlags string, port uint16) (*Server
 // TCP, -Hlun for UDP).
 func (t *Topology) ServeSocat(ns, listen, command, ssFlags string, port uint16) (*Server, error) {
 	cmd := t.Exec(ns, "socat", listen, "SYSTEM:"+command)
+	// A process group of its own: socat forks a child per connection, and
+	// Close must end those too (a child left running keeps the test's
+	// connections, and whatever file descriptors it inherited, alive).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
@@ -274,7 +278,7 @@ func (t *Topology) ServeSocat(ns, listen, command, ssFlags string, port uint16) 
 }
 
 func (s *Server) Close() {
-	_ = s.cmd.Process.Kill()
+	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 	_ = s.cmd.Wait()
 }
 
