@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -104,6 +105,11 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	}
 	defer d.nl.Close()
 
+	// Slots, marks and tables stay with the uplinks' names (the flows in the
+	// pinned maps name their uplink by slot and carry its mark).
+	if err := d.takeIdentities(); err != nil {
+		return err
+	}
 	if err := d.applyStatic(); err != nil {
 		return err
 	}
@@ -188,7 +194,14 @@ func (d *Daemon) applyStatic() error {
 	}
 	// Slots of uplinks an earlier configuration had (the maps are pinned
 	// and outlive the daemon) must not stay up.
-	for id := len(d.cfg.Uplinks); id < maps.MaxUplinks; id++ {
+	inUse := map[int]bool{}
+	for _, u := range d.cfg.Uplinks {
+		inUse[u.ID] = true
+	}
+	for id := 0; id < maps.MaxUplinks; id++ {
+		if inUse[id] {
+			continue
+		}
 		if err := d.dp.Maps.ClearUplink(id); err != nil {
 			return err
 		}
@@ -241,11 +254,14 @@ func (d *Daemon) lanSubnets() []netip.Prefix {
 	return prefixes
 }
 
+// policyOf is the datapath's policy: uplinks by their slots (ID), each
+// action's uplinks in fib rule order (the configuration's), as the
+// programs' fallback bits want them.
 func policyOf(c *config.Config) maps.Policy {
 	var p maps.Policy
-	for id, u := range c.Uplinks {
+	for _, u := range c.Uplinks {
 		if u.Balance {
-			p.Default.Uplinks = append(p.Default.Uplinks, maps.Choice{Uplink: uint8(id), Tier: u.Tier, Weight: u.Weight})
+			p.Default.Uplinks = append(p.Default.Uplinks, maps.Choice{Uplink: uint8(u.ID), Tier: u.Tier, Weight: u.Weight})
 		}
 	}
 	for _, cp := range c.Policies {
@@ -253,13 +269,16 @@ func policyOf(c *config.Config) maps.Policy {
 		for _, pr := range cp.Ports {
 			r.Ports = append(r.Ports, maps.PortRange{Lo: pr.Lo, Hi: pr.Hi})
 		}
-		for i, id := range cp.Uplinks {
-			ch := maps.Choice{Uplink: uint8(id), Tier: uint8(i), Weight: max(c.Uplinks[id].Weight, 1)}
+		pos := make([]int, len(cp.Uplinks)) // fib rule order
+		for i, idx := range cp.Uplinks {
+			ch := maps.Choice{Uplink: uint8(c.Uplinks[idx].ID), Tier: uint8(i), Weight: max(c.Uplinks[idx].Weight, 1)}
 			if cp.Balance {
 				ch.Tier = 0
 			}
 			r.Action.Uplinks = append(r.Action.Uplinks, ch)
+			pos[i] = idx
 		}
+		sort.Sort(byPos{pos, r.Action.Uplinks})
 		if cp.Unreachable {
 			r.Action.Fallback = maps.FallbackUnreachable
 		}
@@ -291,12 +310,25 @@ func (d *Daemon) reload() {
 		return
 	}
 	prev := d.cfg
+	// Uplinks keep their slots, marks and tables by name; removed ones
+	// free theirs (identity.go).
+	changes, err := cfg.AssignIdentities(prev.Identities())
+	if err != nil {
+		d.log.Error("reload refused, keeping the running configuration", "error", err)
+		return
+	}
 	d.cfg = cfg
+	d.logIdentities(changes)
+	d.moveIdentities(prev.Identities())
 	if err := d.applyStatic(); err != nil {
 		d.log.Error("reload failed, going back to the running configuration", "error", err)
 		d.cfg = prev
+		d.moveIdentities(cfg.Identities())
 		_ = d.applyStatic()
 		return
+	}
+	if err := d.saveIdentities(); err != nil {
+		d.log.Error("recording the uplink identities", "error", err)
 	}
 	// Interfaces gone from the configuration lose the program (their map
 	// slots went in applyStatic).
@@ -315,9 +347,15 @@ func (d *Daemon) detachRemoved(prev *config.Config) {
 	for _, i := range d.cfg.LAN.Interfaces {
 		keep[i] = true
 	}
+	// An interface that now is another uplink's (another slot), or changed
+	// role, is attached again by the next pass, which writes its new entry
+	// in the interfaces map.
+	was, is := ifaceRoles(prev), ifaceRoles(d.cfg)
 	for ifname := range d.attached {
 		if !keep[ifname] {
 			_ = d.dp.DetachTC(ifname)
+			delete(d.attached, ifname)
+		} else if was[ifname] != is[ifname] {
 			delete(d.attached, ifname)
 		}
 	}
@@ -326,11 +364,11 @@ func (d *Daemon) detachRemoved(prev *config.Config) {
 func (d *Daemon) startHealth(parent context.Context) {
 	ctx, cancel := context.WithCancel(parent)
 	d.stopHC = cancel
-	for id, u := range d.cfg.Uplinks {
+	for _, u := range d.cfg.Uplinks {
 		if u.Health == nil {
 			continue
 		}
-		p := health.NewProber(health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Health: *u.Health})
+		p := health.NewProber(health.Spec{Uplink: u.ID, Interface: u.Interface, Mark: u.Mark, Health: *u.Health})
 		go p.Run(ctx, d.healthCh)
 	}
 }
@@ -387,7 +425,8 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	var natTable nat.Table
 	var nextHold time.Duration
 
-	for id, u := range d.cfg.Uplinks {
+	for pos, u := range d.cfg.Uplinks {
+		id := u.ID // its slot; pos is its place in the preference order
 		o := d.observe(u.Interface)
 		linkOK := o.reason == ""
 		if !linkOK {
@@ -448,7 +487,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			d.usable[id] = usable
 		}
 
-		routed = append(routed, routing.Uplink{ID: id, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
+		routed = append(routed, routing.Uplink{Pos: pos, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
 			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway, Gateway6: u.Gateway6,
 			Ifindex: o.ifindex, LinkUp: linkOK, Usable: usable, Addrs: o.addrs})
 		if u.Masquerade {
@@ -457,7 +496,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		if u.ClampMSS {
 			natTable.ClampMSS = append(natTable.ClampMSS, u.Interface)
 		}
-		st := UplinkStatus{Name: u.Name, Interface: u.Interface, Usable: usable, Reason: reason,
+		st := UplinkStatus{Name: u.Name, Interface: u.Interface, ID: id, Usable: usable, Reason: reason,
 			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed}
 		for _, a := range o.addrs {
 			st.Addresses = append(st.Addresses, a.String())

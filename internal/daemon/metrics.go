@@ -83,8 +83,8 @@ func (m *metrics) serve(w http.ResponseWriter, _ *http.Request) {
 		{"mhbpf_uplink_new_flows_total", "Flows and sockets assigned to the uplink.", func(c maps.Counters) uint64 { return c.NewFlows }},
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n", c.name, c.help, c.name)
-		for id, u := range st.Uplinks {
-			cs, err := m.maps.UplinkCounters(id)
+		for _, u := range st.Uplinks {
+			cs, err := m.maps.UplinkCounters(u.ID)
 			if err != nil {
 				continue
 			}

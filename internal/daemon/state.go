@@ -22,6 +22,7 @@ const (
 	settingsFile = "settings.json" // what 'mhbpf down' needs without a config
 	statusFile   = "status.json"   // what 'mhbpf status' shows
 	routesFile   = "routes.json"   // routes of others that mhbpf replaced
+	// identitiesFile (identity.go) holds the uplinks' slots, marks, tables.
 )
 
 // Settings are the parts of the configuration that locate everything mhbpf
@@ -51,12 +52,13 @@ type Status struct {
 	Updated time.Time      `json:"updated"`
 	PID     int            `json:"pid"`
 	TCMode  string         `json:"tc_mode"`
-	Uplinks []UplinkStatus `json:"uplinks"`
+	Uplinks []UplinkStatus `json:"uplinks"` // in preference order
 }
 
 type UplinkStatus struct {
 	Name      string   `json:"name"`
 	Interface string   `json:"interface"`
+	ID        int      `json:"id"` // its slot in the datapath's maps (flows name it by this)
 	Usable    bool     `json:"usable"`
 	Reason    string   `json:"reason,omitempty"`
 	Addresses []string `json:"addresses,omitempty"`
