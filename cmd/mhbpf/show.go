@@ -119,10 +119,17 @@ func statusCmd(pinDir, stateDir *string) *cobra.Command {
 				return fmt.Errorf("no daemon status in %s: %w", *stateDir, err)
 			}
 			alive := "running"
+			if st.State == daemon.StateConverging {
+				alive = "converging (first pass not done yet)"
+			}
 			if unix.Kill(st.PID, 0) != nil {
 				alive = "NOT RUNNING (datapath may still be pinned)"
 			}
-			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, st.TCMode,
+			mode := st.TCMode
+			if mode == "" {
+				mode = "-"
+			}
+			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, mode,
 				time.Since(st.Updated).Truncate(time.Millisecond))
 			m, _ := loader.OpenPinned(*pinDir)
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)

@@ -110,6 +110,9 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err := d.takeIdentities(); err != nil {
 		return err
 	}
+	if err := statefile.Write(d.stateFile(statusFile), d.convergingStatus()); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
 	if err := d.applyStatic(); err != nil {
 		return err
 	}
@@ -142,9 +145,19 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	defer resync.Stop()
 	var holdTimer <-chan time.Time
 	d.reconcile(&holdTimer)
+	// The first full pass is done: routes, rules and maps are in place for
+	// everything observable. systemd (Type=notify) starts what is ordered
+	// after mhbpf now.
+	if err := sdNotify("READY=1"); err != nil {
+		d.log.Error("telling systemd the daemon is ready", "error", err)
+	}
+	d.log.Info("ready: first pass done")
 	for {
 		select {
 		case <-ctx.Done():
+			if err := sdNotify("STOPPING=1"); err != nil {
+				d.log.Warn("telling systemd the daemon stops", "error", err)
+			}
 			if g.TeardownOnExit {
 				d.log.Info("tearing down on exit")
 				return Down(g.StateDir, settingsOf(d.cfg), d.log)
@@ -421,6 +434,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	var status Status
 	status.PID = os.Getpid()
 	status.Updated = now
+	status.State = StateRunning
 	status.TCMode = string(d.tcMode)
 	var natTable nat.Table
 	var nextHold time.Duration

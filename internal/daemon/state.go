@@ -49,11 +49,21 @@ func DefaultSettings() Settings {
 
 // Status is the daemon's view for the CLI.
 type Status struct {
-	Updated time.Time      `json:"updated"`
-	PID     int            `json:"pid"`
+	Updated time.Time `json:"updated"`
+	PID     int       `json:"pid"`
+	// State is StateConverging until the first full pass is done (then
+	// the daemon tells systemd it is ready), StateRunning from then on.
+	State   string         `json:"state"`
 	TCMode  string         `json:"tc_mode"`
 	Uplinks []UplinkStatus `json:"uplinks"` // in preference order
 }
+
+// Status.State values. A status without one is of a daemon that wrote its
+// status only after a pass: running.
+const (
+	StateConverging = "converging"
+	StateRunning    = "running"
+)
 
 type UplinkStatus struct {
 	Name      string   `json:"name"`
@@ -84,7 +94,21 @@ func LoadSettings(stateDir string) (Settings, error) {
 func LoadStatus(stateDir string) (Status, error) {
 	var s Status
 	err := statefile.Read(filepath.Join(stateDir, statusFile), &s)
+	if err == nil && s.State == "" {
+		s.State = StateRunning
+	}
 	return s, err
+}
+
+// convergingStatus is the status before the first pass: the uplinks as
+// configured, nothing observed yet.
+func (d *Daemon) convergingStatus() Status {
+	st := Status{Updated: time.Now(), PID: os.Getpid(), State: StateConverging}
+	for _, u := range d.cfg.Uplinks {
+		st.Uplinks = append(st.Uplinks, UplinkStatus{Name: u.Name, Interface: u.Interface, ID: u.ID,
+			Reason: "not observed yet (first pass)", Weight: u.Weight, Mark: u.Mark, Table: u.Table})
+	}
+	return st
 }
 
 // lockStateDir takes the state directory's lock (released when the process
