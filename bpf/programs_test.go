@@ -420,6 +420,27 @@ func TestPolicyMatches(t *testing.T) {
 	}
 }
 
+// A mark carries the bits of the policy's uplinks listed after the chosen
+// one (fib rule order, which the daemon gives the entries), not of those
+// with higher ids: ids are slots that stay with an uplink's name, while
+// the rules follow the configuration's order.
+func TestFallbackBitsFollowEntryOrder(t *testing.T) {
+	e := newEnv(t)
+	// The configuration lists vpn (id 2) before isp1 (id 0).
+	e.policy(maps.Policy{Default: maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}, {Uplink: isp1, Tier: 1, Weight: 1}}}})
+	p := syn(ap(lanHost, 5000), ap(remote, 443))
+	if m := e.lanRun(p, 0); m != markVPN|markISP1 {
+		t.Fatalf("vpn chosen: mark %#x, want vpn and isp1 after it %#x", m, markVPN|markISP1)
+	}
+	if f, _ := e.flow(p); f.Uplink != vpn || f.Mark != markVPN|markISP1 {
+		t.Fatalf("flow %+v, want uplink %d mark %#x", f, vpn, markVPN|markISP1)
+	}
+	e.uplink(vpn, markVPN, 1, false)
+	if m := e.lanRun(syn(ap(lanHost, 5001), ap(remote, 443)), 0); m != markISP1 {
+		t.Fatalf("isp1 chosen: mark %#x, want isp1 alone %#x (vpn comes before it)", m, markISP1)
+	}
+}
+
 func TestPolicyReplaceIsWhole(t *testing.T) {
 	e := newEnv(t)
 	toISP2 := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemon"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
@@ -69,6 +70,7 @@ type daemonEnv struct {
 	cmd      *exec.Cmd
 	log      *syncBuffer
 	wrap     []string // runs the daemon through this (e.g. setpriv)
+	env      []string // added to the daemon's environment
 	// expectErrors: the test provokes errors the daemon must log; any
 	// other test fails on an ERROR line in the daemon's log.
 	expectErrors bool
@@ -185,12 +187,17 @@ func (e *daemonEnv) start() {
 	e.log = &syncBuffer{}
 	e.cmd = e.inRouter(append(append([]string{}, e.wrap...), e.bin, "run", "--debug", "--config", e.cfgPath)...)
 	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
+	if len(e.env) > 0 {
+		e.cmd.Env = append(os.Environ(), e.env...)
+	}
 	if err := e.cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
+	// nsenter and setpriv exec the daemon: its pid is the command's.
+	pid := e.cmd.Process.Pid
 	e.waitFor("the daemon's first pass", 10*time.Second, func() bool {
-		_, err := os.Stat(filepath.Join(e.stateDir, "status.json"))
-		return err == nil
+		st, err := daemon.LoadStatus(e.stateDir)
+		return err == nil && st.State == daemon.StateRunning && st.PID == pid
 	})
 }
 

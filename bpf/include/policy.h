@@ -225,9 +225,11 @@ static __always_inline __u32 uplink_mark(__u32 id)
 }
 
 /* The chosen uplink's bit, plus the bits of the policy's other uplinks that
- * come later in fib rule order (uplink index order), so that the kernel
- * falls through to them by itself if the chosen uplink's route vanishes
- * before the daemon reacts. */
+ * come later in fib rule order, so that the kernel falls through to them by
+ * itself if the chosen uplink's route vanishes before the daemon reacts.
+ * The entries are listed in fib rule order (the daemon sorts them: the rules
+ * follow the configuration's order, while the uplink ids are slots that stay
+ * with an uplink's name), so "later" is "after the chosen one's entry". */
 __attribute__((noinline)) __u32 policy_mark(const struct policy *p, __s32 chosen)
 {
 	if (!p)
@@ -235,12 +237,16 @@ __attribute__((noinline)) __u32 policy_mark(const struct policy *p, __s32 chosen
 	__u32 mark = 0;
 
 	if (chosen >= 0) {
+		bool after = false;
+
 		mark = uplink_mark(chosen);
 		for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
 			if (i >= p->nentries)
 				break;
-			if (p->entries[i].uplink > chosen)
+			if (after)
 				mark |= uplink_mark(p->entries[i].uplink);
+			else if (p->entries[i].uplink == chosen)
+				after = true;
 		}
 	}
 	if (p->fallback == FALLBACK_UNREACHABLE)

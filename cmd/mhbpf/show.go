@@ -16,13 +16,18 @@ import (
 	"github.com/mhbpf/mhbpf/internal/maps"
 )
 
-// uplinkNames names uplink ids after the daemon's last status, when there
-// is one; the flow map itself knows only ids.
+// uplinkNames names uplink ids (slots) after the daemon's last status,
+// when there is one; the flow map itself knows only ids.
 func uplinkNames(stateDir string) func(int) string {
-	st, err := daemon.LoadStatus(stateDir)
+	names := map[int]string{}
+	if st, err := daemon.LoadStatus(stateDir); err == nil {
+		for _, u := range st.Uplinks {
+			names[u.ID] = u.Name
+		}
+	}
 	return func(id int) string {
-		if err == nil && id < len(st.Uplinks) {
-			return st.Uplinks[id].Name
+		if n, ok := names[id]; ok {
+			return n
 		}
 		return fmt.Sprint(id)
 	}
@@ -62,7 +67,7 @@ func flowsCmd(pinDir, stateDir *string) *cobra.Command {
 			return w.Flush()
 		},
 	}
-	cmd.Flags().IntVar(&uplink, "uplink", -1, "only flows on this uplink id")
+	cmd.Flags().IntVar(&uplink, "uplink", -1, "only flows on this uplink id (the ID column of 'mhbpf status')")
 	return cmd
 }
 
@@ -114,18 +119,26 @@ func statusCmd(pinDir, stateDir *string) *cobra.Command {
 				return fmt.Errorf("no daemon status in %s: %w", *stateDir, err)
 			}
 			alive := "running"
+			if st.State == daemon.StateConverging {
+				alive = "converging (first pass not done yet)"
+			}
 			if unix.Kill(st.PID, 0) != nil {
 				alive = "NOT RUNNING (datapath may still be pinned)"
 			}
-			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, st.TCMode,
+			mode := st.TCMode
+			if mode == "" {
+				mode = "-"
+			}
+			fmt.Printf("daemon pid %d %s, tc mode %s, updated %s ago\n", st.PID, alive, mode,
 				time.Since(st.Updated).Truncate(time.Millisecond))
 			if st.ProbeFallback {
 				fmt.Println("all probed uplinks failing at once: using link state")
 			}
 			m, _ := loader.OpenPinned(*pinDir)
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "UPLINK\tIFACE\tSTATE\tWEIGHT\tTABLE\tADDRESSES\tRTT\tLOSS\tRX BYTES\tTX BYTES\tNEW FLOWS\tREASON")
-			for id, u := range st.Uplinks {
+			fmt.Fprintln(w, "UPLINK\tIFACE\tID\tMARK\tSTATE\tWEIGHT\tTABLE\tADDRESSES\tRTT\tLOSS\tRX BYTES\tTX BYTES\tNEW FLOWS\tREASON")
+			for _, u := range st.Uplinks {
+				id := u.ID
 				state := "down"
 				if u.Usable {
 					state = "up"
@@ -138,7 +151,7 @@ func statusCmd(pinDir, stateDir *string) *cobra.Command {
 				if u.Probed {
 					rtt, loss = fmt.Sprintf("%.1fms", u.RTTms), fmt.Sprintf("%.0f%%", u.Loss*100)
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", u.Name, u.Interface, state, u.Weight, u.Table,
+				fmt.Fprintf(w, "%s\t%s\t%d\t%#x\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", u.Name, u.Interface, id, u.Mark, state, u.Weight, u.Table,
 					strings.Join(u.Addresses, ","), rtt, loss, c.RxBytes, c.TxBytes, c.NewFlows, u.Reason)
 			}
 			if m != nil {

@@ -20,8 +20,11 @@ import (
 
 // Config is a validated configuration.
 type Config struct {
-	Global   Global
-	Uplinks  []Uplink // in preference order: index = uplink id = rule order
+	Global Global
+	// Uplinks in preference order: the index is the uplink's position, its
+	// fib rules' order. Uplink.ID (its slot in the datapath) is another
+	// thing: it stays with the name across reloads and restarts.
+	Uplinks  []Uplink
 	LAN      LAN
 	Policies []Policy
 }
@@ -55,10 +58,19 @@ type Global struct {
 }
 
 type Uplink struct {
-	Name       string
-	Interface  string
-	Table      int
-	Mark       uint32
+	Name      string
+	Interface string
+	// ID is the uplink's slot in the datapath's maps: every flow, sticky
+	// entry and policy entry names its uplink by it. Parse numbers the
+	// uplinks in order; AssignIdentities gives each the slot, and the
+	// automatic mark and table, its name had before.
+	ID    int
+	Table int
+	Mark  uint32
+	// TableSet and MarkSet: the configuration gives them (else they are
+	// assigned, and kept by name).
+	TableSet   bool
+	MarkSet    bool
 	Weight     uint16
 	Tier       uint8
 	Balance    bool       // part of the default balance
@@ -95,7 +107,7 @@ type Policy struct {
 	Ports        []PortRange
 	Destinations []netip.Prefix
 	Sources      []netip.Prefix
-	Uplinks      []int // uplink ids in preference order
+	Uplinks      []int // indices into Config.Uplinks, in the policy's preference order
 	Balance      bool  // the uplinks share one tier by weight
 	Unreachable  bool  // last resort: fail closed (else route by main)
 	Sticky       string
@@ -440,19 +452,16 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 		return v.err("uplink", "no [[uplink]] configured")
 	}
 	free := g.MarkMask &^ (g.StrictMark | g.ReplyMark)
-	if len(raws) > bits.OnesCount32(free) || len(raws) > 16 {
-		return v.err("uplink", "%d uplinks, but mark_mask %#x leaves %d bits (and at most 16 uplinks)", len(raws), g.MarkMask, bits.OnesCount32(free))
+	if len(raws) > bits.OnesCount32(free) || len(raws) > MaxUplinks {
+		return v.err("uplink", "%d uplinks, but mark_mask %#x leaves %d bits (and at most %d uplinks)", len(raws), g.MarkMask, bits.OnesCount32(free), MaxUplinks)
+	}
+	if len(raws) > g.TableMax-g.TableMin+1 {
+		return v.err("global.tables", "%d uplinks, but global.tables %d-%d has %d tables", len(raws), g.TableMin, g.TableMax, g.TableMax-g.TableMin+1)
 	}
 	names, ifaces, tables, marks := map[string]int{}, map[string]int{}, map[int]int{}, map[uint32]int{}
-	// Explicit marks first, so automatic ones avoid them.
-	for _, r := range raws {
-		if r.Mark != nil {
-			free &^= *r.Mark
-		}
-	}
 	for i, r := range raws {
 		key := fmt.Sprintf("uplink[%d]", i)
-		u := Uplink{Name: r.Name, Interface: r.Interface, Masquerade: r.Masquerade,
+		u := Uplink{Name: r.Name, Interface: r.Interface, Masquerade: r.Masquerade, ID: i,
 			// PPP (PPPoE, PPPoA) is where MTUs below 1500 live.
 			ClampMSS: strings.HasPrefix(r.Interface, "ppp")}
 		if r.ClampMSS != nil {
@@ -472,38 +481,39 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 			return v.err(key+".interface", "interface %s is used by uplink[%d] too", r.Interface, j)
 		}
 		ifaces[r.Interface] = i
-		if r.Table == nil {
-			u.Table = g.TableMin + i
-		} else if r.Table.name != "" {
-			t, err := tableByName(r.Table.name)
-			if err != nil {
-				return v.err(key+".table", "%v", err)
+		// Explicit tables and marks here; the others are assigned below,
+		// around them.
+		if r.Table != nil {
+			u.TableSet = true
+			if r.Table.name != "" {
+				t, err := tableByName(r.Table.name)
+				if err != nil {
+					return v.err(key+".table", "%v", err)
+				}
+				u.Table = t
+			} else {
+				u.Table = r.Table.num
 			}
-			u.Table = t
-		} else {
-			u.Table = r.Table.num
+			if u.Table < g.TableMin || u.Table > g.TableMax {
+				return v.err(key+".table", "table %d is outside global.tables %d-%d", u.Table, g.TableMin, g.TableMax)
+			}
+			if j, dup := tables[u.Table]; dup {
+				return v.err(key+".table", "table %d is used by uplink[%d] too", u.Table, j)
+			}
+			tables[u.Table] = i
 		}
-		if u.Table < g.TableMin || u.Table > g.TableMax {
-			return v.err(key+".table", "table %d is outside global.tables %d-%d", u.Table, g.TableMin, g.TableMax)
-		}
-		if j, dup := tables[u.Table]; dup {
-			return v.err(key+".table", "table %d is used by uplink[%d] too", u.Table, j)
-		}
-		tables[u.Table] = i
 		if r.Mark != nil {
+			u.MarkSet = true
 			m := *r.Mark
 			if bits.OnesCount32(m) != 1 || m&g.MarkMask == 0 || m == g.StrictMark || m == g.ReplyMark {
 				return v.err(key+".mark", "%#x must be a single bit of mark_mask %#x other than the strict bit %#x and the reply bit %#x", m, g.MarkMask, g.StrictMark, g.ReplyMark)
 			}
+			if j, dup := marks[m]; dup {
+				return v.err(key+".mark", "mark %#x is used by uplink[%d] too", m, j)
+			}
+			marks[m] = i
 			u.Mark = m
-		} else {
-			u.Mark = free & -free // lowest free bit
-			free &^= u.Mark
 		}
-		if j, dup := marks[u.Mark]; dup {
-			return v.err(key+".mark", "mark %#x is used by uplink[%d] too", u.Mark, j)
-		}
-		marks[u.Mark] = i
 		w := 1
 		if r.Weight != nil {
 			w = *r.Weight
@@ -545,6 +555,12 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 			u.Health = h
 		}
 		c.Uplinks = append(c.Uplinks, u)
+	}
+	// The automatic marks and tables of a configuration on its own: the
+	// lowest free ones, in order. (The daemon assigns them again with what
+	// it remembers of earlier configurations.)
+	if _, err := c.AssignIdentities(nil); err != nil {
+		return v.err("uplink", "%v", err)
 	}
 	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -114,6 +115,14 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	}
 	defer d.nl.Close()
 
+	// Slots, marks and tables stay with the uplinks' names (the flows in the
+	// pinned maps name their uplink by slot and carry its mark).
+	if err := d.takeIdentities(); err != nil {
+		return err
+	}
+	if err := statefile.Write(d.stateFile(statusFile), d.convergingStatus()); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
 	if err := d.applyStatic(); err != nil {
 		return err
 	}
@@ -147,9 +156,19 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	defer resync.Stop()
 	var holdTimer <-chan time.Time
 	d.reconcile(&holdTimer)
+	// The first full pass is done: routes, rules and maps are in place for
+	// everything observable. systemd (Type=notify) starts what is ordered
+	// after mhbpf now.
+	if err := sdNotify("READY=1"); err != nil {
+		d.log.Error("telling systemd the daemon is ready", "error", err)
+	}
+	d.log.Info("ready: first pass done")
 	for {
 		select {
 		case <-ctx.Done():
+			if err := sdNotify("STOPPING=1"); err != nil {
+				d.log.Warn("telling systemd the daemon stops", "error", err)
+			}
 			if g.TeardownOnExit {
 				d.log.Info("tearing down on exit")
 				return Down(g.StateDir, settingsOf(d.cfg), d.log)
@@ -199,7 +218,14 @@ func (d *Daemon) applyStatic() error {
 	}
 	// Slots of uplinks an earlier configuration had (the maps are pinned
 	// and outlive the daemon) must not stay up.
-	for id := len(d.cfg.Uplinks); id < maps.MaxUplinks; id++ {
+	inUse := map[int]bool{}
+	for _, u := range d.cfg.Uplinks {
+		inUse[u.ID] = true
+	}
+	for id := 0; id < maps.MaxUplinks; id++ {
+		if inUse[id] {
+			continue
+		}
 		if err := d.dp.Maps.ClearUplink(id); err != nil {
 			return err
 		}
@@ -252,11 +278,14 @@ func (d *Daemon) lanSubnets() []netip.Prefix {
 	return prefixes
 }
 
+// policyOf is the datapath's policy: uplinks by their slots (ID), each
+// action's uplinks in fib rule order (the configuration's), as the
+// programs' fallback bits want them.
 func policyOf(c *config.Config) maps.Policy {
 	var p maps.Policy
-	for id, u := range c.Uplinks {
+	for _, u := range c.Uplinks {
 		if u.Balance {
-			p.Default.Uplinks = append(p.Default.Uplinks, maps.Choice{Uplink: uint8(id), Tier: u.Tier, Weight: u.Weight})
+			p.Default.Uplinks = append(p.Default.Uplinks, maps.Choice{Uplink: uint8(u.ID), Tier: u.Tier, Weight: u.Weight})
 		}
 	}
 	for _, cp := range c.Policies {
@@ -264,13 +293,16 @@ func policyOf(c *config.Config) maps.Policy {
 		for _, pr := range cp.Ports {
 			r.Ports = append(r.Ports, maps.PortRange{Lo: pr.Lo, Hi: pr.Hi})
 		}
-		for i, id := range cp.Uplinks {
-			ch := maps.Choice{Uplink: uint8(id), Tier: uint8(i), Weight: max(c.Uplinks[id].Weight, 1)}
+		pos := make([]int, len(cp.Uplinks)) // fib rule order
+		for i, idx := range cp.Uplinks {
+			ch := maps.Choice{Uplink: uint8(c.Uplinks[idx].ID), Tier: uint8(i), Weight: max(c.Uplinks[idx].Weight, 1)}
 			if cp.Balance {
 				ch.Tier = 0
 			}
 			r.Action.Uplinks = append(r.Action.Uplinks, ch)
+			pos[i] = idx
 		}
+		sort.Sort(byPos{pos, r.Action.Uplinks})
 		if cp.Unreachable {
 			r.Action.Fallback = maps.FallbackUnreachable
 		}
@@ -302,12 +334,25 @@ func (d *Daemon) reload() {
 		return
 	}
 	prev := d.cfg
+	// Uplinks keep their slots, marks and tables by name; removed ones
+	// free theirs (identity.go).
+	changes, err := cfg.AssignIdentities(prev.Identities())
+	if err != nil {
+		d.log.Error("reload refused, keeping the running configuration", "error", err)
+		return
+	}
 	d.cfg = cfg
+	d.logIdentities(changes)
+	d.moveIdentities(prev.Identities())
 	if err := d.applyStatic(); err != nil {
 		d.log.Error("reload failed, going back to the running configuration", "error", err)
 		d.cfg = prev
+		d.moveIdentities(cfg.Identities())
 		_ = d.applyStatic()
 		return
+	}
+	if err := d.saveIdentities(); err != nil {
+		d.log.Error("recording the uplink identities", "error", err)
 	}
 	// Interfaces gone from the configuration lose the program (their map
 	// slots went in applyStatic).
@@ -326,9 +371,15 @@ func (d *Daemon) detachRemoved(prev *config.Config) {
 	for _, i := range d.cfg.LAN.Interfaces {
 		keep[i] = true
 	}
+	// An interface that now is another uplink's (another slot), or changed
+	// role, is attached again by the next pass, which writes its new entry
+	// in the interfaces map.
+	was, is := ifaceRoles(prev), ifaceRoles(d.cfg)
 	for ifname := range d.attached {
 		if !keep[ifname] {
 			_ = d.dp.DetachTC(ifname)
+			delete(d.attached, ifname)
+		} else if was[ifname] != is[ifname] {
 			delete(d.attached, ifname)
 		}
 	}
@@ -382,6 +433,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	var status Status
 	status.PID = os.Getpid()
 	status.Updated = now
+	status.State = StateRunning
 	status.TCMode = string(d.tcMode)
 	var natTable nat.Table
 	var nextHold time.Duration
@@ -389,7 +441,8 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	fallback := d.probeFallback()
 	status.ProbeFallback = fallback
 
-	for id, u := range d.cfg.Uplinks {
+	for pos, u := range d.cfg.Uplinks {
+		id := u.ID // its slot; pos is its place in the preference order
 		o := d.observe(u.Interface)
 		if len(o.addrs) > 0 {
 			d.lastAddrs[id] = o.addrs
@@ -451,7 +504,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			d.usable[id] = usable
 		}
 
-		routed = append(routed, routing.Uplink{ID: id, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
+		routed = append(routed, routing.Uplink{Pos: pos, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
 			Weight: u.Weight, Balance: u.Balance, Tier: u.Tier, Gateway: u.Gateway, Gateway6: u.Gateway6,
 			Ifindex: o.ifindex, LinkUp: linkOK, Usable: usable, Addrs: o.addrs})
 		if u.Masquerade {
@@ -460,7 +513,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 		if u.ClampMSS {
 			natTable.ClampMSS = append(natTable.ClampMSS, u.Interface)
 		}
-		st := UplinkStatus{Name: u.Name, Interface: u.Interface, Usable: usable, Reason: reason,
+		st := UplinkStatus{Name: u.Name, Interface: u.Interface, ID: id, Usable: usable, Reason: reason,
 			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed}
 		for _, a := range o.addrs {
 			st.Addresses = append(st.Addresses, a.String())

@@ -44,7 +44,7 @@ func Down(stateDir string, s Settings, log *slog.Logger) error {
 		errs = append(errs, fmt.Errorf("sysctls: %w", err))
 	}
 	if len(errs) == 0 {
-		for _, f := range []string{settingsFile, statusFile} {
+		for _, f := range []string{settingsFile, statusFile, identitiesFile} {
 			_ = removeIfExists(filepath.Join(stateDir, f))
 		}
 	}

@@ -59,8 +59,8 @@ func (d *Daemon) applyNAT(want nat.Table) {
 // repairAttachments puts back the tc programs of every configured
 // interface the daemon attached and the socket hooks, where they went.
 func (d *Daemon) repairAttachments() {
-	for id, u := range d.cfg.Uplinks {
-		d.repairTC(u.Interface, maps.RoleUplink, id)
+	for _, u := range d.cfg.Uplinks {
+		d.repairTC(u.Interface, maps.RoleUplink, u.ID)
 	}
 	for _, ifname := range d.cfg.LAN.Interfaces {
 		d.repairTC(ifname, maps.RoleLAN, 0)

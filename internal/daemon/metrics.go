@@ -85,8 +85,8 @@ func (m *metrics) serve(w http.ResponseWriter, _ *http.Request) {
 		{"mhbpf_uplink_inbound_refused_total", "Flow openers from the uplink left unrecorded by its inbound_rate budget (a flood).", func(c maps.Counters) uint64 { return c.InboundRefused }},
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n", c.name, c.help, c.name)
-		for id, u := range st.Uplinks {
-			cs, err := m.maps.UplinkCounters(id)
+		for _, u := range st.Uplinks {
+			cs, err := m.maps.UplinkCounters(u.ID)
 			if err != nil {
 				continue
 			}

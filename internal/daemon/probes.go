@@ -45,9 +45,9 @@ func (d *Daemon) syncHealth(parent context.Context) {
 		d.probers = map[int]*prober{}
 	}
 	want := map[int]health.Spec{}
-	for id, u := range d.cfg.Uplinks {
+	for _, u := range d.cfg.Uplinks {
 		if u.Health != nil {
-			want[id] = health.Spec{Uplink: id, Interface: u.Interface, Mark: u.Mark, Health: *u.Health}
+			want[u.ID] = health.Spec{Uplink: u.ID, Interface: u.Interface, Mark: u.Mark, Health: *u.Health}
 		}
 	}
 	for id, p := range d.probers {
@@ -100,7 +100,8 @@ func (d *Daemon) probeResult(r health.Result) {
 // first verdict.
 func (d *Daemon) keepPinned() {
 	d.kept = map[int]bool{}
-	for id, u := range d.cfg.Uplinks {
+	for _, u := range d.cfg.Uplinks {
+		id := u.ID
 		if u.Health == nil {
 			continue
 		}
@@ -121,12 +122,12 @@ func (d *Daemon) keepPinned() {
 // failing. It logs when that starts and ends.
 func (d *Daemon) probeFallback() bool {
 	fallback, some := true, false
-	for id, u := range d.cfg.Uplinks {
+	for _, u := range d.cfg.Uplinks {
 		if !u.Balance || u.Weight == 0 || d.observe(u.Interface).reason != "" {
 			continue
 		}
 		some = true
-		hr, ok := d.health[id]
+		hr, ok := d.health[u.ID]
 		if u.Health == nil || !ok || !hr.Verdict || hr.Healthy {
 			fallback = false
 			break

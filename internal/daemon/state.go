@@ -22,6 +22,7 @@ const (
 	settingsFile = "settings.json" // what 'mhbpf down' needs without a config
 	statusFile   = "status.json"   // what 'mhbpf status' shows
 	routesFile   = "routes.json"   // routes of others that mhbpf replaced
+	// identitiesFile (identity.go) holds the uplinks' slots, marks, tables.
 )
 
 // Settings are the parts of the configuration that locate everything mhbpf
@@ -50,16 +51,27 @@ func DefaultSettings() Settings {
 type Status struct {
 	Updated time.Time `json:"updated"`
 	PID     int       `json:"pid"`
-	TCMode  string    `json:"tc_mode"`
+	// State is StateConverging until the first full pass is done (then
+	// the daemon tells systemd it is ready), StateRunning from then on.
+	State  string `json:"state"`
+	TCMode string `json:"tc_mode"`
 	// ProbeFallback: every probed uplink is failing at once; uplinks are
 	// used by their link state.
 	ProbeFallback bool           `json:"probe_fallback,omitempty"`
-	Uplinks       []UplinkStatus `json:"uplinks"`
+	Uplinks       []UplinkStatus `json:"uplinks"` // in preference order
 }
+
+// Status.State values. A status without one is of a daemon that wrote its
+// status only after a pass: running.
+const (
+	StateConverging = "converging"
+	StateRunning    = "running"
+)
 
 type UplinkStatus struct {
 	Name      string   `json:"name"`
 	Interface string   `json:"interface"`
+	ID        int      `json:"id"` // its slot in the datapath's maps (flows name it by this)
 	Usable    bool     `json:"usable"`
 	Reason    string   `json:"reason,omitempty"`
 	Addresses []string `json:"addresses,omitempty"`
@@ -85,7 +97,21 @@ func LoadSettings(stateDir string) (Settings, error) {
 func LoadStatus(stateDir string) (Status, error) {
 	var s Status
 	err := statefile.Read(filepath.Join(stateDir, statusFile), &s)
+	if err == nil && s.State == "" {
+		s.State = StateRunning
+	}
 	return s, err
+}
+
+// convergingStatus is the status before the first pass: the uplinks as
+// configured, nothing observed yet.
+func (d *Daemon) convergingStatus() Status {
+	st := Status{Updated: time.Now(), PID: os.Getpid(), State: StateConverging}
+	for _, u := range d.cfg.Uplinks {
+		st.Uplinks = append(st.Uplinks, UplinkStatus{Name: u.Name, Interface: u.Interface, ID: u.ID,
+			Reason: "not observed yet (first pass)", Weight: u.Weight, Mark: u.Mark, Table: u.Table})
+	}
+	return st
 }
 
 // lockStateDir takes the state directory's lock (released when the process

@@ -80,7 +80,8 @@ func (l *Lab) show(out io.Writer, m *maps.Maps, el time.Duration, prev map[int]m
 	_ = m.WalkFlows(func(f maps.Flow) bool { flows[f.Uplink]++; return true })
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tNEW/s\tREASON\n", int(el.Seconds()))
-	for id, u := range st.Uplinks {
+	for _, u := range st.Uplinks {
+		id := u.ID
 		c, _ := m.UplinkCounters(id)
 		p := prev[id]
 		state := "down"

@@ -84,8 +84,9 @@ type Uplink struct {
 	Addr4, Addr6 netip.Addr
 }
 
-// SetUplink writes uplink id (0..MaxUplinks-1). The id is also the uplink's
-// place in fib rule order: lower ids are preferred when a mark allows several.
+// SetUplink writes uplink id (0..MaxUplinks-1): the uplink's slot, which
+// flows, sticky entries and policies name it by. (Its place in fib rule
+// order is its policy entries' order.)
 func (m *Maps) SetUplink(id int, u Uplink) error {
 	if id < 0 || id >= MaxUplinks {
 		return fmt.Errorf("uplink id %d out of range 0..%d", id, MaxUplinks-1)

@@ -36,6 +36,10 @@ type Choice struct {
 
 // Action is what a policy does with a new flow.
 type Action struct {
+	// Uplinks in fib rule order (the uplinks' preference order, which is
+	// not their id order): the mark of a choice carries the bits of the
+	// uplinks listed after it, for the kernel to fall through to. Which one
+	// is preferred is the tiers' business.
 	Uplinks  []Choice
 	Fallback Fallback
 	Sticky   Sticky

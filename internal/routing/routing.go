@@ -38,12 +38,12 @@ type Settings struct {
 // tcp_fwmark_accept), which is an uplink choice. Only then do the uplink
 // tables decide, by source address and by mark.
 const (
-	prioIif      = 0  // + uplink id: what arrives on an uplink routes by main
+	prioIif      = 0  // + uplink position: what arrives on an uplink routes by main
 	prioLAN      = 16 // to a LAN subnet: main, even for answers (their ICMP errors)
-	prioReply    = 20 // + id: answer bit + uplink bit: the arrival uplink's table
+	prioReply    = 20 // + position: answer bit + uplink bit: the arrival uplink's table
 	prioSuppress = 36 // main without its default routes: more specific routes win
-	prioFrom     = 40 // + id: the uplink's own addresses leave by it
-	prioMark     = 60 // + id: the mark bits, in preference order
+	prioFrom     = 40 // + position: the uplink's own addresses leave by it
+	prioMark     = 60 // + position: the mark bits, in preference order
 	prioStrict   = 80 // the "no fallback" bit: unreachable
 	// BlockSize is how many priorities mhbpf owns from RulePriority on.
 	BlockSize = 100
@@ -52,7 +52,11 @@ const (
 // Uplink is one uplink as routing sees it: configuration plus what the
 // reconciler observed.
 type Uplink struct {
-	ID        int
+	// Pos is the uplink's place in the preference order (the order of the
+	// configuration, 0 first, below 16): its rules' priorities are the
+	// block's offsets plus Pos, so the kernel tries the uplinks in that
+	// order. Not its slot in the datapath's maps, which stays with its name.
+	Pos       int
 	Interface string
 	Table     int
 	Mark      uint32
@@ -101,12 +105,12 @@ func Desired(s Settings, uplinks []Uplink, lan []netip.Prefix) State {
 		}))
 		for _, u := range uplinks {
 			st.Rules = append(st.Rules,
-				rule(s, fam, prioIif+u.ID, func(r *netlink.Rule) { r.IifName = u.Interface; r.Table = unix.RT_TABLE_MAIN }),
-				rule(s, fam, prioReply+u.ID, func(r *netlink.Rule) {
+				rule(s, fam, prioIif+u.Pos, func(r *netlink.Rule) { r.IifName = u.Interface; r.Table = unix.RT_TABLE_MAIN }),
+				rule(s, fam, prioReply+u.Pos, func(r *netlink.Rule) {
 					m := u.Mark | s.ReplyMark
 					r.Mark, r.Mask, r.Table = m, &m, u.Table
 				}),
-				rule(s, fam, prioMark+u.ID, func(r *netlink.Rule) {
+				rule(s, fam, prioMark+u.Pos, func(r *netlink.Rule) {
 					m := u.Mark
 					r.Mark, r.Mask, r.Table = u.Mark, &m, u.Table
 				}),
@@ -115,7 +119,7 @@ func Desired(s Settings, uplinks []Uplink, lan []netip.Prefix) State {
 				if family(a) != fam {
 					continue
 				}
-				st.Rules = append(st.Rules, rule(s, fam, prioFrom+u.ID, func(r *netlink.Rule) {
+				st.Rules = append(st.Rules, rule(s, fam, prioFrom+u.Pos, func(r *netlink.Rule) {
 					r.Src = hostNet(a)
 					r.Table = u.Table
 				}))

@@ -1,6 +1,8 @@
 package routing
 
 import (
+	"fmt"
+	"math/bits"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -18,9 +20,9 @@ var lan = []netip.Prefix{netip.MustParsePrefix("100.64.2.0/24"), netip.MustParse
 
 func uplinks(ifindex0, ifindex1 int, usable1 bool) []Uplink {
 	return []Uplink{
-		{ID: 0, Interface: "up0", Table: 100, Mark: 0x10000, Weight: 8, Balance: true, Ifindex: ifindex0, LinkUp: true, Usable: true,
+		{Pos: 0, Interface: "up0", Table: 100, Mark: 0x10000, Weight: 8, Balance: true, Ifindex: ifindex0, LinkUp: true, Usable: true,
 			Gateway: netip.MustParseAddr("100.64.0.1"), Addrs: []netip.Addr{netip.MustParseAddr("100.64.0.2")}},
-		{ID: 1, Interface: "up1", Table: 101, Mark: 0x20000, Weight: 2, Balance: true, Ifindex: ifindex1, LinkUp: usable1, Usable: usable1,
+		{Pos: 1, Interface: "up1", Table: 101, Mark: 0x20000, Weight: 2, Balance: true, Ifindex: ifindex1, LinkUp: usable1, Usable: usable1,
 			Gateway: netip.MustParseAddr("100.64.1.1"), Addrs: []netip.Addr{netip.MustParseAddr("100.64.1.2")}},
 	}
 }
@@ -68,6 +70,49 @@ func TestDesiredState(t *testing.T) {
 	st = Desired(settings, uplinks(2, 3, false), lan)
 	if got := (State{Routes: st.Routes}).String(); got != wantRoutesIsp2Down {
 		t.Fatalf("routes with isp2 down:\n%s\nwant:\n%s", got, wantRoutesIsp2Down)
+	}
+}
+
+// The rules follow the uplinks' positions (the preference order), whatever
+// their tables and marks; with the most uplinks there can be (16), every
+// kind of rule keeps to its own priorities, inside the block.
+func TestDesiredPrioritiesFollowPosition(t *testing.T) {
+	var ups []Uplink
+	for pos := 0; pos < 16; pos++ {
+		// Tables and marks deliberately not in position order.
+		ups = append(ups, Uplink{Pos: pos, Interface: fmt.Sprintf("up%d", pos), Table: 115 - pos, Mark: 1 << (15 - pos),
+			Weight: 1, Balance: true, Ifindex: 2 + pos, LinkUp: true, Usable: true,
+			Addrs: []netip.Addr{netip.AddrFrom4([4]byte{100, 64, byte(pos), 2})}})
+	}
+	st := Desired(settings, ups, lan)
+	kinds := map[int]string{}
+	for _, r := range st.Rules {
+		if r.Priority < settings.RulePriority || r.Priority >= settings.RulePriority+BlockSize {
+			t.Fatalf("rule %s outside the block", ruleKey(&r))
+		}
+		kind := "other"
+		switch {
+		case r.IifName != "":
+			kind = "iif"
+		case r.Src != nil:
+			kind = "from"
+		case r.Mask != nil && *r.Mask&settings.ReplyMark != 0:
+			kind = "reply"
+		case r.Mask != nil && *r.Mask == settings.StrictMark:
+			kind = "strict"
+		case r.Mask != nil:
+			kind = "mark"
+		}
+		if k, ok := kinds[r.Priority]; ok && k != kind {
+			t.Fatalf("priority %d has %s and %s rules", r.Priority, k, kind)
+		}
+		kinds[r.Priority] = kind
+		if kind == "mark" {
+			pos := 15 - bits.TrailingZeros32(r.Mark)
+			if r.Priority != settings.RulePriority+prioMark+pos || r.Table != 115-pos {
+				t.Fatalf("mark rule %s: want priority %d (position %d)", ruleKey(&r), settings.RulePriority+prioMark+pos, pos)
+			}
+		}
 	}
 }
 

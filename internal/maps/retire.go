@@ -1,0 +1,113 @@
+package maps
+
+import (
+	"errors"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/mhbpf/mhbpf/bpf"
+)
+
+// Remark says which mark a flow gets from now on (its own when nothing
+// changes).
+type Remark func(f Flow) uint32
+
+// RetireUplinks forgets every slot that gone says is no longer its
+// uplink's: its flows, the remote endpoints and sticky choices that name
+// it, its counters; and it gives the remaining flows the mark remark
+// says, in one walk of the flow map. (The slot's entry in the uplinks map
+// is the caller's: ClearUplink.) A flow the programs update meanwhile may
+// lose those few packets from its counters; a flow that ends meanwhile is
+// not brought back.
+func (m *Maps) RetireUplinks(gone func(id int) bool, remark Remark) (deleted, remarked int, err error) {
+	var errs []error
+	var k bpf.UplinkFlowKey
+	var v bpf.UplinkFlow
+	var drop []bpf.UplinkFlowKey
+	type change struct {
+		k bpf.UplinkFlowKey
+		v bpf.UplinkFlow
+	}
+	var changes []change
+	it := m.Flows.Iterate()
+	for it.Next(&k, &v) {
+		f := decodeFlow(&k, &v)
+		if gone(f.Uplink) {
+			drop = append(drop, k)
+			continue
+		}
+		if mark := remark(f); mark != v.Mark {
+			nv := v
+			nv.Mark = mark
+			changes = append(changes, change{k, nv})
+		}
+	}
+	errs = append(errs, it.Err())
+	for i := range drop {
+		if err := m.Flows.Delete(&drop[i]); err == nil {
+			deleted++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for i := range changes {
+		if err := m.Flows.Update(&changes[i].k, &changes[i].v, ebpf.UpdateExist); err == nil {
+			remarked++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+
+	// Inbound records (remote peers' flows, port-forward answers) carry no
+	// fallback bits: only those of a gone slot go.
+	var idrop []bpf.UplinkFlowKey
+	for iit := m.Inbound.Iterate(); iit.Next(&k, &v); {
+		if gone(int(v.Uplink)) {
+			idrop = append(idrop, k)
+		}
+	}
+	for i := range idrop {
+		if err := m.Inbound.Delete(&idrop[i]); err == nil {
+			deleted++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+
+	var rk bpf.UplinkRemoteKey
+	var rv bpf.UplinkRemote
+	var rkeys []bpf.UplinkRemoteKey
+	for rit := m.Remotes.Iterate(); rit.Next(&rk, &rv); {
+		if gone(int(rv.Uplink)) {
+			rkeys = append(rkeys, rk)
+		}
+	}
+	for i := range rkeys {
+		errs = append(errs, ignoreNotExist(m.Remotes.Delete(&rkeys[i])))
+	}
+
+	var sk bpf.UplinkStickyKey
+	var sv bpf.UplinkStickyEntry
+	var skeys []bpf.UplinkStickyKey
+	for sit := m.Sticky.Iterate(); sit.Next(&sk, &sv); {
+		if gone(int(sv.Uplink)) {
+			skeys = append(skeys, sk)
+		}
+	}
+	for i := range skeys {
+		errs = append(errs, ignoreNotExist(m.Sticky.Delete(&skeys[i])))
+	}
+
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		errs = append(errs, err)
+	} else {
+		zero := make([]bpf.UplinkUplinkCounters, ncpu)
+		for id := 0; id < MaxUplinks; id++ {
+			if gone(id) {
+				errs = append(errs, m.Counters.Put(uint32(id), zero))
+			}
+		}
+	}
+	return deleted, remarked, errors.Join(errs...)
+}
