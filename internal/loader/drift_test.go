@@ -81,9 +81,14 @@ func TestDriftTCSeenAndRepaired(t *testing.T) {
 					if what, err := d.DriftTC("up0", maps.RoleLAN); err != nil || what != "" {
 						t.Fatalf("%s: after reattaching: %q, %v", c.what, what, err)
 					}
-					names, ours := tcxPrograms(t, "up0"), "lan_ingress"
+					// Only the mode's own listing: a kernel without tcx
+					// (Debian 12's 6.1) cannot even be asked.
+					var names []string
+					ours := "lan_ingress"
 					if mode == loader.ModeClsact {
 						names, ours = clsactFilters(t, "up0"), "mhbpf_lan"
+					} else {
+						names = tcxPrograms(t, "up0")
 					}
 					if n := count(names, ours); n != 1 {
 						t.Fatalf("%s: %d LAN programs after reattaching, want 1", c.what, n)
