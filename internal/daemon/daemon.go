@@ -466,7 +466,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 			}
 		}
 		hr, probed := d.health[id]
-		usable, reason = d.judgeProbes(id, linkOK, usable, reason, fallback)
+		usable, reason = d.judgeProbes(u, linkOK, usable, reason, fallback)
 
 		// Datapath: interface program and uplink entry.
 		if o.ifindex != 0 && d.attached[u.Interface] != o.ifindex {

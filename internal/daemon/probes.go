@@ -4,6 +4,7 @@ import (
 	"context"
 	"reflect"
 
+	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/health"
 )
 
@@ -147,11 +148,12 @@ func (d *Daemon) probeFallback() bool {
 
 // judgeProbes is what the probes make of an uplink that is otherwise
 // usable (its link up and not held back).
-func (d *Daemon) judgeProbes(id int, linkOK, usable bool, reason string, fallback bool) (bool, string) {
+func (d *Daemon) judgeProbes(u config.Uplink, linkOK, usable bool, reason string, fallback bool) (bool, string) {
+	id := u.ID // its slot, which probers and results are keyed by
 	if !linkOK {
 		delete(d.kept, id) // it was out: its next use waits for a verdict
 	}
-	if d.cfg.Uplinks[id].Health == nil || !usable {
+	if u.Health == nil || !usable {
 		return usable, reason
 	}
 	hr := d.health[id]
