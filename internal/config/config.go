@@ -44,10 +44,10 @@ type Global struct {
 	// InboundRate the new ones each uplink may record per second.
 	InboundMapSize uint32
 	InboundRate    uint32
-	StickyTimeout time.Duration
-	UpDelay       time.Duration // a link must stay up this long before use
-	MetricsListen string
-	ResyncEvery   time.Duration
+	StickyTimeout  time.Duration
+	UpDelay        time.Duration // a link must stay up this long before use
+	MetricsListen  string
+	ResyncEvery    time.Duration
 	// TeardownOnExit removes the datapath on SIGTERM instead of leaving it.
 	TeardownOnExit bool
 	// NFTable is the name of mhbpf's nftables table (family inet).
@@ -115,18 +115,18 @@ type Policy struct {
 
 // Defaults.
 const (
-	DefaultMarkMask      = 0x00ff0000
+	DefaultMarkMask = 0x00ff0000
 	// DefaultInboundMapSize and DefaultInboundRate: far more inbound flows
 	// than an ADSL line carries, far fewer than a flood.
 	DefaultInboundMapSize = 65536
 	DefaultInboundRate    = 2000
-	DefaultTableMin      = 100
-	DefaultTableMax      = 199
-	DefaultRulePriority  = 10000
-	DefaultRouteProtocol = 77
-	DefaultPinDir        = "/sys/fs/bpf/mhbpf"
-	DefaultNFTable       = "mhbpf"
-	DefaultStateDir      = "/run/mhbpf"
+	DefaultTableMin       = 100
+	DefaultTableMax       = 199
+	DefaultRulePriority   = 10000
+	DefaultRouteProtocol  = 77
+	DefaultPinDir         = "/sys/fs/bpf/mhbpf"
+	DefaultNFTable        = "mhbpf"
+	DefaultStateDir       = "/run/mhbpf"
 )
 
 // Raw file layout.

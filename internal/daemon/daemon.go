@@ -49,13 +49,13 @@ type Daemon struct {
 	fallback bool         // every probed uplink failing: using link state
 
 	// Observed and derived per uplink, by id.
-	upSince   map[int]time.Time // link usable since (for up_delay)
-	usable    map[int]bool
-	health    map[int]health.Result
-	attached  map[string]int // interface -> ifindex it is attached at
-	natTable  nat.Table
-	natSet    bool
-	seen      map[int]bool // uplinks usable at least once
+	upSince  map[int]time.Time // link usable since (for up_delay)
+	usable   map[int]bool
+	health   map[int]health.Result
+	attached map[string]int // interface -> ifindex it is attached at
+	natTable nat.Table
+	natSet   bool
+	seen     map[int]bool // uplinks usable at least once
 	// lastAddrs: each uplink's addresses when last seen with any. A link
 	// that just died may show none, but its connections are still bound
 	// to them.
