@@ -8,12 +8,13 @@
 //     suite runs (-where host, -where vm): a skip is a claim left unchecked,
 //     so each one must be a known kernel-feature gap of that kernel;
 //   - a test named with -expect did not run (renamed or removed: a -run
-//     pattern would drop it silently);
+//     pattern would drop it silently), or, with -require-tests, a package
+//     named to be run has no tests;
 //   - no test ran at all.
 //
 // Usage:
 //
-//	testsum -where host [-allow FILE] [-expect "TestA TestB"] [-record FILE] -- go test -json ./...
+//	testsum -where host [-allow FILE] [-expect "TestA TestB"] [-require-tests] [-record FILE] -- go test -json ./...
 //	testsum -total FILE...   # one line over the runs recorded in the files
 package main
 
@@ -120,10 +121,11 @@ func (s Summary) Line() string {
 }
 
 type summarizer struct {
-	where  string
-	allow  []allowed
-	expect []string
-	out    io.Writer
+	where        string
+	requireTests bool // a package without tests is a failure
+	allow        []allowed
+	expect       []string
+	out          io.Writer
 
 	tests    map[string]*testState // pkg + "\x00" + name
 	order    []string
@@ -234,6 +236,9 @@ func (s *summarizer) packageEvent(e event) {
 		case e.Action == "skip":
 			s.sum.NoTests++
 			fmt.Fprintf(s.out, "?    %s [no test files]\n", e.Package)
+			if s.requireTests {
+				s.sum.Problems = append(s.sum.Problems, "package "+short(e.Package)+" has no tests")
+			}
 		case e.Action == "pass":
 			fmt.Fprintf(s.out, "ok   %s %.1fs\n", e.Package, e.Elapsed)
 		default:
@@ -304,6 +309,7 @@ func main() {
 	where := flag.String("where", "", "where the suite runs (host, vm): selects the allow-list entries")
 	allowFile := flag.String("allow", ".ci/allowed-skips", "the allow-list of skips")
 	expect := flag.String("expect", "", "test names (space separated) that must run")
+	requireTests := flag.Bool("require-tests", false, "fail on a package without tests (for a list of packages named to be run)")
 	record := flag.String("record", "", "append this run's summary (JSON) to this file")
 	jsonFile := flag.String("jsonfile", "", "also write the command's raw output here")
 	total := flag.Bool("total", false, "print one line over the runs recorded in the files given, and fail if any failed")
@@ -327,6 +333,7 @@ func main() {
 		os.Exit(2)
 	}
 	s := newSummarizer(*where, allow, strings.Fields(*expect), os.Stdout)
+	s.requireTests = *requireTests
 
 	cmd := exec.Command(flag.Arg(0), flag.Args()[1:]...)
 	cmd.Stderr = os.Stderr

@@ -85,3 +85,21 @@ func TestExpectedTestsMustRun(t *testing.T) {
 		t.Fatalf("a run without tests passed: %+v", s)
 	}
 }
+
+func TestRequireTests(t *testing.T) {
+	lines := []string{ev("run", "TestA", ""), ev("pass", "TestA", ""), ev("pass", "", ""),
+		`{"Action":"skip","Package":"github.com/mhbpf/mhbpf/internal/empty"}`}
+	if s, _ := run(t, "vm", nil, lines...); !s.OK() || s.NoTests != 1 {
+		t.Fatalf("%+v", s)
+	}
+	allow, _ := parseAllowList(strings.NewReader(allowList))
+	var out strings.Builder
+	sm := newSummarizer("vm", allow, nil, &out)
+	sm.requireTests = true
+	for _, l := range lines {
+		sm.line(l)
+	}
+	if s := sm.finish(nil, 0); s.OK() || !strings.Contains(strings.Join(s.Problems, "\n"), "package internal/empty has no tests") {
+		t.Fatalf("%+v", s)
+	}
+}
