@@ -85,21 +85,27 @@ type lanConn struct {
 // answered.
 func lanConnect(t *testing.T, e *daemonEnv, proto uint8, src, port uint16) *lanConn {
 	t.Helper()
+	return lanConnectFrom(t, e, proto, netip.AddrPortFrom(topology.LANHost, src), port)
+}
+
+// lanConnectFrom is lanConnect from another address of the LAN namespace.
+func lanConnectFrom(t *testing.T, e *daemonEnv, proto uint8, src netip.AddrPort, port uint16) *lanConn {
+	t.Helper()
 	dst := netip.AddrPortFrom(topology.Internet, port)
 	var c net.Conn
 	var err error
 	testutil.InNetNS(t, e.topo.LAN, func() {
 		d := net.Dialer{Timeout: testutil.Deadline(3 * time.Second)}
 		if proto == protoTCP {
-			d.LocalAddr = &net.TCPAddr{IP: topology.LANHost.AsSlice(), Port: int(src)}
+			d.LocalAddr = &net.TCPAddr{IP: src.Addr().AsSlice(), Port: int(src.Port())}
 			c, err = d.Dial("tcp4", dst.String())
 		} else {
-			d.LocalAddr = &net.UDPAddr{IP: topology.LANHost.AsSlice(), Port: int(src)}
+			d.LocalAddr = &net.UDPAddr{IP: src.Addr().AsSlice(), Port: int(src.Port())}
 			c, err = d.Dial("udp4", dst.String())
 		}
 	})
 	if err != nil {
-		t.Fatalf("%s from port %d to %s: %v", maps.ProtoName(proto), src, dst, err)
+		t.Fatalf("%s from %s to %s: %v", maps.ProtoName(proto), src, dst, err)
 	}
 	t.Cleanup(func() { c.Close() })
 	local := netip.MustParseAddrPort(c.LocalAddr().String())
@@ -197,6 +203,19 @@ func flowsOf(t *testing.T, e *daemonEnv, conns []*lanConn) map[maps.FlowKey]maps
 		out[h.key] = f
 	}
 	return out
+}
+
+// setGlobal adds a line to the configuration's [global] table.
+func (e *daemonEnv) setGlobal(line string) {
+	e.t.Helper()
+	raw, err := os.ReadFile(e.cfgPath)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if !strings.Contains(string(raw), "[global]\n") {
+		e.t.Fatalf("no [global] in the configuration:\n%s", raw)
+	}
+	e.writeConfig(strings.Replace(string(raw), "[global]\n", "[global]\n"+line+"\n", 1))
 }
 
 // setWeights rewrites the configuration's weights of isp1 and isp2.
