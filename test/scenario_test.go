@@ -135,8 +135,10 @@ func TestScenario(t *testing.T) {
 		tally := dialMany(t, l, 2000, 1000, 80)
 		share := float64(tally["isp1"]) / 1000 * 100
 		t.Logf("1000 destinations: isp1 %d, isp2 %d (%.1f%%)", tally["isp1"], tally["isp2"], share)
-		if tally["isp1"]+tally["isp2"] != 1000 || share < 75 || share > 85 {
-			t.Fatalf("split %v, want 80%% ± 5 on isp1", tally)
+		// The same ±3 points as the datapath's own split tests (bpf/): the
+		// choice is a hash of each destination, nothing random.
+		if tally["isp1"]+tally["isp2"] != 1000 || share < 77 || share > 83 {
+			t.Fatalf("split %v, want 80%% ± 3 on isp1", tally)
 		}
 		stream.check(t)
 		first, err := via(l, l.LAN, host(2000), 80)
