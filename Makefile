@@ -6,7 +6,7 @@ GO ?= go
 export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all deps generate build test test-host test-vm check-generated lab
+.PHONY: all deps generate build test test-host test-vm testsum check-generated lab
 
 all: build
 
@@ -31,17 +31,43 @@ check-generated: generate
 	@git diff --exit-code --stat -- bpf/ || { echo "generated BPF code is stale: run 'make generate' and commit" >&2; exit 1; }
 
 # Everything CI runs. Needs root: the tests load BPF programs and build
-# network namespaces.
-test: deps check-generated test-host test-vm
+# network namespaces. Every suite runs through scripts/testsum: it prints
+# each skip with its reason and a line of counts, and fails on a skip that
+# .ci/allowed-skips does not allow for that kernel. The last line is the
+# total over all runs.
+test: deps check-generated
+	@rm -rf $(RESULTS)
+	$(MAKE) --no-print-directory test-host test-vm
+	@$(TESTSUM) -total $(RESULTS)/*.jsonl
 
-test-host:
+RESULTS = $(CURDIR)/bin/test-results
+TESTSUM = $(CURDIR)/bin/testsum
+
+testsum:
+	$(GO) build -o $(TESTSUM) ./scripts/testsum
+	@mkdir -p $(RESULTS)
+
+test-host: testsum
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 20m ./...
+	@rm -f $(RESULTS)/host.jsonl
+	$(TESTSUM) -where host -record $(RESULTS)/host.jsonl -jsonfile $(RESULTS)/host.json -- \
+		$(GO) test -json -count=1 -timeout 20m ./...
 
 # The same test binaries on Debian 12's 6.1 kernel in qemu (TCG; set
 # MHBPF_VM_ACCEL=kvm where KVM works): the BPF programs under an older
 # verifier, the clsact attach path (no tcx before 6.6), and real pppd.
+# Of ./test/, the tests named in VM_TESTS run, each by its exact name: one
+# that no longer exists (renamed, removed) fails the run, and so does a
+# package of VM_PACKAGES without tests.
 VM_EXEC = $(CURDIR)/test/vm/vm.sh
-test-vm: build
-	$(GO) test -p 1 -count=1 -timeout 30m -exec $(VM_EXEC) ./bpf/ ./internal/loader/ ./internal/routing/
-	MHBPF_BIN=$(CURDIR)/bin/mhbpf $(GO) test -count=1 -timeout 30m -exec $(VM_EXEC) -run 'TestPPP|TestDaemonRestoresMainRouteWhenAnUplinkVanishes|TestLANConnectionLeavesByChosenUplink|TestDaemonRepairsDetachedTC' ./test/
+VM_PACKAGES = ./bpf/ ./internal/loader/ ./internal/routing/
+VM_TESTS = TestPPPUplinks TestDaemonRestoresMainRouteWhenAnUplinkVanishes TestLANConnectionLeavesByChosenUplink \
+	TestDaemonRepairsDetachedTC TestSpoofedPacketCannotRewritePolicy TestHairpinAndAnswersBeatSpecificRoutes
+empty :=
+space := $(empty) $(empty)
+test-vm: build testsum
+	@rm -f $(RESULTS)/vm.jsonl
+	$(TESTSUM) -where vm -require-tests -record $(RESULTS)/vm.jsonl -jsonfile $(RESULTS)/vm-packages.json -- \
+		$(GO) test -json -p 1 -count=1 -timeout 30m -exec $(VM_EXEC) $(VM_PACKAGES)
+	MHBPF_BIN=$(CURDIR)/bin/mhbpf $(TESTSUM) -where vm -expect '$(VM_TESTS)' -record $(RESULTS)/vm.jsonl -jsonfile $(RESULTS)/vm-test.json -- \
+		$(GO) test -json -count=1 -timeout 30m -exec $(VM_EXEC) -run '^($(subst $(space),|,$(strip $(VM_TESTS))))$$' ./test/

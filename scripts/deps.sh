@@ -10,7 +10,8 @@ packages=(
 	nftables              # masquerade in the scenario tests
 	openvpn               # the real tun0 of the scenario
 	socat procps          # real servers and clients; sysctl
-	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace
+	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace, setpriv for the unit's capabilities
+	systemd               # systemd-analyze verify of dist/mhbpf.service (TestUnitFileVerifies)
 	ppp                   # real pppd (runs in the VM suite: the host kernel has no PPP)
 	qemu-system-x86 busybox-static cpio xz-utils  # the VM suite (test/vm)
 	git make ca-certificates

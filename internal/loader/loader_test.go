@@ -2,9 +2,11 @@ package loader_test
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -14,6 +16,7 @@ import (
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/bpf"
@@ -397,9 +400,6 @@ func TestClsactQdiscOwnership(t *testing.T) {
 // A second process with the same pin directory finds the maps, with the
 // flows in them, and swaps the programs without detaching.
 func TestRestartKeepsFlows(t *testing.T) {
-	if os.Getenv("MHBPF_RESTART_HELPER") != "" {
-		return // the helper half runs in TestRestartHelper
-	}
 	ns := netnsWithVeth(t)
 	dir := pinDirIn(t, ns)
 	flow := maps.Flow{
@@ -426,7 +426,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 	// Not through 'ip netns exec': it mounts a fresh /sys, and with it an
 	// empty bpffs. The helper enters the namespace itself.
 	exe, _ := os.Executable()
-	cmd := exec.Command(exe, "-test.run=^TestRestartHelper$", "-test.v")
+	cmd := exec.Command(exe) // TestMain runs restartHelper
 	cmd.Env = append(os.Environ(), "MHBPF_RESTART_HELPER="+dir, "MHBPF_RESTART_NETNS="+ns)
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 packets 7") {
@@ -439,28 +439,52 @@ func TestRestartKeepsFlows(t *testing.T) {
 	})
 }
 
-// TestRestartHelper is the second process of TestRestartKeepsFlows.
-func TestRestartHelper(t *testing.T) {
-	dir := os.Getenv("MHBPF_RESTART_HELPER")
-	if dir == "" {
-		t.Skip("helper process of TestRestartKeepsFlows; runs only from it")
+// TestMain runs the second process of TestRestartKeepsFlows when this
+// binary is run again as that process (it is no test: a helper test would
+// show as a skip in every ordinary run).
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("MHBPF_RESTART_HELPER"); dir != "" {
+		if err := restartHelper(dir, os.Getenv("MHBPF_RESTART_NETNS")); err != nil {
+			fmt.Println("restart helper:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
-	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir})
+	os.Exit(m.Run())
+}
+
+// restartHelper is the second process of TestRestartKeepsFlows: it loads
+// the pinned datapath, finds the flow the first left, and attaches again.
+func restartHelper(dir, ns string) error {
+	cookie, err := loader.CurrentNetnsCookie()
 	if err != nil {
-		t.Fatal(err)
+		return err
+	}
+	d, err := loader.Load(loader.Options{NetnsCookie: cookie, PinDir: dir})
+	if err != nil {
+		return err
 	}
 	defer d.Close()
 	f, ok, err := d.Maps.LookupFlow(maps.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("100.64.2.10:40000"),
 		Dst: netip.MustParseAddrPort("203.0.113.7:443")})
 	if err != nil || !ok {
-		t.Fatalf("flow lost across restart: ok=%v err=%v", ok, err)
+		return fmt.Errorf("flow lost across restart: ok=%v err=%v", ok, err)
 	}
-	testutil.InNetNS(t, os.Getenv("MHBPF_RESTART_NETNS"), func() {
-		if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
-			t.Fatal(err)
-		}
-	})
-	t.Logf("flow found: uplink %d packets %d", f.Uplink, f.Packets)
+	// The process ends right after: its thread may stay in the namespace.
+	runtime.LockOSThread()
+	target, err := netns.GetFromName(ns)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		return err
+	}
+	if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
+		return err
+	}
+	fmt.Printf("flow found: uplink %d packets %d\n", f.Uplink, f.Packets)
+	return nil
 }
 
 // A pinned map of another size is refused with a clear error, not replaced.
@@ -523,7 +547,7 @@ func TestRoleChangeLeavesNoEgressProgram(t *testing.T) {
 	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeClsact} {
 		t.Run(string(mode), func(t *testing.T) {
 			if mode == loader.ModeTCX && !testutil.KernelAtLeast(6, 6) {
-				t.Skipf("tcx needs Linux 6.6; this is %s (the clsact case runs)", testutil.KernelRelease())
+				t.Skipf("SKIPPED LOUDLY: kernel %s has no tcx (needs 6.6); the clsact case runs", testutil.KernelRelease())
 			}
 			ns := netnsWithVeth(t)
 			dir := pinDirIn(t, ns)

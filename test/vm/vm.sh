@@ -15,6 +15,11 @@ ACCEL=${MHBPF_VM_ACCEL:-tcg}
 MEM=${MHBPF_VM_MEM:-1536}
 TIMEOUT=${MHBPF_VM_TIMEOUT:-600}
 CACHE=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/mhbpf-vm/$KVER
+# Loaded in the guest before the command runs, each or the run fails:
+# tun (openvpn), PPP (real pppd), veth, the tc ingress/clsact path, tbf
+# shaping, nftables NAT and fib, conntrack over netlink. (nft_counter is
+# part of nf_tables on 6.1.)
+GUEST_MODS="tun ppp_generic ppp_async slhc veth sch_ingress cls_bpf act_bpf sch_tbf nf_tables nft_masq nft_nat nft_chain_nat nft_ct nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nf_conntrack_netlink"
 MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay"
 
 die() { echo "vm.sh: $*" >&2; exit 2; }
@@ -101,7 +106,20 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mkdir -p /lib/modules/$KVER && mount --bind $CACHE/root/lib/modules/$KVER /lib/modules/$KVER
 printf '#!/bin/sh\nexec busybox modprobe "\$@"\n' > /run/modprobe && chmod +x /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
-for m in tun ppp_generic ppp_async slhc veth sch_ingress cls_bpf act_bpf sch_tbf nf_tables nft_masq nft_nat nft_chain_nat nft_ct nft_counter nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nf_conntrack_netlink; do busybox modprobe \$m 2>/dev/null; done
+# What the tests need of the kernel. A module that does not load is a
+# failure of the run, not a test that skips: the command does not run.
+failed=
+for m in $GUEST_MODS; do
+	grep -q "/\$m.ko" /lib/modules/$KVER/modules.builtin 2>/dev/null && continue
+	busybox modprobe \$m 2>>/mnt/vm-results/modprobe.err || failed="\$failed \$m"
+done
+[ -c /dev/ppp ] || failed="\$failed /dev/ppp"
+if [ -n "\$failed" ]; then
+	{ echo "vm: kernel $KVER: modules missing:\$failed"; cat /mnt/vm-results/modprobe.err; } > /mnt/vm-results/stderr
+	echo 2 > /mnt/vm-results/rc
+	sync
+	poweroff -f
+fi
 ip link set lo up
 hostname mhbpf-vm
 bash /mnt/vm-results/cmd > /mnt/vm-results/stdout 2> /mnt/vm-results/stderr
