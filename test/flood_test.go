@@ -1,12 +1,9 @@
 package test
 
 import (
-	"bufio"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,54 +18,6 @@ import (
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
-
-// heldConn is a TCP connection a real client keeps open: each line sent is
-// answered by the server with its name and the peer address it sees.
-type heldConn struct {
-	cmd   *exec.Cmd
-	in    io.WriteCloser
-	lines chan string
-}
-
-func holdConn(t *testing.T, ns, address string, extra ...string) *heldConn {
-	t.Helper()
-	args := append([]string{"netns", "exec", ns, "socat"}, extra...)
-	cmd := exec.Command("ip", append(args, "STDIO", address)...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	c := &heldConn{cmd: cmd, in: in, lines: make(chan string, 16)}
-	go func() {
-		s := bufio.NewScanner(out)
-		for s.Scan() {
-			c.lines <- s.Text()
-		}
-		close(c.lines)
-	}()
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	return c
-}
-
-// ask sends a line and returns the answer, or "" after limit.
-func (c *heldConn) ask(limit time.Duration) string {
-	if _, err := io.WriteString(c.in, "ping\n"); err != nil {
-		return ""
-	}
-	select {
-	case l := <-c.lines:
-		return l
-	case <-time.After(limit):
-		return ""
-	}
-}
 
 func (e *daemonEnv) serveEcho(ns, name string, addr netip.Addr, port uint16) {
 	e.t.Helper()
@@ -164,7 +113,7 @@ uplinks = ["isp2"]
 	}
 	before := map[string]string{}
 	for name, c := range conns {
-		if before[name] = c.ask(2 * time.Second); before[name] == "" {
+		if before[name] = c.say("ping"); before[name] == "" {
 			t.Fatalf("%s: no answer before the flood", name)
 		}
 	}
@@ -186,7 +135,7 @@ uplinks = ["isp2"]
 	}
 
 	for name, c := range conns {
-		if got := c.ask(2 * time.Second); got != before[name] {
+		if got := c.say("ping"); got != before[name] {
 			t.Errorf("%s after the flood: %q, was %q", name, got, before[name])
 		}
 	}

@@ -7,9 +7,11 @@ package test
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -261,4 +263,58 @@ func flippingPorts(proto uint8, port uint16, w1, w2 uint64, first uint16, n int)
 		}
 	}
 	return out
+}
+
+// heldConn is a TCP connection a real client keeps open: each line sent
+// is answered by the server (a line server: its name and the line; an
+// echo server: its name and the peer address it sees).
+type heldConn struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	lines chan string
+}
+
+// holdConn connects socat in ns to address and keeps it open.
+func holdConn(t *testing.T, ns, address string) *heldConn {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns, "socat", "STDIO", address)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := &heldConn{cmd: cmd, in: in, lines: make(chan string, 16)}
+	go func() {
+		s := bufio.NewScanner(out)
+		for s.Scan() {
+			c.lines <- s.Text()
+		}
+		close(c.lines)
+	}()
+	t.Cleanup(func() {
+		in.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	return c
+}
+
+// say sends word and returns the answer ("" if none within 3 s or the
+// connection ended).
+func (c *heldConn) say(word string) string {
+	if _, err := fmt.Fprintln(c.in, word); err != nil {
+		return ""
+	}
+	select {
+	case l := <-c.lines:
+		return l
+	case <-time.After(3 * time.Second):
+		return ""
+	}
 }

@@ -1,9 +1,7 @@
 package test
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"net/netip"
 	"os/exec"
 	"sort"
@@ -51,56 +49,10 @@ func addISP3(t *testing.T, e *daemonEnv) string {
 	return ns
 }
 
-// lineConn is a TCP connection from the LAN that stays open: each line
-// sent comes back from a line server as "NAME line".
-type lineConn struct {
-	cmd   *exec.Cmd
-	in    io.WriteCloser
-	lines chan string
-}
-
-func holdOpen(t *testing.T, e *daemonEnv, port uint16) *lineConn {
+// holdOpen holds a connection from the LAN to the internet address's port.
+func holdOpen(t *testing.T, e *daemonEnv, port uint16) *heldConn {
 	t.Helper()
-	cmd := e.topo.Exec(e.topo.LAN, "socat", "-", fmt.Sprintf("TCP4:%s:%d,connect-timeout=2", topology.Internet, port))
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	h := &lineConn{cmd: cmd, in: in, lines: make(chan string, 16)}
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			h.lines <- sc.Text()
-		}
-		close(h.lines)
-	}()
-	t.Cleanup(func() {
-		in.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	return h
-}
-
-// say sends word and returns the answer ("" if none within 3 s or the
-// connection ended).
-func (h *lineConn) say(word string) string {
-	if _, err := fmt.Fprintln(h.in, word); err != nil {
-		return ""
-	}
-	select {
-	case l := <-h.lines:
-		return l
-	case <-time.After(3 * time.Second):
-		return ""
-	}
+	return holdConn(t, e.topo.LAN, fmt.Sprintf("TCP4:%s:%d,connect-timeout=2", topology.Internet, port))
 }
 
 // serveLines starts a line server in ns on the internet address. Its
