@@ -73,7 +73,12 @@ func ifindex(t *testing.T, name string) int {
 // tcxPrograms lists the names of the programs attached with tcx at ingress.
 func tcxPrograms(t *testing.T, ifname string) []string {
 	t.Helper()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex(t, ifname), Attach: ebpf.AttachTCXIngress})
+	return tcxProgramsAt(t, ifname, ebpf.AttachTCXIngress)
+}
+
+func tcxProgramsAt(t *testing.T, ifname string, attach ebpf.AttachType) []string {
+	t.Helper()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex(t, ifname), Attach: attach})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,13 +98,18 @@ func tcxPrograms(t *testing.T, ifname string) []string {
 // clsactFilters lists the names of the cls_bpf filters at ingress.
 func clsactFilters(t *testing.T, ifname string) []string {
 	t.Helper()
+	return clsactFiltersAt(t, ifname, tc.HandleMinIngress)
+}
+
+func clsactFiltersAt(t *testing.T, ifname string, side uint32) []string {
+	t.Helper()
 	nl, err := tc.Open(&tc.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nl.Close()
 	fs, err := nl.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex(t, ifname)),
-		Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress)})
+		Parent: core.BuildHandle(tc.HandleRoot, side)})
 	if err != nil {
 		return nil // no clsact qdisc
 	}
@@ -502,43 +512,14 @@ func TestIncompatiblePinnedMapIsRefused(t *testing.T) {
 	}
 }
 
-// egressPrograms lists mhbpf's and others' egress programs on ifname: tcx
-// program names, or cls_bpf filter names.
+// egressPrograms lists the egress programs on ifname: tcx program names,
+// or cls_bpf filter names.
 func egressPrograms(t *testing.T, ifname string, mode loader.Mode) []string {
 	t.Helper()
-	var names []string
 	if mode == loader.ModeTCX {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex(t, ifname), Attach: ebpf.AttachTCXEgress})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range res.Programs {
-			prog, err := ebpf.NewProgramFromID(p.ID)
-			if err != nil {
-				t.Fatal(err)
-			}
-			info, _ := prog.Info()
-			prog.Close()
-			names = append(names, info.Name)
-		}
-		return names
+		return tcxProgramsAt(t, ifname, ebpf.AttachTCXEgress)
 	}
-	nl, err := tc.Open(&tc.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nl.Close()
-	fs, err := nl.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex(t, ifname)),
-		Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinEgress)})
-	if err != nil {
-		return nil
-	}
-	for _, f := range fs {
-		if f.BPF != nil && f.BPF.Name != nil {
-			names = append(names, *f.BPF.Name)
-		}
-	}
-	return names
+	return clsactFiltersAt(t, ifname, tc.HandleMinEgress)
 }
 
 // A LAN interface has an egress program (port-forward records); when a
