@@ -45,13 +45,6 @@ int lan_ingress(struct __sk_buff *skb)
 	if (is_bypassed(p.family, p.daddr))
 		return TC_ACT_OK;
 
-	/* A remote peer's address and port alone never steer a LAN packet
-	 * (one spoofed packet from the internet could otherwise send the LAN's
-	 * mail out of the wrong uplink): the answers of a port forward are
-	 * known flows, recorded by lan_egress from the forwarded packets. */
-	struct remote_key rk;
-	remote_key_of(p.family, p.proto, p.daddr, p.dport, &rk);
-
 	/* A TCP segment of a connection we never saw open (it predates mhbpf,
 	 * or its record was evicted) already has a NAT binding on some uplink;
 	 * choosing one now could send it out with another uplink's address. */
@@ -77,8 +70,17 @@ int lan_ingress(struct __sk_buff *skb)
 
 	flow_record(&k, c.uplink, c.origin, c.mark, skb->len);
 	count_packet(c.uplink, skb->len, false);
-	struct remote rv = { .uplink = c.uplink, .origin = c.origin };
-	bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+	/* Where uplink_ingress cannot tell an answer from an opener by the
+	 * packet itself (UDP and the like, not TCP or ICMP echo), it asks for
+	 * the remote end we sent to. (A remote's address and port never steer
+	 * a LAN packet: a port forward's answers are flows lan_egress recorded
+	 * from the forwarded packets.) */
+	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_ICMP && p.proto != IPPROTO_ICMPV6) {
+		struct remote_key rk;
+		remote_key_of(p.family, p.proto, p.daddr, p.dport, &rk);
+		struct remote rv = { .uplink = c.uplink, .origin = c.origin };
+		bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+	}
 	return TC_ACT_OK;
 }
 

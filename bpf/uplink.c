@@ -26,8 +26,7 @@ static __always_inline bool opens_inbound(const struct packet *p)
 	}
 	struct remote_key rk;
 	remote_key_of(p->family, p->proto, p->saddr, p->sport, &rk);
-	struct remote *r = bpf_map_lookup_elem(&remotes, &rk);
-	return !r || r->origin == ORIGIN_INBOUND;
+	return !bpf_map_lookup_elem(&remotes, &rk);
 }
 
 /* Whether uplink may record one more inbound flow this second on this CPU.

@@ -438,12 +438,18 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	var natTable nat.Table
 	var nextHold time.Duration
 	var wentDown []downUplink
-	fallback := d.probeFallback()
+	// Each interface is asked once per pass: the probe fallback needs
+	// every uplink's link state before the first uplink is judged.
+	obs := make([]observation, len(d.cfg.Uplinks))
+	for pos, u := range d.cfg.Uplinks {
+		obs[pos] = d.observe(u.Interface)
+	}
+	fallback := d.probeFallback(obs)
 	status.ProbeFallback = fallback
 
 	for pos, u := range d.cfg.Uplinks {
 		id := u.ID // its slot; pos is its place in the preference order
-		o := d.observe(u.Interface)
+		o := obs[pos]
 		if len(o.addrs) > 0 {
 			d.lastAddrs[id] = o.addrs
 		}
@@ -545,15 +551,16 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	rs := routing.Settings{RulePriority: g.RulePriority, RouteProtocol: g.RouteProtocol, StrictMark: g.StrictMark, ReplyMark: g.ReplyMark}
 	want := routing.Desired(rs, routed, lan)
 	// What mhbpf's routes replace (main's default of pppd or DHCP) is
-	// recorded first, for 'mhbpf down' to put back.
-	saved, err := routing.SaveReplaced(d.nl, d.stateFile(routesFile), rs, want)
-	if err != nil {
-		d.log.Error("recording the routes mhbpf replaces", "error", err)
-	}
-	for _, r := range saved {
-		d.log.Info("replacing a route of another program; 'mhbpf down' puts it back", "route", r.String())
-	}
-	changes, err := routing.Apply(d.nl, rs, want)
+	// recorded before they go in, for 'mhbpf down' to put back.
+	changes, err := routing.ApplyRecording(d.nl, rs, want, func(toPut routing.State) {
+		saved, err := routing.SaveReplaced(d.nl, d.stateFile(routesFile), rs, toPut)
+		if err != nil {
+			d.log.Error("recording the routes mhbpf replaces", "error", err)
+		}
+		for _, r := range saved {
+			d.log.Info("replacing a route of another program; 'mhbpf down' puts it back", "route", r.String())
+		}
+	})
 	if err != nil {
 		d.log.Error("routing", "error", err)
 	}

@@ -120,11 +120,12 @@ func (d *Daemon) keepPinned() {
 
 // probeFallback tells whether the probes are ignored in this pass: every
 // uplink of the default balance whose link is up is probed and judged
-// failing. It logs when that starts and ends.
-func (d *Daemon) probeFallback() bool {
+// failing. It logs when that starts and ends. obs are the uplinks' links
+// as this pass observed them, in configuration order.
+func (d *Daemon) probeFallback(obs []observation) bool {
 	fallback, some := true, false
-	for _, u := range d.cfg.Uplinks {
-		if !u.Balance || u.Weight == 0 || d.observe(u.Interface).reason != "" {
+	for pos, u := range d.cfg.Uplinks {
+		if !u.Balance || u.Weight == 0 || obs[pos].reason != "" {
 			continue
 		}
 		some = true

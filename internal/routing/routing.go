@@ -357,6 +357,14 @@ func retryDump[T any](f func() ([]T, error)) ([]T, error) {
 // route is never deleted before its replacement is in). It reports what it
 // changed.
 func Apply(h *netlink.Handle, s Settings, want State) ([]string, error) {
+	return ApplyRecording(h, s, want, nil)
+}
+
+// ApplyRecording is Apply that first hands the routes it is about to put in
+// (each replaces whatever holds its slot) to record, when there are any:
+// the place to save what mhbpf replaces, in the passes that replace
+// something and no other.
+func ApplyRecording(h *netlink.Handle, s Settings, want State, record func(toPut State)) ([]string, error) {
 	have, err := Current(h, s)
 	if err != nil {
 		return nil, err
@@ -399,12 +407,18 @@ func Apply(h *netlink.Handle, s Settings, want State) ([]string, error) {
 		haveSlots[routeSlot(&r)] = r
 	}
 	wantSlots := map[string]bool{}
+	var toPut State
 	for _, r := range want.Routes {
 		wantSlots[routeSlot(&r)] = true
-		k := routeKey(&r)
-		if haveRoutes[k] {
-			continue
+		if !haveRoutes[routeKey(&r)] {
+			toPut.Routes = append(toPut.Routes, r)
 		}
+	}
+	if record != nil && len(toPut.Routes) > 0 {
+		record(toPut)
+	}
+	for _, r := range toPut.Routes {
+		k := routeKey(&r)
 		if err := h.RouteReplace(&r); err != nil {
 			errs = append(errs, fmt.Errorf("replace route %s: %w", k, err))
 			continue
