@@ -108,6 +108,7 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	if err != nil {
 		return err
 	}
+	dp.Upgrade().Log(d.log)
 	d.dp = dp
 	defer d.dp.Close()
 	if d.nl, err = netlink.NewHandle(); err != nil {
@@ -156,6 +157,13 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 	defer resync.Stop()
 	var holdTimer <-chan time.Time
 	d.reconcile(&holdTimer)
+	// The first pass swapped the programs in place: what the old ones
+	// recorded in maps an upgrade replaced comes over now.
+	if n, err := dp.FinishUpgrade(); err != nil {
+		d.log.Error("upgrade of the pinned maps", "error", err)
+	} else if n > 0 {
+		d.log.Info("pinned maps: entries the old programs made during the upgrade copied", "entries", n)
+	}
 	// The first full pass is done: routes, rules and maps are in place for
 	// everything observable. systemd (Type=notify) starts what is ordered
 	// after mhbpf now.

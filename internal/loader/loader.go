@@ -100,7 +100,15 @@ type Datapath struct {
 	// What this datapath attached, for DriftTC and DriftCgroup to check.
 	tcModes map[string]Mode // interface -> how its programs hang
 	cgroup  string          // where the socket hooks were attached
+
+	// What Load did with pinned maps of another size or layout, and the
+	// old maps FinishUpgrade still copies from.
+	upgrade Upgrade
+	pending []*pendingUpgrade
 }
+
+// Upgrade is what Load did with pinned maps that did not fit: for the log.
+func (d *Datapath) Upgrade() Upgrade { return d.upgrade }
 
 // Load loads the programs and creates, or reopens, the pinned maps.
 func Load(o Options) (*Datapath, error) {
@@ -121,31 +129,23 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	uplinkSpec, err := bpf.LoadUplink()
+	specs, err := loadSpecs(&opts)
 	if err != nil {
 		return nil, err
 	}
-	lanSpec, err := bpf.LoadLan()
+	uplinkSpec, lanSpec, sockSpec := specs[0], specs[1], specs[2]
+	// Pinned maps of another size or layout (an upgrade, a new
+	// flow_map_size) are replaced before the objects reuse the pins.
+	upgrade, pending, err := upgradePinned(opts.PinDir, mapSpecs(specs...))
 	if err != nil {
-		return nil, err
-	}
-	sockSpec, err := bpf.LoadSock()
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range []*ebpf.CollectionSpec{uplinkSpec, lanSpec, sockSpec} {
-		if err := configure(s, &opts); err != nil {
-			return nil, err
-		}
-	}
-	if err := setVariable(sockSpec, "netns_cookie", opts.NetnsCookie); err != nil {
 		return nil, err
 	}
 	collOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)}}
 
-	d := &Datapath{opts: opts}
+	d := &Datapath{opts: opts, upgrade: upgrade, pending: pending}
 	var up bpf.UplinkObjects
 	if err := uplinkSpec.LoadAndAssign(&up, collOpts); err != nil {
+		d.Close()
 		return nil, loadError("uplink", err)
 	}
 	d.Maps = maps.FromObjects(&up.UplinkMaps)
@@ -164,13 +164,30 @@ func Load(o Options) (*Datapath, error) {
 	return d, nil
 }
 
+// loadSpecs reads the three objects (uplink, lan, sock) and sets their
+// load-time constants and map sizes.
+func loadSpecs(opts *Options) ([]*ebpf.CollectionSpec, error) {
+	var specs []*ebpf.CollectionSpec
+	for _, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadUplink, bpf.LoadLan, bpf.LoadSock} {
+		s, err := load()
+		if err != nil {
+			return nil, err
+		}
+		if err := configure(s, opts); err != nil {
+			return nil, err
+		}
+		specs = append(specs, s)
+	}
+	if err := setVariable(specs[2], "netns_cookie", opts.NetnsCookie); err != nil {
+		return nil, err
+	}
+	return specs, nil
+}
+
 func loadError(obj string, err error) error {
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
 		return fmt.Errorf("load %s programs: %+v", obj, ve)
-	}
-	if errors.Is(err, ebpf.ErrMapIncompatible) {
-		return fmt.Errorf("load %s programs: %w (the pinned maps have another layout or size: run 'mhbpf down' to remove them; their flows are lost)", obj, err)
 	}
 	return fmt.Errorf("load %s programs: %w", obj, err)
 }
@@ -271,6 +288,10 @@ func (d *Datapath) Close() error {
 	if d.Maps != nil {
 		errs = append(errs, d.Maps.Close())
 	}
+	for _, p := range d.pending {
+		p.close()
+	}
+	d.pending = nil
 	return errors.Join(errs...)
 }
 

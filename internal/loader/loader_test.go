@@ -497,21 +497,6 @@ func restartHelper(dir, ns string) error {
 	return nil
 }
 
-// A pinned map of another size is refused with a clear error, not replaced.
-func TestIncompatiblePinnedMapIsRefused(t *testing.T) {
-	testutil.RequireRoot(t)
-	dir := testutil.PinDir(t, loader.Remove)
-	d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, FlowMapSize: 1024})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.Close()
-	_, err = loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir, FlowMapSize: 2048})
-	if err == nil || !strings.Contains(err.Error(), "mhbpf down") {
-		t.Fatalf("flow map size changed: err %v", err)
-	}
-}
-
 // egressPrograms lists the egress programs on ifname: tcx program names,
 // or cls_bpf filter names.
 func egressPrograms(t *testing.T, ifname string, mode loader.Mode) []string {
