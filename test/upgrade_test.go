@@ -82,14 +82,20 @@ sticky = "flow"
 		for _, h := range conns {
 			h.stillThere(t, "with the daemon stopped ("+step.how+")")
 		}
-		e.setGlobal(fmt.Sprintf("flow_map_size = %d", step.size))
+		e.setFlowMapSize(step.size)
 		if step.how == "kill -9" {
 			e.setWeights(w1, w2) // and they stay so for the next step
+		}
+		out, err := e.mhbpf("check", e.cfgPath)
+		if err != nil || !strings.Contains(out, "warning: pinned map flows will be migrated (resize)") ||
+			!strings.Contains(out, "warning: pinned map remotes will be migrated (resize)") {
+			t.Fatalf("mhbpf check with flow_map_size = %d: %v\n%s", step.size, err, out)
 		}
 		e.start()
 		if got := e.pinnedMaxEntries(t, "flows"); got != uint32(step.size) {
 			t.Fatalf("after %s and flow_map_size = %d: the pinned flow map has %d entries", step.how, step.size, got)
 		}
+		t.Logf("after %s, flow_map_size = %d:\n%s", step.how, step.size, grepLines(e.log.String(), "pinned map"))
 		for _, name := range []string{"flows", "remotes"} {
 			want := fmt.Sprintf("map=%s action=resize", name)
 			if !strings.Contains(e.log.String(), want) {
@@ -176,4 +182,21 @@ func (e *daemonEnv) noTemporaryPins(t *testing.T) {
 	if len(stray) > 0 {
 		t.Fatalf("temporary pins left: %v", stray)
 	}
+}
+
+// setFlowMapSize sets global.flow_map_size, replacing an earlier setting.
+func (e *daemonEnv) setFlowMapSize(size int) {
+	e.t.Helper()
+	raw, err := os.ReadFile(e.cfgPath)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var kept []string
+	for _, l := range strings.Split(string(raw), "\n") {
+		if !strings.HasPrefix(l, "flow_map_size = ") {
+			kept = append(kept, l)
+		}
+	}
+	e.writeConfig(strings.Join(kept, "\n"))
+	e.setGlobal(fmt.Sprintf("flow_map_size = %d", size))
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/loader"
 )
 
 func runCmd() *cobra.Command {
@@ -65,8 +66,28 @@ func checkCmd() *cobra.Command {
 				return err
 			}
 			fmt.Printf("%s: ok: %d uplinks, %d LAN interfaces, %d policies\n", args[0], len(c.Uplinks), len(c.LAN.Interfaces), len(c.Policies))
+			warnUpgrade(&c.Global)
 			return nil
 		},
+	}
+}
+
+// warnUpgrade says what starting with g would do to maps pinned by an
+// earlier run of another size or layout. Reading them needs root; without
+// it there is only a note.
+func warnUpgrade(g *config.Global) {
+	plan, err := loader.PlanUpgrade(loader.Options{PinDir: g.PinDir, FlowMapSize: g.FlowMapSize, InboundMapSize: g.InboundMapSize})
+	if err != nil {
+		fmt.Printf("note: cannot compare with the maps pinned at %s: %v\n", g.PinDir, err)
+		return
+	}
+	for _, u := range plan {
+		what := map[loader.MapAction]string{
+			loader.ActionResize:  "its entries will be copied into a new map",
+			loader.ActionConvert: "its entries will be converted to the new layout",
+			loader.ActionRebuild: "no converter knows the old layout: it will be rebuilt empty, its entries lost",
+		}[u.Action]
+		fmt.Printf("warning: pinned map %s will be migrated (%s): %s -> %s: %s\n", u.Map, u.Action, u.Old, u.New, what)
 	}
 }
 
