@@ -5,17 +5,18 @@ package config
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"math/bits"
 	"net/netip"
 	"os"
-	"regexp"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/BurntSushi/toml"
+	"github.com/pelletier/go-toml/v2"
 )
 
 // Config is a validated configuration.
@@ -149,9 +150,9 @@ type rawGlobal struct {
 	FlowMapSize    *uint32   `toml:"flow_map_size"`
 	InboundMapSize *uint32   `toml:"inbound_map_size"`
 	InboundRate    *uint32   `toml:"inbound_rate"`
-	StickyTimeout  *duration `toml:"sticky_timeout"`
-	UpDelay        *duration `toml:"up_delay"`
-	ResyncEvery    *duration `toml:"resync_every"`
+	StickyTimeout  *string   `toml:"sticky_timeout"`
+	UpDelay        *string   `toml:"up_delay"`
+	ResyncEvery    *string   `toml:"resync_every"`
 	MetricsListen  string    `toml:"metrics_listen"`
 	TeardownOnExit bool      `toml:"teardown_on_exit"`
 	NFTable        string    `toml:"nft_table"`
@@ -161,7 +162,7 @@ type rawGlobal struct {
 type rawUplink struct {
 	Name       string     `toml:"name"`
 	Interface  string     `toml:"interface"`
-	Table      *tableRef  `toml:"table"`
+	Table      any        `toml:"table"` // a number or a name: checked by the validator
 	Mark       *uint32    `toml:"mark"`
 	Weight     *int       `toml:"weight"`
 	Tier       int        `toml:"tier"`
@@ -177,8 +178,8 @@ type rawHealth struct {
 	Method    string    `toml:"method"`
 	Targets   []string  `toml:"targets"`
 	Port      int       `toml:"port"`
-	Interval  *duration `toml:"interval"`
-	Timeout   *duration `toml:"timeout"`
+	Interval  *string   `toml:"interval"`
+	Timeout   *string   `toml:"timeout"`
 	Failures  int       `toml:"failures"`
 	Successes int       `toml:"successes"`
 }
@@ -191,7 +192,7 @@ type rawLAN struct {
 type rawPolicy struct {
 	Name         string     `toml:"name"`
 	Protocol     string     `toml:"protocol"`
-	Ports        []portSpec `toml:"ports"`
+	Ports        []any      `toml:"ports"` // 25 or "1000-2000": checked by the validator
 	Destinations []string   `toml:"destinations"`
 	Sources      []string   `toml:"sources"`
 	Uplinks      []string   `toml:"uplinks"`
@@ -200,50 +201,29 @@ type rawPolicy struct {
 	Sticky       string     `toml:"sticky"`
 }
 
-type duration struct{ time.Duration }
-
-func (d *duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
+// duration reads a duration such as "1s" or "500ms"; def if unset.
+func (v *validator) duration(key string, s *string, def time.Duration) (time.Duration, error) {
+	if s == nil {
+		return def, nil
+	}
+	d, err := time.ParseDuration(*s)
 	if err != nil {
-		return fmt.Errorf("not a duration (like \"1s\", \"500ms\"): %q", b)
+		return 0, v.err(key, "not a duration (like \"1s\", \"500ms\"): %q", *s)
 	}
-	if v < 0 {
-		return fmt.Errorf("negative duration %q", b)
+	if d < 0 {
+		return 0, v.err(key, "negative duration %q", *s)
 	}
-	d.Duration = v
-	return nil
+	return d, nil
 }
 
-// tableRef is a routing table given by number or by a name from
-// /etc/iproute2/rt_tables.
-type tableRef struct {
-	num  int
-	name string
-}
-
-func (t *tableRef) UnmarshalTOML(v any) error {
-	switch x := v.(type) {
-	case int64:
-		t.num = int(x)
-	case string:
-		t.name = x
-	default:
-		return fmt.Errorf("table must be a number or a name, not %T", v)
-	}
-	return nil
-}
-
-// portSpec is 25 or "25" or "1000-2000".
-type portSpec PortRange
-
-func (p *portSpec) UnmarshalTOML(v any) error {
-	switch x := v.(type) {
+// portRange reads 25, "25" or "1000-2000".
+func portRange(x any) (PortRange, error) {
+	switch x := x.(type) {
 	case int64:
 		if x < 1 || x > 65535 {
-			return fmt.Errorf("port %d out of range 1-65535", x)
+			return PortRange{}, fmt.Errorf("port %d out of range 1-65535", x)
 		}
-		p.Lo, p.Hi = uint16(x), uint16(x)
-		return nil
+		return PortRange{uint16(x), uint16(x)}, nil
 	case string:
 		lo, hi, isRange := strings.Cut(x, "-")
 		a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
@@ -253,12 +233,11 @@ func (p *portSpec) UnmarshalTOML(v any) error {
 			b, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
 		}
 		if err1 != nil || err2 != nil || a == 0 || b < a {
-			return fmt.Errorf("bad port or range %q (want 25 or \"1000-2000\")", x)
+			return PortRange{}, fmt.Errorf("bad port or range %q (want 25 or \"1000-2000\")", x)
 		}
-		p.Lo, p.Hi = uint16(a), uint16(b)
-		return nil
+		return PortRange{uint16(a), uint16(b)}, nil
 	}
-	return fmt.Errorf("port must be a number or a string, not %T", v)
+	return PortRange{}, fmt.Errorf("bad port %v: want a number or a string like \"1000-2000\"", x)
 }
 
 // Error is a configuration error at a place in the file.
@@ -280,8 +259,6 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s: %s", where, e.Msg)
 }
 
-var typeErrRE = regexp.MustCompile(`last key "([^"]+)"\): incompatible types: TOML value has type (\w+); destination has type (\S+)`)
-
 // Load reads and validates the file.
 func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
@@ -295,34 +272,123 @@ func Load(path string) (*Config, error) {
 func Parse(name string, data []byte) (*Config, error) {
 	var raw rawFile
 	pos := locate(data)
-	md, err := toml.Decode(string(data), &raw)
-	if err != nil {
-		var pe toml.ParseError
-		if errors.As(err, &pe) {
-			key, line := pe.LastKey, pe.Position.Line
-			if k, n := pos.find(key); key != "" && n > 0 && strings.Contains(pe.Message, "port") {
-				key, line = k, n // a value our own types refused
-			}
-			if strings.HasSuffix(pe.Message, `got '\n' instead`) && line > 1 {
-				line-- // the lexer stands on the next line when a line ends early
-			}
-			return nil, &Error{File: name, Line: line, Key: key, Msg: pe.Message}
-		}
-		// A type error names the last key without its table index (and
-		// the line of its last occurrence): find the occurrence whose
-		// value has the reported type.
-		if m := typeErrRE.FindStringSubmatch(err.Error()); m != nil {
-			k, n := pos.findTyped(m[1], m[2])
-			return nil, &Error{File: name, Line: n, Key: k, Msg: fmt.Sprintf("value has type %s, want %s", m[2], m[3])}
-		}
-		return nil, &Error{File: name, Msg: err.Error()}
+	if err := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields().Decode(&raw); err != nil {
+		return nil, decodeError(name, pos, err)
 	}
 	v := &validator{file: name, pos: pos}
-	if und := md.Undecoded(); len(und) > 0 {
-		k, line := pos.find(strings.Join(und[0], "."))
-		return nil, &Error{File: name, Line: line, Key: k, Msg: "unknown key"}
-	}
 	return v.build(&raw)
+}
+
+// decodeError places the decoder's error at its key and line: an unknown
+// key, a value of the wrong type, a syntax error.
+func decodeError(name string, pos positions, err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) && len(strict.Errors) > 0 {
+		e := &strict.Errors[0]
+		line, _ := e.Position()
+		return &Error{File: name, Line: line, Key: pos.at(line, e.Key()), Msg: "unknown key"}
+	}
+	var de *toml.DecodeError
+	if !errors.As(err, &de) {
+		return &Error{File: name, Msg: err.Error()}
+	}
+	line, _ := de.Position()
+	ce := &Error{File: name, Line: line, Msg: strings.TrimPrefix(de.Error(), "toml: ")}
+	if len(de.Key()) == 0 {
+		return ce // a syntax error: at no key
+	}
+	ce.Key = pos.at(line, de.Key())
+	// A value of the wrong type: said in TOML's words, not in those of the
+	// Go field it was meant for. In an inline table the decoder names the
+	// table: the key inside it on the same line is the one.
+	for _, path := range append([]string{ce.Key}, pos.byLine[line]...) {
+		if path != ce.Key && !strings.HasPrefix(path, ce.Key+".") {
+			continue
+		}
+		if msg := typeMismatch(pos, path, strings.Split(unindexed(path), ".")); msg != "" {
+			ce.Key, ce.Msg = path, msg
+			break
+		}
+	}
+	return ce
+}
+
+// typeMismatch says how the value at path differs from what key takes
+// ("" when its kinds fit, and the decoder's error is another one).
+func typeMismatch(pos positions, path string, key []string) string {
+	want := reflect.TypeFor[rawFile]()
+	for _, part := range key {
+		want = fieldType(want, part)
+		if want == nil {
+			return ""
+		}
+	}
+	kind, ok := pos.kinds[path]
+	if !ok {
+		return ""
+	}
+	have := kindName(kind)
+	if w := goKind(want); w != have {
+		return fmt.Sprintf("value has type %s, want %s", have, w)
+	}
+	if have == "array" {
+		w := goKind(elem(want).Elem())
+		for i, k := range pos.elems[path] {
+			if kindName(k) != w && w != "any" {
+				return fmt.Sprintf("element %d has type %s, want %s", i, kindName(k), w)
+			}
+		}
+	}
+	return ""
+}
+
+// fieldType is the type of the field of table type t that key part names
+// (nil: none).
+func fieldType(t reflect.Type, part string) reflect.Type {
+	t = elem(t)
+	if t.Kind() == reflect.Slice {
+		t = elem(t.Elem()) // an array of tables
+	}
+	if t.Kind() != reflect.Struct {
+		return nil
+	}
+	for i := 0; i < t.NumField(); i++ {
+		if f := t.Field(i); f.Tag.Get("toml") == part {
+			return f.Type
+		}
+	}
+	return nil
+}
+
+func elem(t reflect.Type) reflect.Type {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t
+}
+
+// goKind is the TOML kind a Go type takes.
+func goKind(t reflect.Type) string {
+	t = elem(t)
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "integer"
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "boolean"
+	case reflect.Float32, reflect.Float64:
+		return "float"
+	case reflect.Slice:
+		if elem(t.Elem()).Kind() == reflect.Struct {
+			return "table" // [[uplink]]: an array of tables
+		}
+		return "array"
+	case reflect.Struct:
+		return "table"
+	}
+	return "any"
 }
 
 type validator struct {
@@ -418,20 +484,18 @@ func (v *validator) global(r *rawGlobal, g *Global) error {
 	if r.InboundRate != nil {
 		g.InboundRate = *r.InboundRate
 	}
-	g.StickyTimeout = 10 * time.Minute
-	if r.StickyTimeout != nil {
-		g.StickyTimeout = r.StickyTimeout.Duration
+	var err error
+	if g.StickyTimeout, err = v.duration("global.sticky_timeout", r.StickyTimeout, 10*time.Minute); err != nil {
+		return err
 	}
-	g.UpDelay = time.Second
-	if r.UpDelay != nil {
-		g.UpDelay = r.UpDelay.Duration
+	if g.UpDelay, err = v.duration("global.up_delay", r.UpDelay, time.Second); err != nil {
+		return err
 	}
-	g.ResyncEvery = 10 * time.Second
-	if r.ResyncEvery != nil {
-		if r.ResyncEvery.Duration < time.Second {
-			return v.err("global.resync_every", "at least 1s")
-		}
-		g.ResyncEvery = r.ResyncEvery.Duration
+	if g.ResyncEvery, err = v.duration("global.resync_every", r.ResyncEvery, 10*time.Second); err != nil {
+		return err
+	}
+	if g.ResyncEvery < time.Second {
+		return v.err("global.resync_every", "at least 1s")
 	}
 	g.MetricsListen = r.MetricsListen
 	g.TeardownOnExit = r.TeardownOnExit
@@ -485,14 +549,20 @@ func (v *validator) uplinks(raws []rawUplink, c *Config) error {
 		// around them.
 		if r.Table != nil {
 			u.TableSet = true
-			if r.Table.name != "" {
-				t, err := tableByName(r.Table.name)
+			switch t := r.Table.(type) {
+			case string:
+				n, err := tableByName(t)
 				if err != nil {
 					return v.err(key+".table", "%v", err)
 				}
-				u.Table = t
-			} else {
-				u.Table = r.Table.num
+				u.Table = n
+			case int64:
+				if t < 1 || t > 1<<31-1 {
+					return v.err(key+".table", "table %d out of range", t)
+				}
+				u.Table = int(t)
+			default:
+				return v.err(key+".table", "must be a number or a name from /etc/iproute2/rt_tables, not %v", t)
 			}
 			if u.Table < g.TableMin || u.Table > g.TableMax {
 				return v.err(key+".table", "table %d is outside global.tables %d-%d", u.Table, g.TableMin, g.TableMax)
@@ -592,11 +662,12 @@ func (v *validator) health(key string, r *rawHealth) (*Health, error) {
 		}
 		h.Targets = append(h.Targets, a)
 	}
-	if r.Interval != nil {
-		h.Interval = r.Interval.Duration
+	var err error
+	if h.Interval, err = v.duration(key+".interval", r.Interval, h.Interval); err != nil {
+		return nil, err
 	}
-	if r.Timeout != nil {
-		h.Timeout = r.Timeout.Duration
+	if h.Timeout, err = v.duration(key+".timeout", r.Timeout, h.Timeout); err != nil {
+		return nil, err
 	}
 	if h.Interval < 10*time.Millisecond {
 		return nil, v.err(key+".interval", "at least 10ms")
@@ -697,7 +768,11 @@ func (v *validator) policies(raws []rawPolicy, c *Config) error {
 			return v.err(key+".ports", "%d port ranges, at most 8", len(r.Ports))
 		}
 		for _, ps := range r.Ports {
-			p.Ports = append(p.Ports, PortRange(ps))
+			pr, err := portRange(ps)
+			if err != nil {
+				return v.err(key+".ports", "%v", err)
+			}
+			p.Ports = append(p.Ports, pr)
 		}
 		var err error
 		if p.Destinations, err = v.prefixes(key+".destinations", r.Destinations); err != nil {

@@ -90,6 +90,16 @@ func TestBadConfigNamesKeyAndLine(t *testing.T) {
 		{name: "bad duration", replaceInBase: [2]string{"mark_mask = 0x00ff0000", "mark_mask = 0x00ff0000\nup_delay = \"soon\""},
 			key: "global.up_delay", msg: "not a duration", line: 3},
 		{name: "syntax", extra: "\n[[uplink]\n", msg: "", line: 14},
+		{name: "wrong type in an inline table", replaceInBase: [2]string{"weight = 2", "weight = 2\nhealth = {method = 3, targets = [\"192.0.2.1\"]}"},
+			key: "uplink[1].health.method", msg: "value has type integer, want string", line: 13},
+		{name: "unknown key in an inline table", replaceInBase: [2]string{"weight = 2", "weight = 2\nhealth = {metod = \"icmp\"}"},
+			key: "uplink[1].health.metod", msg: "unknown key", line: 13},
+		{name: "wrong element type", replaceInBase: [2]string{"mark_mask = 0x00ff0000", "mark_mask = 0x00ff0000\ntables = [100, \"x\"]"},
+			key: "global.tables", msg: "element 1 has type string, want integer", line: 3},
+		{name: "key twice", replaceInBase: [2]string{"weight = 8", "weight = 8\nweight = 9"},
+			key: "uplink[0].weight", msg: "already defined", line: 8},
+		{name: "table of the wrong type", replaceInBase: [2]string{"weight = 2", "weight = 2\ntable = 1.5"},
+			key: "uplink[1].table", msg: "must be a number or a name", line: 13},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			text := base
