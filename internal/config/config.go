@@ -139,24 +139,24 @@ type rawFile struct {
 }
 
 type rawGlobal struct {
-	MarkMask       *uint32   `toml:"mark_mask"`
-	StrictMark     *uint32   `toml:"strict_mark"`
-	ReplyMark      *uint32   `toml:"reply_mark"`
-	Tables         []int     `toml:"tables"`
-	RulePriority   *int      `toml:"rule_priority"`
-	RouteProtocol  *int      `toml:"route_protocol"`
-	PinDir         string    `toml:"pin_dir"`
-	Cgroup         string    `toml:"cgroup"`
-	FlowMapSize    *uint32   `toml:"flow_map_size"`
-	InboundMapSize *uint32   `toml:"inbound_map_size"`
-	InboundRate    *uint32   `toml:"inbound_rate"`
-	StickyTimeout  *string   `toml:"sticky_timeout"`
-	UpDelay        *string   `toml:"up_delay"`
-	ResyncEvery    *string   `toml:"resync_every"`
-	MetricsListen  string    `toml:"metrics_listen"`
-	TeardownOnExit bool      `toml:"teardown_on_exit"`
-	NFTable        string    `toml:"nft_table"`
-	StateDir       string    `toml:"state_dir"`
+	MarkMask       *uint32 `toml:"mark_mask"`
+	StrictMark     *uint32 `toml:"strict_mark"`
+	ReplyMark      *uint32 `toml:"reply_mark"`
+	Tables         []int   `toml:"tables"`
+	RulePriority   *int    `toml:"rule_priority"`
+	RouteProtocol  *int    `toml:"route_protocol"`
+	PinDir         string  `toml:"pin_dir"`
+	Cgroup         string  `toml:"cgroup"`
+	FlowMapSize    *uint32 `toml:"flow_map_size"`
+	InboundMapSize *uint32 `toml:"inbound_map_size"`
+	InboundRate    *uint32 `toml:"inbound_rate"`
+	StickyTimeout  *string `toml:"sticky_timeout"`
+	UpDelay        *string `toml:"up_delay"`
+	ResyncEvery    *string `toml:"resync_every"`
+	MetricsListen  string  `toml:"metrics_listen"`
+	TeardownOnExit bool    `toml:"teardown_on_exit"`
+	NFTable        string  `toml:"nft_table"`
+	StateDir       string  `toml:"state_dir"`
 }
 
 type rawUplink struct {
@@ -175,13 +175,13 @@ type rawUplink struct {
 }
 
 type rawHealth struct {
-	Method    string    `toml:"method"`
-	Targets   []string  `toml:"targets"`
-	Port      int       `toml:"port"`
-	Interval  *string   `toml:"interval"`
-	Timeout   *string   `toml:"timeout"`
-	Failures  int       `toml:"failures"`
-	Successes int       `toml:"successes"`
+	Method    string   `toml:"method"`
+	Targets   []string `toml:"targets"`
+	Port      int      `toml:"port"`
+	Interval  *string  `toml:"interval"`
+	Timeout   *string  `toml:"timeout"`
+	Failures  int      `toml:"failures"`
+	Successes int      `toml:"successes"`
 }
 
 type rawLAN struct {
@@ -190,15 +190,15 @@ type rawLAN struct {
 }
 
 type rawPolicy struct {
-	Name         string     `toml:"name"`
-	Protocol     string     `toml:"protocol"`
-	Ports        []any      `toml:"ports"` // 25 or "1000-2000": checked by the validator
-	Destinations []string   `toml:"destinations"`
-	Sources      []string   `toml:"sources"`
-	Uplinks      []string   `toml:"uplinks"`
-	Balance      bool       `toml:"balance"`
-	LastResort   string     `toml:"last_resort"`
-	Sticky       string     `toml:"sticky"`
+	Name         string   `toml:"name"`
+	Protocol     string   `toml:"protocol"`
+	Ports        []any    `toml:"ports"` // 25 or "1000-2000": checked by the validator
+	Destinations []string `toml:"destinations"`
+	Sources      []string `toml:"sources"`
+	Uplinks      []string `toml:"uplinks"`
+	Balance      bool     `toml:"balance"`
+	LastResort   string   `toml:"last_resort"`
+	Sticky       string   `toml:"sticky"`
 }
 
 // duration reads a duration such as "1s" or "500ms"; def if unset.

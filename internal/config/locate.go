@@ -14,7 +14,7 @@ import (
 // too; both come from the TOML parser's own key positions here.
 type positions struct {
 	lines map[string]int
-	kinds map[string]unstable.Kind // the value of each key
+	kinds map[string]unstable.Kind   // the value of each key
 	elems map[string][]unstable.Kind // the elements of each array value
 	// byLine lists the paths that start on each line, in file order.
 	byLine map[int][]string
