@@ -298,3 +298,72 @@ func TestUpgradeRecoversFromACrash(t *testing.T) {
 	}
 	noTemporaryPins(t, dir)
 }
+
+// A per-CPU array of another size (counters, were MAX_UPLINKS to grow)
+// keeps every CPU's value of every slot it had.
+func TestUpgradeResizesPerCPUArray(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	if err := os.MkdirAll(filepath.Join(dir, "maps"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Name: "counters", Type: ebpf.PerCPUArray, KeySize: 4,
+		ValueSize: uint32(unsafe.Sizeof(bpf.UplinkUplinkCounters{})), MaxEntries: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	for id := uint32(0); id < 8; id++ {
+		per := make([]bpf.UplinkUplinkCounters, ncpu)
+		for c := range per {
+			per[c].RxPackets = uint64(100*id) + uint64(c)
+		}
+		if err := old.Put(id, per); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := old.Pin(filepath.Join(dir, "maps", "counters")); err != nil {
+		t.Fatal(err)
+	}
+	d := loadWith(t, dir, 0)
+	defer d.Close()
+	if u := upgradeOf(t, d, "counters"); u.Action != loader.ActionResize || u.Copied != 8 || u.New.MaxEntries != maps.MaxUplinks {
+		t.Fatalf("counters upgrade %+v, want 8 slots copied into %d", u, maps.MaxUplinks)
+	}
+	for id := 0; id < 8; id++ {
+		c, err := d.Maps.UplinkCounters(id)
+		want := uint64(100*id*ncpu) + uint64(ncpu*(ncpu-1)/2)
+		if err != nil || c.RxPackets != want {
+			t.Fatalf("slot %d: rx packets %d (%v), want %d summed over %d CPUs", id, c.RxPackets, err, want, ncpu)
+		}
+	}
+}
+
+// 'mhbpf down' after a crash in the middle of an upgrade leaves nothing:
+// the temporary pins go with the pin directory.
+func TestRemoveTakesTemporaryPins(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	loadWith(t, dir, 1024).Close()
+	if err := os.MkdirAll(filepath.Join(dir, "upgrade"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	half, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 4, MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer half.Close()
+	if err := half.Pin(filepath.Join(dir, "upgrade", "flows")); err != nil {
+		t.Fatal(err)
+	}
+	if err := loader.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("pin directory left after Remove (%v)", err)
+	}
+}
