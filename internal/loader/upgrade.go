@@ -17,6 +17,7 @@ package loader
 // 'mhbpf down' removes the whole pin directory, temporary pins included.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -419,13 +420,8 @@ func fitEntries(in []entry, l maps.Layout, recency func([]byte) uint64) ([]entry
 	return in, dropped
 }
 
-func nativeUint32(b []byte) uint32 {
-	var v uint32
-	for i := 3; i >= 0; i-- {
-		v = v<<8 | uint32(b[i])
-	}
-	return v
-}
+// nativeUint32 reads an array map's index as the kernel stores it.
+func nativeUint32(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
 
 func countEntries(m *ebpf.Map) (int, error) {
 	entries, _, err := readEntries(m)
