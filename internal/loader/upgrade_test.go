@@ -367,3 +367,40 @@ func TestRemoveTakesTemporaryPins(t *testing.T) {
 		t.Fatalf("pin directory left after Remove (%v)", err)
 	}
 }
+
+// The cost of an upgrade that resizes a flow map holding 200,000 flows
+// (the daemon's start waits for it):
+//
+//	go test -run '^$' -bench BenchmarkUpgradeResize -benchtime 3x ./internal/loader/
+func BenchmarkUpgradeResize(b *testing.B) {
+	testutil.RequireRoot(b)
+	const n = 200000
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		dir := testutil.PinDir(b, loader.Remove)
+		d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(b, ""), PinDir: dir, FlowMapSize: 262144})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for j := 0; j < n; j++ {
+			f := testFlow(j)
+			f.Key.Src = netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, 64, byte(2 + j>>16), byte(j >> 8)}), uint16(j))
+			if err := d.Maps.PutFlow(f); err != nil {
+				b.Fatal(err)
+			}
+		}
+		d.Close()
+		b.StartTimer()
+		d, err = loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(b, ""), PinDir: dir, FlowMapSize: 524288})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		for _, u := range d.Upgrade().Maps {
+			if u.Map == "flows" && u.Copied != n {
+				b.Fatalf("%d of %d flows copied", u.Copied, n)
+			}
+		}
+		d.Close()
+	}
+}
