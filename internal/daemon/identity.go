@@ -138,10 +138,8 @@ func (d *Daemon) moveIdentities(prev []config.Identity) {
 		if err := d.dp.Maps.ClearUplink(id); err != nil {
 			d.log.Error("uplinks map: clearing a retired slot", "id", id, "error", err)
 		}
-		delete(d.usable, id)
-		delete(d.upSince, id)
-		delete(d.health, id)
-		delete(d.seen, id)
+		delete(d.mem.Uplinks, id)
+		delete(d.probes, id)
 	}
 	if len(retired) == 0 && !remark {
 		return
