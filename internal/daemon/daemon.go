@@ -321,23 +321,21 @@ func (d *Daemon) reload() {
 }
 
 func (d *Daemon) detachRemoved(prev *config.Config) {
-	keep := map[string]bool{}
-	for _, u := range d.cfg.Uplinks {
-		keep[u.Interface] = true
-	}
-	for _, i := range d.cfg.LAN.Interfaces {
-		keep[i] = true
-	}
-	// An interface that now is another uplink's (another slot), or changed
-	// role, is attached again by the next pass, which writes its new entry
-	// in the interfaces map.
-	was, is := ifaceRoles(prev), ifaceRoles(d.cfg)
-	for ifname := range d.ap.attached {
-		if !keep[ifname] {
-			_ = d.dp.DetachTC(ifname)
-			delete(d.ap.attached, ifname)
+	forgetRemoved(d.ap.attached, prev, d.cfg, func(ifname string) { _ = d.dp.DetachTC(ifname) })
+}
+
+// forgetRemoved drops from attached the interfaces a new configuration
+// removed (detaching them) or gave another role or slot: the next pass
+// attaches those again, which writes their new entry in the interfaces
+// map.
+func forgetRemoved(attached map[string]int, prev, cfg *config.Config, detach func(ifname string)) {
+	was, is := ifaceRoles(prev), ifaceRoles(cfg)
+	for ifname := range attached {
+		if _, ok := is[ifname]; !ok {
+			detach(ifname)
+			delete(attached, ifname)
 		} else if was[ifname] != is[ifname] {
-			delete(d.ap.attached, ifname)
+			delete(attached, ifname)
 		}
 	}
 }
