@@ -202,7 +202,7 @@ func (a *applier) attach(at Attach) {
 	case at.Role == maps.RoleLAN:
 		a.log.Info("attached", "interface", at.Interface, "role", "lan")
 	default:
-		a.log.Info("attached", "interface", at.Interface, "uplink", at.Uplink, "mode", mode)
+		a.log.Info("attached", "interface", at.Interface, "uplink", at.Ref, "mode", mode)
 	}
 }
 

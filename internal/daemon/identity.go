@@ -74,7 +74,7 @@ func (d *Daemon) saveIdentities() error {
 func (d *Daemon) logIdentities(changes []config.IdentityChange) {
 	for _, c := range changes {
 		if c.Old.Name == "" {
-			d.log.Info("new uplink identity", "uplink", c.Name, "id", c.New.ID, "mark", fmt.Sprintf("%#x", c.New.Mark), "table", c.New.Table)
+			d.log.Info("new uplink identity", "uplink", UplinkRef{c.Name, c.New.ID}, "mark", MarkRef{c.Name, c.New.Mark}, "table", TableRef{c.Name, c.New.Table})
 			continue
 		}
 		d.log.Warn("uplink identity changed; its flows are re-marked", "uplink", c.Name,

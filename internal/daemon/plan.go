@@ -103,7 +103,8 @@ type UplinkPlan struct {
 type Attach struct {
 	Interface string
 	Role      bpfmaps.Role
-	Uplink    int // slot (uplinks)
+	Uplink    int       // slot (uplinks)
+	Ref       UplinkRef // (uplinks)
 	Ifindex   int
 	// Stale: the ifindex a device of that name had when attached, whose
 	// interfaces map entry goes (0 none).
@@ -214,9 +215,9 @@ func plan(cfg *config.Config, s Snapshot, mem Memory) Plan {
 
 		tc := s.TC[u.Interface]
 		if l.Ifindex != 0 && tc.At != l.Ifindex {
-			p.Attach = append(p.Attach, Attach{Interface: u.Interface, Role: bpfmaps.RoleUplink, Uplink: id, Ifindex: l.Ifindex, Stale: tc.At})
+			p.Attach = append(p.Attach, Attach{Interface: u.Interface, Role: bpfmaps.RoleUplink, Uplink: id, Ref: ref, Ifindex: l.Ifindex, Stale: tc.At})
 		} else if tc.At != 0 && tc.Drift != "" {
-			p.Attach = append(p.Attach, Attach{Interface: u.Interface, Role: bpfmaps.RoleUplink, Uplink: id, Ifindex: tc.At, Gone: tc.Drift})
+			p.Attach = append(p.Attach, Attach{Interface: u.Interface, Role: bpfmaps.RoleUplink, Uplink: id, Ref: ref, Ifindex: tc.At, Gone: tc.Drift})
 		}
 
 		routed = append(routed, routing.Uplink{Pos: pos, Interface: u.Interface, Table: u.Table, Mark: u.Mark,
