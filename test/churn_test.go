@@ -56,7 +56,7 @@ func (e *daemonEnv) churn(stop <-chan struct{}) *atomic.Int64 {
 			if i%2 == 1 {
 				table = 254
 			}
-			round := i / 256 // even rounds add 256 routes, odd ones delete them
+			round := i / 256                                                               // even rounds add 256 routes, odd ones delete them
 			r := &netlink.Route{LinkIndex: eth2.Attrs().Index, Table: table, Protocol: 12, // zebra
 				Dst: &net.IPNet{IP: net.IPv4(100, 127, byte(round/2%256), byte(i%256)), Mask: net.CIDRMask(32, 32)}}
 			var err error
