@@ -12,6 +12,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
 )
@@ -56,7 +57,8 @@ func (e *daemonEnv) churn(stop <-chan struct{}) *atomic.Int64 {
 			if i%2 == 1 {
 				table = 254
 			}
-			round := i / 256                                                               // even rounds add 256 routes, odd ones delete them
+			// Even rounds add 256 routes, odd ones delete them.
+			round := i / 256
 			r := &netlink.Route{LinkIndex: eth2.Attrs().Index, Table: table, Protocol: 12, // zebra
 				Dst: &net.IPNet{IP: net.IPv4(100, 127, byte(round/2%256), byte(i%256)), Mask: net.CIDRMask(32, 32)}}
 			var err error
@@ -136,4 +138,85 @@ func TestDaemonFailoverUnderRouteChurn(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("failover took %v during the churn", took)
 	}
+}
+
+// fight puts a default route of bird's (via ppp1) in main whenever mhbpf's
+// is there, as a routing daemon that owns main's default would, until the
+// returned func is called (at the latest when the test ends). It reports
+// how many times it did.
+func (e *daemonEnv) fight() (*atomic.Int64, func()) {
+	e.t.Helper()
+	ns, err := netns.GetFromName(e.topo.Router)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ppp1, err := h.LinkByName("ppp1")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	updates := make(chan netlink.RouteUpdate, 1024)
+	stop := make(chan struct{})
+	var once sync.Once
+	end := func() { once.Do(func() { close(stop) }) }
+	if err := netlink.RouteSubscribeAt(ns, updates, stop); err != nil {
+		e.t.Fatal(err)
+	}
+	theirs := &netlink.Route{LinkIndex: ppp1.Attrs().Index, Table: 254, Protocol: netlink.RouteProtocol(unix.RTPROT_BIRD),
+		Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, Gw: net.ParseIP("100.64.1.1").To4()}
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer h.Close()
+		for u := range updates {
+			r := u.Route
+			if u.Type == unix.RTM_NEWROUTE && r.Table == 254 && r.Protocol == 77 && (r.Dst == nil || r.Dst.IP.IsUnspecified()) {
+				if err := h.RouteReplace(theirs); err == nil {
+					n.Add(1)
+				}
+			}
+		}
+	}()
+	e.t.Cleanup(wg.Wait)
+	e.t.Cleanup(end) // first: the subscription's end ends the goroutine
+	return &n, end
+}
+
+// Another routing daemon that keeps replacing main's default route with
+// its own: mhbpf repairs it a few times, then logs one conflict naming the
+// route that fights it, backs off (no ERROR, no spinning), and has its
+// route back once the other gives up.
+func TestDaemonBacksOffWhenARepairKeepsBeingUndone(t *testing.T) {
+	e := newDaemonEnv(t, "", "")
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	passes0 := e.passes()
+	fights, stop := e.fight()
+	// The fight starts with the next route event of mhbpf's own main route.
+	if err := e.topo.IP(e.topo.Router, "route", "del", "default"); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("the conflict reported", 5*time.Second, func() bool {
+		return strings.Contains(e.log.String(), "conflict: a repair keeps being undone")
+	})
+	time.Sleep(5 * time.Second)
+	passes := e.passes() - passes0
+	stop()
+	conflicts := grepLines(e.log.String(), "conflict: a repair")
+	t.Logf("over about 5 s of fighting: %d replacements of mhbpf's route by the other, %d passes\n%s", fights.Load(), passes, conflicts)
+	if n := len(strings.Split(strings.TrimSpace(conflicts), "\n")); conflicts == "" || n != 1 || !strings.Contains(conflicts, "proto bird dev ppp1") {
+		t.Fatalf("%d conflict lines, want 1 naming proto bird dev ppp1:\n%s", n, conflicts)
+	}
+	// 3 repairs, then 1 s, 2 s (and 4 s) of backoff: a handful, plus the resyncs.
+	if f := fights.Load(); f > 8 || passes > 20 {
+		t.Fatalf("%d repairs undone, %d passes in the fight: not backing off", f, passes)
+	}
+	took := e.waitFor("mhbpf's multipath route back after the fight", 15*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	t.Logf("main's route back %v after the other gave up", took)
 }
