@@ -106,6 +106,11 @@ func (e *daemonEnv) passes() uint64 {
 func TestDaemonFailoverUnderRouteChurn(t *testing.T) {
 	e := newDaemonEnv(t, "", "")
 	e.start()
+	// The status of the first pass names the tc mode it attached with
+	// (it used to be empty until the second pass).
+	if st, err := daemon.LoadStatus(e.stateDir); err != nil || st.TCMode != "tcx" && st.TCMode != "clsact" {
+		t.Fatalf("status after the first pass: tc_mode %q, %v", st.TCMode, err)
+	}
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 
 	stop := make(chan struct{})

@@ -222,6 +222,12 @@ func (a *applier) applyBypass(prefixes []netip.Prefix) {
 
 func (a *applier) applyRouting(p Plan) {
 	for _, c := range p.Conflicts {
+		if last, failing := a.failing["routing"]; failing {
+			// Not undone by someone: mhbpf's own change keeps failing.
+			a.log.Warn("routing: a change keeps failing; backing off", "what", c.What, "error", last,
+				"tries", c.Count, "next_try_in", c.Backoff)
+			continue
+		}
 		holder := ""
 		if c.Route != nil {
 			holder = a.sys.Router.Holder(*c.Route)

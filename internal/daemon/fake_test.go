@@ -30,19 +30,20 @@ import (
 var update = flag.Bool("update", false, "rewrite testdata/*.golden from the tests' output")
 
 type fakeOS struct {
-	links     map[string]Link
-	probes    map[int]health.Result
-	rules     map[string]netlink.Rule  // by routing.RuleKey
-	routes    map[string]netlink.Route // by routing.RouteSlot
-	uplinks   map[int]maps.Uplink
-	sysctls   routing.Sysctls
-	nat       *nat.Table // nil: no table
-	tcGone    map[string]string
-	cgGone    []string
-	holder    string // what Holder reports
-	attachErr error  // what AttachTC fails with
-	status    Status
-	ops       []string
+	links      map[string]Link
+	probes     map[int]health.Result
+	rules      map[string]netlink.Rule  // by routing.RuleKey
+	routes     map[string]netlink.Route // by routing.RouteSlot
+	uplinks    map[int]maps.Uplink
+	sysctls    routing.Sysctls
+	nat        *nat.Table // nil: no table
+	tcGone     map[string]string
+	cgGone     []string
+	holder     string // what Holder reports
+	attachErr  error  // what AttachTC fails with
+	failRoutes error  // what putting a route fails with
+	status     Status
+	ops        []string
 }
 
 func newFakeOS() *fakeOS {
@@ -111,7 +112,12 @@ func (f *fakeOS) Apply(d routing.Diff) ([]string, error) {
 		delete(f.rules, routing.RuleKey(&r))
 		changes = append(changes, "- "+routing.FormatRule(&r))
 	}
+	var err error
 	for _, r := range d.PutRoutes {
+		if f.failRoutes != nil {
+			err = f.failRoutes
+			continue
+		}
 		f.routes[routing.RouteSlot(&r)] = r
 		changes = append(changes, "+ "+routing.FormatRoute(&r))
 	}
@@ -120,7 +126,7 @@ func (f *fakeOS) Apply(d routing.Diff) ([]string, error) {
 		changes = append(changes, "- "+routing.FormatRoute(&r))
 	}
 	f.ops = append(f.ops, changes...)
-	return changes, nil
+	return changes, err
 }
 
 func (f *fakeOS) Holder(r netlink.Route) string { return f.holder }

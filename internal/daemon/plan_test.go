@@ -354,3 +354,38 @@ func TestRepeatedFailureLoggedOnce(t *testing.T) {
 		t.Fatalf("status after the attachments: tc_mode %q, passes %d; want tcx, 5", st.TCMode, st.Passes)
 	}
 }
+
+// A routing state that could not be read is left alone: no diff, no
+// repair counted; the rest of the plan stands.
+func TestPlanWithoutRoutingState(t *testing.T) {
+	h := startBoth(t, "", "")
+	h.pass("start")
+	s := h.snapshot()
+	s.Errors = append(s.Errors, ObserveError{"routing", errors.New("list rules: interrupted")})
+	p := plan(h.cfg, s, h.mem)
+	if p.RoutingSet || !p.RoutingDiff.Empty() || len(p.Routing.Rules) == 0 {
+		t.Fatalf("routing planned from an unread state: set %v, diff %q", p.RoutingSet, p.RoutingDiff)
+	}
+	if len(p.Uplinks) != 2 || !p.Uplinks[0].Usable {
+		t.Fatalf("uplinks: %+v", p.Uplinks)
+	}
+}
+
+// A change of mhbpf's own that fails the same way pass after pass is
+// backed off like a conflict, and said to be failing, not fought over.
+func TestFailingRoutingBacksOff(t *testing.T) {
+	h := startBoth(t, "", "")
+	h.os.failRoutes = errors.New("network unreachable")
+	for range 4 {
+		h.pass("main's route is refused")
+		h.advance(50 * time.Millisecond)
+	}
+	out := h.out.String()
+	// the three routes of the state, each once
+	if strings.Count(out, "a change keeps failing; backing off") != 3 || strings.Contains(out, "conflict:") {
+		t.Fatalf("want a 'keeps failing' line per route (3) and no conflict:\n%s", out)
+	}
+	if n := strings.Count(out, "level=ERROR"); n != 1 {
+		t.Fatalf("%d ERROR lines for the same failure, want 1:\n%s", n, out)
+	}
+}
