@@ -1,10 +1,13 @@
 // Package daemon is mhbpf's control loop. One goroutine owns all state and
 // reconciles it: netlink events (links, addresses, routes), health results,
-// reloads and a periodic resync all just wake it up, and each pass computes
-// the whole desired state from the configuration and what it observes, then
-// makes the kernel (routes, rules, sysctls, nftables) and the BPF maps match.
-// That single owner is what replaces the lock files and sleeps of
-// ip-up/ip-down scripts.
+// reloads and a periodic resync all just wake it up, and each pass is
+// three steps: observe reads a Snapshot of the world (snapshot.go); plan,
+// a pure function of the configuration, the snapshot and the Memory of
+// earlier passes, computes everything the box should be (plan.go); apply
+// makes the kernel (routes, rules, sysctls, nftables, attachments) and the
+// BPF maps match, through one small interface per part (apply.go, the real
+// ones in os.go). That single owner is what replaces the lock files and
+// sleeps of ip-up/ip-down scripts.
 package daemon
 
 import (
