@@ -52,6 +52,9 @@ test-host: testsum
 	@rm -f $(RESULTS)/host.jsonl
 	$(TESTSUM) -where host -record $(RESULTS)/host.jsonl -jsonfile $(RESULTS)/host.json -- \
 		$(GO) test -json -count=1 -timeout 20m ./...
+	@# The daemon's coverage by its own tests (the plan's golden states, no
+	@# root); the real-kernel tests in test/ run the daemon as a binary.
+	$(GO) test -count=1 -cover ./internal/daemon/
 
 # The same test binaries on Debian 12's 6.1 kernel in qemu (TCG; set
 # MHBPF_VM_ACCEL=kvm where KVM works): the BPF programs under an older

@@ -833,7 +833,7 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
 		b, _ := cmd.CombinedOutput()
 		return string(b)
 	}
-	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{uplink="isp1",interface="ppp0"} 1`) {
+	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{interface="ppp0",uplink="isp1"} 1`) {
 		t.Fatalf("metrics:\n%s", m)
 	}
 	srv.Close() // the probed service goes away; the link stays
@@ -843,7 +843,7 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
 	var m string
 	ok := func() bool {
 		m = metrics()
-		return strings.Contains(m, `mhbpf_uplink_up{uplink="isp1",interface="ppp0"} 0`) &&
+		return strings.Contains(m, `mhbpf_uplink_up{interface="ppp0",uplink="isp1"} 0`) &&
 			strings.Contains(m, `mhbpf_uplink_new_flows_total{uplink="isp2"}`)
 	}
 	for end := time.Now().Add(testutil.Deadline(time.Second)); !ok(); time.Sleep(20 * time.Millisecond) {

@@ -3,98 +3,25 @@ package daemon
 import (
 	"context"
 	"errors"
-	"fmt"
-	"strings"
 	"time"
 
 	mnl "github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
-	"github.com/mhbpf/mhbpf/internal/maps"
-	"github.com/mhbpf/mhbpf/internal/nat"
 )
 
 // Drift: what mhbpf installed, taken away by someone else. 'nft flush
 // ruleset' (restarting nftables.service on Debian) removes its nftables
 // table, a QoS script deletes the clsact qdisc and its filters with it,
 // 'bpftool link detach' or a cleanup of /sys/fs/bpf kills a tcx or cgroup
-// link. Every pass checks these against the kernel and puts back what is
-// missing, with one WARN line naming it; watchDrift makes such a pass
-// happen at once instead of at the next resync.
+// link. Every pass observes these (snapshot.go), plans putting back what is
+// missing and logs it with one WARN line naming it (apply.go); watchDrift
+// makes such a pass happen at once instead of at the next resync.
 
 // linkPoll is how often the pinned links are looked at: no netlink group
 // announces that a BPF link went.
 const linkPoll = time.Second
-
-// applyNAT writes mhbpf's nftables table when what it should hold changed,
-// and rewrites it when the kernel's differs from what was written.
-func (d *Daemon) applyNAT(want nat.Table) {
-	table := d.cfg.Global.NFTable
-	drift := ""
-	if d.natSet && want.Equal(d.natTable) {
-		var err error
-		if drift, err = nat.Drift(table, want); err != nil {
-			d.log.Error("nat: reading the nftables table back", "table", "inet "+table, "error", err)
-			return
-		}
-		if drift == "" {
-			return
-		}
-	}
-	if err := nat.Apply(table, want); err != nil {
-		d.log.Error("nat", "error", err)
-		return
-	}
-	d.natTable, d.natSet = want, true
-	switch drift {
-	case "":
-	case "gone":
-		d.log.Warn(fmt.Sprintf("nft table inet %s was gone (someone flushed the ruleset?); restored", table))
-	default:
-		d.log.Warn(fmt.Sprintf("nft table inet %s had been changed (%s); rewritten", table, drift))
-	}
-}
-
-// repairAttachments puts back the tc programs of every configured
-// interface the daemon attached and the socket hooks, where they went.
-func (d *Daemon) repairAttachments() {
-	for _, u := range d.cfg.Uplinks {
-		d.repairTC(u.Interface, maps.RoleUplink, u.ID)
-	}
-	for _, ifname := range d.cfg.LAN.Interfaces {
-		d.repairTC(ifname, maps.RoleLAN, 0)
-	}
-	if gone := d.dp.DriftCgroup(); len(gone) > 0 {
-		cg := d.dp.CgroupPath()
-		if err := d.dp.AttachCgroup(cg); err != nil {
-			d.log.Error("reattaching the socket hooks", "cgroup", cg, "error", err)
-			return
-		}
-		d.log.Warn(fmt.Sprintf("socket hook links were gone (%s); reattached", strings.Join(gone, ", ")), "cgroup", cg)
-	}
-}
-
-func (d *Daemon) repairTC(ifname string, role maps.Role, uplink int) {
-	if _, ok := d.attached[ifname]; !ok {
-		return // not attached yet: the pass attaches it
-	}
-	what, err := d.dp.DriftTC(ifname, role)
-	if err != nil {
-		d.log.Error("checking the tc programs", "interface", ifname, "error", err)
-		return
-	}
-	if what == "" {
-		return
-	}
-	mode, err := d.dp.AttachTC(ifname, role, uplink)
-	if err != nil {
-		d.log.Error("reattaching the tc programs", "interface", ifname, "gone", what, "error", err)
-		return
-	}
-	d.tcMode = mode
-	d.log.Warn(fmt.Sprintf("tc programs on %s were gone (%s); reattached", ifname, what), "interface", ifname, "mode", mode)
-}
 
 // watchDrift wakes the reconciler when something of mhbpf's may have been
 // taken away: a change to its nftables table (NFNLGRP_NFTABLES), a tc

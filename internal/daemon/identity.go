@@ -74,7 +74,7 @@ func (d *Daemon) saveIdentities() error {
 func (d *Daemon) logIdentities(changes []config.IdentityChange) {
 	for _, c := range changes {
 		if c.Old.Name == "" {
-			d.log.Info("new uplink identity", "uplink", c.Name, "id", c.New.ID, "mark", fmt.Sprintf("%#x", c.New.Mark), "table", c.New.Table)
+			d.log.Info("new uplink identity", "uplink", UplinkRef{c.Name, c.New.ID}, "mark", MarkRef{c.Name, c.New.Mark}, "table", TableRef{c.Name, c.New.Table})
 			continue
 		}
 		d.log.Warn("uplink identity changed; its flows are re-marked", "uplink", c.Name,
@@ -138,10 +138,8 @@ func (d *Daemon) moveIdentities(prev []config.Identity) {
 		if err := d.dp.Maps.ClearUplink(id); err != nil {
 			d.log.Error("uplinks map: clearing a retired slot", "id", id, "error", err)
 		}
-		delete(d.usable, id)
-		delete(d.upSince, id)
-		delete(d.health, id)
-		delete(d.seen, id)
+		delete(d.mem.Uplinks, id)
+		delete(d.probes, id)
 	}
 	if len(retired) == 0 && !remark {
 		return

@@ -4,7 +4,6 @@ import (
 	"context"
 	"reflect"
 
-	"github.com/mhbpf/mhbpf/internal/config"
 	"github.com/mhbpf/mhbpf/internal/health"
 )
 
@@ -57,8 +56,10 @@ func (d *Daemon) syncHealth(parent context.Context) {
 		}
 		p.cancel()
 		delete(d.probers, id)
-		delete(d.health, id)
-		delete(d.kept, id)
+		delete(d.probes, id)
+		um := d.mem.Uplinks[id]
+		um.Kept = false
+		d.mem.Uplinks[id] = um
 	}
 	for id, s := range want {
 		if _, ok := d.probers[id]; ok {
@@ -90,17 +91,13 @@ func (d *Daemon) probeResult(r health.Result) {
 	if p, ok := d.probers[r.Uplink]; !ok || p.spec.Gen != r.Gen {
 		return
 	}
-	d.health[r.Uplink] = r
-	if r.Verdict {
-		delete(d.kept, r.Uplink)
-	}
+	d.probes[r.Uplink] = r // a verdict ends Kept (plan)
 }
 
 // keepPinned notes, before the first pass writes the uplinks map, which
 // probed uplinks the datapath was using: those stay in use until their
 // first verdict.
 func (d *Daemon) keepPinned() {
-	d.kept = map[int]bool{}
 	for _, u := range d.cfg.Uplinks {
 		id := u.ID
 		if u.Health == nil {
@@ -113,63 +110,9 @@ func (d *Daemon) keepPinned() {
 		if l, err := d.nl.LinkByName(u.Interface); err != nil || uint32(l.Attrs().Index) != m.Ifindex {
 			continue
 		}
-		d.kept[id] = true
+		um := d.mem.Uplinks[id]
+		um.Kept = true
+		d.mem.Uplinks[id] = um
 		d.log.Info("uplink was in use before the restart: kept until the first probe verdict", "uplink", u.Name)
 	}
-}
-
-// probeFallback tells whether the probes are ignored in this pass: every
-// uplink of the default balance whose link is up is probed and judged
-// failing. It logs when that starts and ends. obs are the uplinks' links
-// as this pass observed them, in configuration order.
-func (d *Daemon) probeFallback(obs []observation) bool {
-	fallback, some := true, false
-	for pos, u := range d.cfg.Uplinks {
-		if !u.Balance || u.Weight == 0 || obs[pos].reason != "" {
-			continue
-		}
-		some = true
-		hr, ok := d.health[u.ID]
-		if u.Health == nil || !ok || !hr.Verdict || hr.Healthy {
-			fallback = false
-			break
-		}
-	}
-	fallback = fallback && some
-	if fallback != d.fallback {
-		if fallback {
-			d.log.Warn(reasonFallback)
-		} else {
-			d.log.Info("probe fallback over: the probes decide again")
-		}
-		d.fallback = fallback
-	}
-	return fallback
-}
-
-// judgeProbes is what the probes make of an uplink that is otherwise
-// usable (its link up and not held back).
-func (d *Daemon) judgeProbes(u config.Uplink, linkOK, usable bool, reason string, fallback bool) (bool, string) {
-	id := u.ID // its slot, which probers and results are keyed by
-	if !linkOK {
-		delete(d.kept, id) // it was out: its next use waits for a verdict
-	}
-	if u.Health == nil || !usable {
-		return usable, reason
-	}
-	hr := d.health[id]
-	switch {
-	case !hr.Verdict && d.kept[id]:
-		return true, reasonKept
-	case !hr.Verdict:
-		if hr.Reason != "" {
-			return false, reasonWaiting + " (" + hr.Reason + ")"
-		}
-		return false, reasonWaiting
-	case !hr.Healthy && fallback:
-		return true, reasonFallback + " (" + hr.Reason + ")"
-	case !hr.Healthy:
-		return false, "probes failing: " + hr.Reason
-	}
-	return true, ""
 }

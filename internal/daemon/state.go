@@ -57,8 +57,10 @@ type Status struct {
 	TCMode string `json:"tc_mode"`
 	// ProbeFallback: every probed uplink is failing at once; uplinks are
 	// used by their link state.
-	ProbeFallback bool           `json:"probe_fallback,omitempty"`
-	Uplinks       []UplinkStatus `json:"uplinks"` // in preference order
+	ProbeFallback bool `json:"probe_fallback,omitempty"`
+	// Passes: reconciliation passes since the daemon started.
+	Passes  uint64         `json:"passes,omitempty"`
+	Uplinks []UplinkStatus `json:"uplinks"` // in preference order
 }
 
 // Status.State values. A status without one is of a daemon that wrote its

@@ -59,7 +59,7 @@ func FormatRule(r *netlink.Rule) string {
 // with device indexes for names.
 func FormatRoute(r *netlink.Route) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s%s table %d", famPrefix(r.Family), strings.TrimPrefix(routeSlot(r), fmt.Sprintf("f%d t%d ", r.Family, r.Table)), r.Table)
+	fmt.Fprintf(&b, "%s%s table %d", famPrefix(r.Family), strings.TrimPrefix(RouteSlot(r), fmt.Sprintf("f%d t%d ", r.Family, r.Table)), r.Table)
 	hop := func(idx int, gw fmt.Stringer, isNil bool) {
 		if !isNil {
 			fmt.Fprintf(&b, " via %s", gw)

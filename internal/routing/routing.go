@@ -236,8 +236,8 @@ func family(a netip.Addr) int {
 	return netlink.FAMILY_V6
 }
 
-// ruleKey identifies a rule by everything mhbpf sets on one.
-func ruleKey(r *netlink.Rule) string {
+// RuleKey identifies a rule by everything mhbpf sets on one.
+func RuleKey(r *netlink.Rule) string {
 	mask := ""
 	if r.Mask != nil {
 		mask = fmt.Sprintf("%#x", *r.Mask)
@@ -266,9 +266,9 @@ func ruleKey(r *netlink.Rule) string {
 	return fmt.Sprintf("f%d p%d t%d m%#x/%s s%s d%s i%s sp%s", r.Family, r.Priority, table, mark, mask, src, dst, r.IifName, suppress)
 }
 
-// routeKey identifies a route by what the kernel keys it by plus its
+// RouteKey identifies a route by what the kernel keys it by plus its
 // next hops, so a changed next hop set is a different route.
-func routeKey(r *netlink.Route) string {
+func RouteKey(r *netlink.Route) string {
 	var hops []string
 	if len(r.MultiPath) > 0 {
 		for _, h := range r.MultiPath {
@@ -278,7 +278,7 @@ func routeKey(r *netlink.Route) string {
 	} else {
 		hops = append(hops, fmt.Sprintf("%d/%v/0", r.LinkIndex, gwString(r.Gw)))
 	}
-	return routeSlot(r) + " " + strings.Join(hops, ",")
+	return RouteSlot(r) + " " + strings.Join(hops, ",")
 }
 
 func gwString(ip net.IP) string {
@@ -288,9 +288,9 @@ func gwString(ip net.IP) string {
 	return ip.String()
 }
 
-// routeSlot is what the kernel replaces on RouteReplace: one route per
+// RouteSlot is what the kernel replaces on RouteReplace: one route per
 // table, destination and family.
-func routeSlot(r *netlink.Route) string {
+func RouteSlot(r *netlink.Route) string {
 	// The kernel reports a default route with or without a 0/0 Dst.
 	dst := "default"
 	if r.Dst != nil {
@@ -369,66 +369,121 @@ func ApplyRecording(h *netlink.Handle, s Settings, want State, record func(toPut
 	if err != nil {
 		return nil, err
 	}
-	var changes []string
-	var errs []error
+	return ApplyDiff(h, Changes(have, want), record)
+}
 
-	haveRules := map[string]netlink.Rule{}
+// Diff is what turns one state of mhbpf's into another: rules to add and
+// delete, routes to put in (each replaces what holds its slot: a route is
+// never deleted before its replacement is in) and routes whose slot is no
+// longer wanted.
+type Diff struct {
+	AddRules  []netlink.Rule
+	DelRules  []netlink.Rule
+	PutRoutes []netlink.Route
+	DelRoutes []netlink.Route
+}
+
+// Empty: nothing to change.
+func (d Diff) Empty() bool {
+	return len(d.AddRules)+len(d.DelRules)+len(d.PutRoutes)+len(d.DelRoutes) == 0
+}
+
+// Changes is the diff from have to want (both mhbpf's own), pure: the
+// planner computes it from an observed state, the fakes of the tests apply
+// it to theirs. Its order is stable (want's order, then have's).
+func Changes(have, want State) Diff {
+	var d Diff
+	haveRules := map[string]bool{}
 	for _, r := range have.Rules {
-		haveRules[ruleKey(&r)] = r
+		haveRules[RuleKey(&r)] = true
 	}
 	wantRules := map[string]bool{}
 	for _, r := range want.Rules {
-		k := ruleKey(&r)
-		wantRules[k] = true
-		if _, ok := haveRules[k]; ok {
-			continue
+		k := RuleKey(&r)
+		if !wantRules[k] && !haveRules[k] {
+			d.AddRules = append(d.AddRules, r)
 		}
+		wantRules[k] = true
+	}
+	for _, r := range have.Rules {
+		if k := RuleKey(&r); !wantRules[k] {
+			d.DelRules = append(d.DelRules, r)
+			wantRules[k] = true // a duplicate goes once
+		}
+	}
+	haveRoutes := map[string]bool{}
+	for _, r := range have.Routes {
+		haveRoutes[RouteKey(&r)] = true
+	}
+	wantSlots := map[string]bool{}
+	for _, r := range want.Routes {
+		wantSlots[RouteSlot(&r)] = true
+		if !haveRoutes[RouteKey(&r)] {
+			d.PutRoutes = append(d.PutRoutes, r)
+		}
+	}
+	for _, r := range have.Routes {
+		if slot := RouteSlot(&r); !wantSlots[slot] {
+			d.DelRoutes = append(d.DelRoutes, r)
+			wantSlots[slot] = true
+		}
+	}
+	return d
+}
+
+// String lists the changes one a line, '+' put in, '-' taken out, in the
+// form of State.String.
+func (d Diff) String() string {
+	var b strings.Builder
+	for _, r := range d.AddRules {
+		b.WriteString("+ " + FormatRule(&r) + "\n")
+	}
+	for _, r := range d.DelRules {
+		b.WriteString("- " + FormatRule(&r) + "\n")
+	}
+	for _, r := range d.PutRoutes {
+		b.WriteString("+ " + FormatRoute(&r) + "\n")
+	}
+	for _, r := range d.DelRoutes {
+		b.WriteString("- " + FormatRoute(&r) + "\n")
+	}
+	return b.String()
+}
+
+// ApplyDiff makes the changes of d, first handing the routes it puts in to
+// record (when there are any). It reports what it changed, by key.
+func ApplyDiff(h *netlink.Handle, d Diff, record func(toPut State)) ([]string, error) {
+	var changes []string
+	var errs []error
+	for _, r := range d.AddRules {
+		k := RuleKey(&r)
 		if err := h.RuleAdd(&r); err != nil && !errors.Is(err, unix.EEXIST) {
 			errs = append(errs, fmt.Errorf("add rule %s: %w", k, err))
 			continue
 		}
 		changes = append(changes, "add rule "+k)
 	}
-	for k, r := range haveRules {
-		if wantRules[k] {
-			continue
-		}
+	for _, r := range d.DelRules {
+		k := RuleKey(&r)
 		if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete rule %s: %w", k, err))
 			continue
 		}
 		changes = append(changes, "delete rule "+k)
 	}
-
-	haveRoutes := map[string]bool{}
-	haveSlots := map[string]netlink.Route{}
-	for _, r := range have.Routes {
-		haveRoutes[routeKey(&r)] = true
-		haveSlots[routeSlot(&r)] = r
+	if record != nil && len(d.PutRoutes) > 0 {
+		record(State{Routes: d.PutRoutes})
 	}
-	wantSlots := map[string]bool{}
-	var toPut State
-	for _, r := range want.Routes {
-		wantSlots[routeSlot(&r)] = true
-		if !haveRoutes[routeKey(&r)] {
-			toPut.Routes = append(toPut.Routes, r)
-		}
-	}
-	if record != nil && len(toPut.Routes) > 0 {
-		record(toPut)
-	}
-	for _, r := range toPut.Routes {
-		k := routeKey(&r)
+	for _, r := range d.PutRoutes {
+		k := RouteKey(&r)
 		if err := h.RouteReplace(&r); err != nil {
 			errs = append(errs, fmt.Errorf("replace route %s: %w", k, err))
 			continue
 		}
 		changes = append(changes, "route "+k)
 	}
-	for slot, r := range haveSlots {
-		if wantSlots[slot] {
-			continue
-		}
+	for _, r := range d.DelRoutes {
+		slot := RouteSlot(&r)
 		if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete route %s: %w", slot, err))
 			continue

@@ -88,7 +88,7 @@ func TestDesiredPrioritiesFollowPosition(t *testing.T) {
 	kinds := map[int]string{}
 	for _, r := range st.Rules {
 		if r.Priority < settings.RulePriority || r.Priority >= settings.RulePriority+BlockSize {
-			t.Fatalf("rule %s outside the block", ruleKey(&r))
+			t.Fatalf("rule %s outside the block", RuleKey(&r))
 		}
 		kind := "other"
 		switch {
@@ -110,7 +110,7 @@ func TestDesiredPrioritiesFollowPosition(t *testing.T) {
 		if kind == "mark" {
 			pos := 15 - bits.TrailingZeros32(r.Mark)
 			if r.Priority != settings.RulePriority+prioMark+pos || r.Table != 115-pos {
-				t.Fatalf("mark rule %s: want priority %d (position %d)", ruleKey(&r), settings.RulePriority+prioMark+pos, pos)
+				t.Fatalf("mark rule %s: want priority %d (position %d)", RuleKey(&r), settings.RulePriority+prioMark+pos, pos)
 			}
 		}
 	}

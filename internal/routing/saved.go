@@ -85,7 +85,7 @@ func replaceSlot(r *netlink.Route) string {
 	if r.Family == netlink.FAMILY_V6 && metric == 0 {
 		metric = 1024
 	}
-	return fmt.Sprintf("%s tos%d metric%d", routeSlot(r), r.Tos, metric)
+	return fmt.Sprintf("%s tos%d metric%d", RouteSlot(r), r.Tos, metric)
 }
 
 // String is the route as an administrator reads it (close to ip route).

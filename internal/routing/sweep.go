@@ -27,7 +27,7 @@ func RemoveAll(h *netlink.Handle, s Settings) error {
 			}
 			r.Family = fam
 			if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("delete rule %s: %w", ruleKey(&r), err))
+				errs = append(errs, fmt.Errorf("delete rule %s: %w", RuleKey(&r), err))
 			}
 		}
 	}
