@@ -7,11 +7,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
 	"github.com/mhbpf/mhbpf/internal/loader"
@@ -938,11 +942,14 @@ func TestDaemonTeardownOnExit(t *testing.T) {
 	}
 }
 
-// The capabilities the systemd unit grants are enough: the daemon runs
-// with only CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW in its
-// bounding set, converges, and steers.
+// The daemon runs with exactly the capabilities the systemd unit grants:
+// the sets the kernel shows for the running process are the ones systemd
+// would give it (root, no User=: bounding, permitted and effective are
+// CapabilityBoundingSet; inheritable and ambient are AmbientCapabilities),
+// and with them it converges and steers.
 func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
 	wrap, caps := unitCapabilities(t)
+	want := unitCapSets(t)
 	e := newDaemonEnv(t, "", "")
 	e.wrap = wrap
 	srv, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
@@ -960,37 +967,119 @@ func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
 	if got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000); err != nil {
 		t.Fatalf("LAN traffic: %q, %v\n%s", got, err, e.log.String())
 	}
-	if out, _ := exec.Command("grep", "Cap", fmt.Sprintf("/proc/%d/status", e.cmd.Process.Pid)).CombinedOutput(); !strings.Contains(string(out), "CapBnd") {
-		t.Fatalf("cannot read the daemon's capabilities: %s", out)
-	} else {
-		t.Logf("%s", out)
+	// Read after the first pass and after traffic: a daemon that dropped
+	// or gained a capability on the way shows it here.
+	got := processCapSets(t, e.cmd.Process.Pid)
+	for _, set := range []string{"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} {
+		if got[set] != want[set] {
+			t.Errorf("%s of the running daemon: %#016x (%s), the unit grants %#016x (%s)", set,
+				got[set], capNames(got[set]), want[set], capNames(want[set]))
+		}
 	}
 	if strings.Contains(e.log.String(), "level=ERROR") {
 		t.Fatalf("errors with the unit's capabilities:\n%s", e.log.String())
 	}
 }
 
-// unitCapabilities is the wrapper that runs the daemon with only the
-// capabilities the systemd unit grants in its bounding set, and those.
-func unitCapabilities(t *testing.T) (wrap, caps []string) {
-	t.Helper()
-	unit, err := os.ReadFile("../dist/mhbpf.service")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(unit), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
-			caps = strings.Fields(v)
+// capBits are the capabilities a unit may name, by their bit.
+var capBits = map[string]uint{
+	"CAP_CHOWN": unix.CAP_CHOWN, "CAP_DAC_OVERRIDE": unix.CAP_DAC_OVERRIDE, "CAP_DAC_READ_SEARCH": unix.CAP_DAC_READ_SEARCH,
+	"CAP_FOWNER": unix.CAP_FOWNER, "CAP_KILL": unix.CAP_KILL, "CAP_SETGID": unix.CAP_SETGID, "CAP_SETUID": unix.CAP_SETUID,
+	"CAP_SETPCAP": unix.CAP_SETPCAP, "CAP_NET_BIND_SERVICE": unix.CAP_NET_BIND_SERVICE, "CAP_NET_BROADCAST": unix.CAP_NET_BROADCAST,
+	"CAP_NET_ADMIN": unix.CAP_NET_ADMIN, "CAP_NET_RAW": unix.CAP_NET_RAW, "CAP_IPC_LOCK": unix.CAP_IPC_LOCK,
+	"CAP_SYS_MODULE": unix.CAP_SYS_MODULE, "CAP_SYS_PTRACE": unix.CAP_SYS_PTRACE, "CAP_SYS_ADMIN": unix.CAP_SYS_ADMIN,
+	"CAP_SYS_RESOURCE": unix.CAP_SYS_RESOURCE, "CAP_SYS_NICE": unix.CAP_SYS_NICE, "CAP_PERFMON": unix.CAP_PERFMON,
+	"CAP_BPF": unix.CAP_BPF, "CAP_CHECKPOINT_RESTORE": unix.CAP_CHECKPOINT_RESTORE,
+}
+
+func capNames(mask uint64) string {
+	var names []string
+	for name, bit := range capBits {
+		if mask&(1<<bit) != 0 {
+			names = append(names, name)
+			mask &^= 1 << bit
 		}
 	}
+	sort.Strings(names)
+	if mask != 0 {
+		names = append(names, fmt.Sprintf("%#x", mask))
+	}
+	return strings.Join(names, " ")
+}
+
+// unitCapSets are the capability sets systemd gives the unit's process
+// (it runs as root: no User=).
+func unitCapSets(t *testing.T) map[string]uint64 {
+	t.Helper()
+	mask := func(key string) uint64 {
+		var m uint64
+		for _, name := range unitList(t, key) {
+			bit, ok := capBits[name]
+			if !ok {
+				t.Fatalf("dist/mhbpf.service: %s names %s, which this test does not know", key, name)
+			}
+			m |= 1 << bit
+		}
+		return m
+	}
+	bnd := mask("CapabilityBoundingSet")
+	amb := mask("AmbientCapabilities") & bnd
+	return map[string]uint64{"CapBnd": bnd, "CapPrm": bnd, "CapEff": bnd, "CapInh": amb, "CapAmb": amb}
+}
+
+// processCapSets reads the capability sets of a process from the kernel.
+func processCapSets(t *testing.T, pid int) map[string]uint64 {
+	t.Helper()
+	status := readFile(t, fmt.Sprintf("/proc/%d/status", pid))
+	sets := map[string]uint64{}
+	for _, line := range strings.Split(status, "\n") {
+		key, v, ok := strings.Cut(line, ":")
+		if !ok || !strings.HasPrefix(key, "Cap") {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		if err != nil {
+			t.Fatalf("/proc/%d/status: %q: %v", pid, line, err)
+		}
+		sets[key] = n
+	}
+	if len(sets) != 5 {
+		t.Fatalf("/proc/%d/status: capability sets %v, want CapInh CapPrm CapEff CapBnd CapAmb\n%s", pid, sets, status)
+	}
+	return sets
+}
+
+// unitList is the value of a list setting of the unit, e.g.
+// CapabilityBoundingSet.
+func unitList(t *testing.T, key string) []string {
+	t.Helper()
+	var list []string
+	for _, line := range strings.Split(readFile(t, "../dist/mhbpf.service"), "\n") {
+		if v, ok := strings.CutPrefix(line, key+"="); ok {
+			list = append(list, strings.Fields(v)...)
+		}
+	}
+	return list
+}
+
+// unitCapabilities is the wrapper that runs the daemon as systemd runs the
+// unit, capability-wise (bounding set, inheritable and ambient sets), and
+// the bounding set's names.
+func unitCapabilities(t *testing.T) (wrap, caps []string) {
+	t.Helper()
+	caps = unitList(t, "CapabilityBoundingSet")
 	if len(caps) == 0 {
 		t.Fatal("the unit sets no CapabilityBoundingSet")
 	}
-	set := "-all"
-	for _, c := range caps {
-		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	set := func(names []string) string {
+		s := "-all"
+		for _, c := range names {
+			s += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+		}
+		return s
 	}
-	return []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all"}, caps
+	amb := set(unitList(t, "AmbientCapabilities"))
+	return []string{"setpriv", "--bounding-set=" + set(caps), "--inh-caps=" + amb, "--ambient-caps=" + amb}, caps
 }
 
 // The unit file is valid for systemd.
