@@ -823,20 +823,14 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
   timeout = "80ms"
   failures = 2
   successes = 1`, "")
-	// metrics_listen belongs in [global]: put it right after the header.
-	cfg, _ := os.ReadFile(e.cfgPath)
-	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1))
+	e.withMetrics()
 	srv, err := e.topo.Serve(e.topo.ISP1, "probe", topology.Internet, 8007)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
-	metrics := func() string {
-		cmd := e.inRouter("sh", "-c", `printf 'GET /metrics HTTP/1.0\r\n\r\n' | socat -T2 - TCP:127.0.0.1:9477`)
-		b, _ := cmd.CombinedOutput()
-		return string(b)
-	}
+	metrics := e.metricsText
 	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{uplink="isp1",interface="ppp0"} 1`) {
 		t.Fatalf("metrics:\n%s", m)
 	}
