@@ -226,8 +226,16 @@ func (e *daemonEnv) kill9() {
 
 func (e *daemonEnv) waitFor(what string, limit time.Duration, ok func() bool) time.Duration {
 	e.t.Helper()
+	return e.waitFrom(time.Now(), what, limit, ok)
+}
+
+// waitFrom waits until ok, at most limit from start: the moment of the
+// event whose effect the limit is a requirement for (taken just before
+// the command that causes it), not the first poll, so that the time the
+// command itself took counts against the limit.
+func (e *daemonEnv) waitFrom(start time.Time, what string, limit time.Duration, ok func() bool) time.Duration {
+	e.t.Helper()
 	limit = testutil.Deadline(limit)
-	start := time.Now()
 	for time.Since(start) < limit {
 		if ok() {
 			return time.Since(start)
@@ -383,10 +391,11 @@ func TestDaemonRestoresMainRouteWhenAnUplinkVanishes(t *testing.T) {
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 
+	vanished := time.Now()
 	if err := e.topo.IP(e.topo.Router, "link", "del", "ppp0"); err != nil {
 		t.Fatal(err)
 	}
-	took := e.waitFor("main's default route via ppp1 alone", time.Second, func() bool { return e.mainVia("ppp1") })
+	took := e.waitFrom(vanished, "main's default route via ppp1 alone", time.Second, func() bool { return e.mainVia("ppp1") })
 	t.Logf("main route back over ppp1 %v after ppp0 vanished", took)
 	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000)
 	if err != nil || got != "isp2 "+topology.LANHost.String() {
@@ -404,10 +413,11 @@ func TestDaemonRestoresDeletedRoute(t *testing.T) {
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 	for _, table := range []string{"main", "100"} {
+		deleted := time.Now()
 		if err := e.topo.IP(e.topo.Router, "route", "del", "default", "table", table); err != nil {
 			t.Fatal(err)
 		}
-		took := e.waitFor("default route of table "+table+" back", time.Second, func() bool {
+		took := e.waitFrom(deleted, "default route of table "+table+" back", time.Second, func() bool {
 			return strings.Contains(e.ip("route", "show", "default", "table", table), "default")
 		})
 		t.Logf("table %s: default route back after %v", table, took)
@@ -425,8 +435,9 @@ func TestDaemonTwoLinksAtOnce(t *testing.T) {
 			t.Fatalf("%v: %s", err, out)
 		}
 	}
+	down := time.Now()
 	batch("down")
-	e.waitFor("no default route with both links down", time.Second, func() bool { return e.mainVia() })
+	e.waitFrom(down, "no default route with both links down", time.Second, func() bool { return e.mainVia() })
 	for _, table := range []string{"100", "101"} {
 		if got := e.ip("route", "show", "table", table); strings.Contains(got, "default") {
 			t.Fatalf("table %s kept a route to a dead link: %s", table, got)
@@ -757,13 +768,14 @@ func TestDaemonFollowsAddressChange(t *testing.T) {
 		return strings.Contains(e.ip("rule"), "from 100.64.1.2 lookup 101")
 	})
 	rt := e.topo.Router
+	changed := time.Now()
 	if err := e.topo.IP(rt, "addr", "del", "100.64.1.2/30", "dev", "ppp1"); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.topo.IP(rt, "addr", "add", "100.64.1.6/30", "dev", "ppp1"); err != nil {
 		t.Fatal(err)
 	}
-	took := e.waitFor("from rule of the new address", time.Second, func() bool {
+	took := e.waitFrom(changed, "from rule of the new address", time.Second, func() bool {
 		r := e.ip("rule")
 		return strings.Contains(r, "from 100.64.1.6 lookup 101") && !strings.Contains(r, "100.64.1.2")
 	})
@@ -1124,10 +1136,11 @@ func TestDaemonSurvivesNetlinkOverflow(t *testing.T) {
 	})
 	t.Logf("%s", grepLines(e.log.String(), "netlink"))
 	// Still converging: a deleted route comes back.
+	deleted := time.Now()
 	if err := e.topo.IP(e.topo.Router, "route", "del", "default"); err != nil {
 		t.Fatal(err)
 	}
-	e.waitFor("main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	e.waitFrom(deleted, "main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 }
 
 func grepLines(text, word string) string {
