@@ -150,6 +150,15 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 		stateDir: filepath.Join(dir, "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
 		cgroup: testutil.Cgroup(t)}
 	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, extra))
+	e.checkAtEnd()
+	return e
+}
+
+// checkAtEnd registers what every daemon test ends with: the daemon
+// stopped, no ERROR line in the logs of any of its processes (unless the
+// test provokes them), 'mhbpf down' clean, the pins gone.
+func (e *daemonEnv) checkAtEnd() {
+	t := e.t
 	t.Cleanup(func() {
 		e.stop()
 		all := strings.Join(append(e.logs, logOf(e.log)), "\n")
@@ -162,7 +171,6 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 		}
 		_ = os.RemoveAll(e.pinDir)
 	})
-	return e
 }
 
 func (e *daemonEnv) writeConfig(text string) {
