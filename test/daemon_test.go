@@ -743,12 +743,7 @@ uplinks = ["isp2"]
 	}
 	// Unconnected UDP over IPv6: the sendmsg6 hook picks isp2's source.
 	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
-		srv, err := e.topo.ServeSocat(ns, fmt.Sprintf("UDP6-RECVFROM:8006,bind=[%s],fork,reuseaddr", topology.Internet6),
-			"echo "+name+" $SOCAT_PEERADDR", "-Hlun", 8006)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(srv.Close)
+		serveUDPAnswers(t, ns, name, topology.Internet6, 8006)
 	}
 	got, err = e.topo.Socat(e.topo.Router, e.cgroup, "hello\n", fmt.Sprintf("UDP6-SENDTO:[%s]:8006", topology.Internet6))
 	if err != nil {
