@@ -89,6 +89,13 @@ func (d *Daemon) repairTC(ifname string, role maps.Role, uplink int) {
 	}
 	mode, err := d.dp.AttachTC(ifname, role, uplink)
 	if err != nil {
+		if _, lerr := d.nl.LinkByName(ifname); lerr != nil {
+			// The device itself went (pppd exited) between the check and
+			// the attach: its qdisc went with it. Nothing to repair; the
+			// pass that sees it absent takes it out.
+			d.log.Debug("tc programs gone with their interface", "interface", ifname, "gone", what)
+			return
+		}
 		d.log.Error("reattaching the tc programs", "interface", ifname, "gone", what, "error", err)
 		return
 	}
