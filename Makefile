@@ -47,11 +47,14 @@ testsum:
 	$(GO) build -o $(TESTSUM) ./scripts/testsum
 	@mkdir -p $(RESULTS)
 
+# One package at a time (-p 1): the privileged packages hold their tests
+# to the requirements' own limits (one second from the event to the new
+# route), which four of them at once on two cores would not measure.
 test-host: testsum
 	$(GO) vet ./...
 	@rm -f $(RESULTS)/host.jsonl
 	$(TESTSUM) -where host -record $(RESULTS)/host.jsonl -jsonfile $(RESULTS)/host.json -- \
-		$(GO) test -json -count=1 -timeout 20m ./...
+		$(GO) test -json -p 1 -count=1 -timeout 20m ./...
 	@# The daemon's coverage by its own tests (the plan's golden states, no
 	@# root); the real-kernel tests in test/ run the daemon as a binary.
 	$(GO) test -count=1 -cover ./internal/daemon/

@@ -7,11 +7,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
 	"github.com/mhbpf/mhbpf/internal/loader"
@@ -146,6 +150,15 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 		stateDir: filepath.Join(dir, "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
 		cgroup: testutil.Cgroup(t)}
 	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, extra))
+	e.checkAtEnd()
+	return e
+}
+
+// checkAtEnd registers what every daemon test ends with: the daemon
+// stopped, no ERROR line in the logs of any of its processes (unless the
+// test provokes them), 'mhbpf down' clean, the pins gone.
+func (e *daemonEnv) checkAtEnd() {
+	t := e.t
 	t.Cleanup(func() {
 		e.stop()
 		all := strings.Join(append(e.logs, logOf(e.log)), "\n")
@@ -158,7 +171,6 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 		}
 		_ = os.RemoveAll(e.pinDir)
 	})
-	return e
 }
 
 func (e *daemonEnv) writeConfig(text string) {
@@ -222,8 +234,16 @@ func (e *daemonEnv) kill9() {
 
 func (e *daemonEnv) waitFor(what string, limit time.Duration, ok func() bool) time.Duration {
 	e.t.Helper()
+	return e.waitFrom(time.Now(), what, limit, ok)
+}
+
+// waitFrom waits until ok, at most limit from start: the moment of the
+// event whose effect the limit is a requirement for (taken just before
+// the command that causes it), not the first poll, so that the time the
+// command itself took counts against the limit.
+func (e *daemonEnv) waitFrom(start time.Time, what string, limit time.Duration, ok func() bool) time.Duration {
+	e.t.Helper()
 	limit = testutil.Deadline(limit)
-	start := time.Now()
 	for time.Since(start) < limit {
 		if ok() {
 			return time.Since(start)
@@ -379,10 +399,11 @@ func TestDaemonRestoresMainRouteWhenAnUplinkVanishes(t *testing.T) {
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 
+	vanished := time.Now()
 	if err := e.topo.IP(e.topo.Router, "link", "del", "ppp0"); err != nil {
 		t.Fatal(err)
 	}
-	took := e.waitFor("main's default route via ppp1 alone", time.Second, func() bool { return e.mainVia("ppp1") })
+	took := e.waitFrom(vanished, "main's default route via ppp1 alone", time.Second, func() bool { return e.mainVia("ppp1") })
 	t.Logf("main route back over ppp1 %v after ppp0 vanished", took)
 	got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000)
 	if err != nil || got != "isp2 "+topology.LANHost.String() {
@@ -400,10 +421,11 @@ func TestDaemonRestoresDeletedRoute(t *testing.T) {
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 	for _, table := range []string{"main", "100"} {
+		deleted := time.Now()
 		if err := e.topo.IP(e.topo.Router, "route", "del", "default", "table", table); err != nil {
 			t.Fatal(err)
 		}
-		took := e.waitFor("default route of table "+table+" back", time.Second, func() bool {
+		took := e.waitFrom(deleted, "default route of table "+table+" back", time.Second, func() bool {
 			return strings.Contains(e.ip("route", "show", "default", "table", table), "default")
 		})
 		t.Logf("table %s: default route back after %v", table, took)
@@ -421,8 +443,9 @@ func TestDaemonTwoLinksAtOnce(t *testing.T) {
 			t.Fatalf("%v: %s", err, out)
 		}
 	}
+	down := time.Now()
 	batch("down")
-	e.waitFor("no default route with both links down", time.Second, func() bool { return e.mainVia() })
+	e.waitFrom(down, "no default route with both links down", time.Second, func() bool { return e.mainVia() })
 	for _, table := range []string{"100", "101"} {
 		if got := e.ip("route", "show", "table", table); strings.Contains(got, "default") {
 			t.Fatalf("table %s kept a route to a dead link: %s", table, got)
@@ -720,12 +743,7 @@ uplinks = ["isp2"]
 	}
 	// Unconnected UDP over IPv6: the sendmsg6 hook picks isp2's source.
 	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
-		srv, err := e.topo.ServeSocat(ns, fmt.Sprintf("UDP6-RECVFROM:8006,bind=[%s],fork,reuseaddr", topology.Internet6),
-			"echo "+name+" $SOCAT_PEERADDR", "-Hlun", 8006)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(srv.Close)
+		serveUDPAnswers(t, ns, name, topology.Internet6, 8006)
 	}
 	got, err = e.topo.Socat(e.topo.Router, e.cgroup, "hello\n", fmt.Sprintf("UDP6-SENDTO:[%s]:8006", topology.Internet6))
 	if err != nil {
@@ -753,13 +771,14 @@ func TestDaemonFollowsAddressChange(t *testing.T) {
 		return strings.Contains(e.ip("rule"), "from 100.64.1.2 lookup 101")
 	})
 	rt := e.topo.Router
+	changed := time.Now()
 	if err := e.topo.IP(rt, "addr", "del", "100.64.1.2/30", "dev", "ppp1"); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.topo.IP(rt, "addr", "add", "100.64.1.6/30", "dev", "ppp1"); err != nil {
 		t.Fatal(err)
 	}
-	took := e.waitFor("from rule of the new address", time.Second, func() bool {
+	took := e.waitFrom(changed, "from rule of the new address", time.Second, func() bool {
 		r := e.ip("rule")
 		return strings.Contains(r, "from 100.64.1.6 lookup 101") && !strings.Contains(r, "100.64.1.2")
 	})
@@ -819,20 +838,14 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
   timeout = "80ms"
   failures = 2
   successes = 1`, "")
-	// metrics_listen belongs in [global]: put it right after the header.
-	cfg, _ := os.ReadFile(e.cfgPath)
-	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1))
+	e.withMetrics()
 	srv, err := e.topo.Serve(e.topo.ISP1, "probe", topology.Internet, 8007)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
-	metrics := func() string {
-		cmd := e.inRouter("sh", "-c", `printf 'GET /metrics HTTP/1.0\r\n\r\n' | socat -T2 - TCP:127.0.0.1:9477`)
-		b, _ := cmd.CombinedOutput()
-		return string(b)
-	}
+	metrics := e.metricsText
 	if m := metrics(); !strings.Contains(m, `mhbpf_uplink_up{interface="ppp0",uplink="isp1"} 1`) {
 		t.Fatalf("metrics:\n%s", m)
 	}
@@ -938,11 +951,14 @@ func TestDaemonTeardownOnExit(t *testing.T) {
 	}
 }
 
-// The capabilities the systemd unit grants are enough: the daemon runs
-// with only CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW in its
-// bounding set, converges, and steers.
+// The daemon runs with exactly the capabilities the systemd unit grants:
+// the sets the kernel shows for the running process are the ones systemd
+// would give it (root, no User=: bounding, permitted and effective are
+// CapabilityBoundingSet; inheritable and ambient are AmbientCapabilities),
+// and with them it converges and steers.
 func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
 	wrap, caps := unitCapabilities(t)
+	want := unitCapSets(t)
 	e := newDaemonEnv(t, "", "")
 	e.wrap = wrap
 	srv, err := e.topo.Serve(e.topo.ISP2, "isp2", topology.Internet, 8000)
@@ -960,37 +976,119 @@ func TestDaemonRunsWithUnitCapabilities(t *testing.T) {
 	if got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, 8000); err != nil {
 		t.Fatalf("LAN traffic: %q, %v\n%s", got, err, e.log.String())
 	}
-	if out, _ := exec.Command("grep", "Cap", fmt.Sprintf("/proc/%d/status", e.cmd.Process.Pid)).CombinedOutput(); !strings.Contains(string(out), "CapBnd") {
-		t.Fatalf("cannot read the daemon's capabilities: %s", out)
-	} else {
-		t.Logf("%s", out)
+	// Read after the first pass and after traffic: a daemon that dropped
+	// or gained a capability on the way shows it here.
+	got := processCapSets(t, e.cmd.Process.Pid)
+	for _, set := range []string{"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} {
+		if got[set] != want[set] {
+			t.Errorf("%s of the running daemon: %#016x (%s), the unit grants %#016x (%s)", set,
+				got[set], capNames(got[set]), want[set], capNames(want[set]))
+		}
 	}
 	if strings.Contains(e.log.String(), "level=ERROR") {
 		t.Fatalf("errors with the unit's capabilities:\n%s", e.log.String())
 	}
 }
 
-// unitCapabilities is the wrapper that runs the daemon with only the
-// capabilities the systemd unit grants in its bounding set, and those.
-func unitCapabilities(t *testing.T) (wrap, caps []string) {
-	t.Helper()
-	unit, err := os.ReadFile("../dist/mhbpf.service")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(unit), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
-			caps = strings.Fields(v)
+// capBits are the capabilities a unit may name, by their bit.
+var capBits = map[string]uint{
+	"CAP_CHOWN": unix.CAP_CHOWN, "CAP_DAC_OVERRIDE": unix.CAP_DAC_OVERRIDE, "CAP_DAC_READ_SEARCH": unix.CAP_DAC_READ_SEARCH,
+	"CAP_FOWNER": unix.CAP_FOWNER, "CAP_KILL": unix.CAP_KILL, "CAP_SETGID": unix.CAP_SETGID, "CAP_SETUID": unix.CAP_SETUID,
+	"CAP_SETPCAP": unix.CAP_SETPCAP, "CAP_NET_BIND_SERVICE": unix.CAP_NET_BIND_SERVICE, "CAP_NET_BROADCAST": unix.CAP_NET_BROADCAST,
+	"CAP_NET_ADMIN": unix.CAP_NET_ADMIN, "CAP_NET_RAW": unix.CAP_NET_RAW, "CAP_IPC_LOCK": unix.CAP_IPC_LOCK,
+	"CAP_SYS_MODULE": unix.CAP_SYS_MODULE, "CAP_SYS_PTRACE": unix.CAP_SYS_PTRACE, "CAP_SYS_ADMIN": unix.CAP_SYS_ADMIN,
+	"CAP_SYS_RESOURCE": unix.CAP_SYS_RESOURCE, "CAP_SYS_NICE": unix.CAP_SYS_NICE, "CAP_PERFMON": unix.CAP_PERFMON,
+	"CAP_BPF": unix.CAP_BPF, "CAP_CHECKPOINT_RESTORE": unix.CAP_CHECKPOINT_RESTORE,
+}
+
+func capNames(mask uint64) string {
+	var names []string
+	for name, bit := range capBits {
+		if mask&(1<<bit) != 0 {
+			names = append(names, name)
+			mask &^= 1 << bit
 		}
 	}
+	sort.Strings(names)
+	if mask != 0 {
+		names = append(names, fmt.Sprintf("%#x", mask))
+	}
+	return strings.Join(names, " ")
+}
+
+// unitCapSets are the capability sets systemd gives the unit's process
+// (it runs as root: no User=).
+func unitCapSets(t *testing.T) map[string]uint64 {
+	t.Helper()
+	mask := func(key string) uint64 {
+		var m uint64
+		for _, name := range unitList(t, key) {
+			bit, ok := capBits[name]
+			if !ok {
+				t.Fatalf("dist/mhbpf.service: %s names %s, which this test does not know", key, name)
+			}
+			m |= 1 << bit
+		}
+		return m
+	}
+	bnd := mask("CapabilityBoundingSet")
+	amb := mask("AmbientCapabilities") & bnd
+	return map[string]uint64{"CapBnd": bnd, "CapPrm": bnd, "CapEff": bnd, "CapInh": amb, "CapAmb": amb}
+}
+
+// processCapSets reads the capability sets of a process from the kernel.
+func processCapSets(t *testing.T, pid int) map[string]uint64 {
+	t.Helper()
+	status := readFile(t, fmt.Sprintf("/proc/%d/status", pid))
+	sets := map[string]uint64{}
+	for _, line := range strings.Split(status, "\n") {
+		key, v, ok := strings.Cut(line, ":")
+		if !ok || !strings.HasPrefix(key, "Cap") {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		if err != nil {
+			t.Fatalf("/proc/%d/status: %q: %v", pid, line, err)
+		}
+		sets[key] = n
+	}
+	if len(sets) != 5 {
+		t.Fatalf("/proc/%d/status: capability sets %v, want CapInh CapPrm CapEff CapBnd CapAmb\n%s", pid, sets, status)
+	}
+	return sets
+}
+
+// unitList is the value of a list setting of the unit, e.g.
+// CapabilityBoundingSet.
+func unitList(t *testing.T, key string) []string {
+	t.Helper()
+	var list []string
+	for _, line := range strings.Split(readFile(t, "../dist/mhbpf.service"), "\n") {
+		if v, ok := strings.CutPrefix(line, key+"="); ok {
+			list = append(list, strings.Fields(v)...)
+		}
+	}
+	return list
+}
+
+// unitCapabilities is the wrapper that runs the daemon as systemd runs the
+// unit, capability-wise (bounding set, inheritable and ambient sets), and
+// the bounding set's names.
+func unitCapabilities(t *testing.T) (wrap, caps []string) {
+	t.Helper()
+	caps = unitList(t, "CapabilityBoundingSet")
 	if len(caps) == 0 {
 		t.Fatal("the unit sets no CapabilityBoundingSet")
 	}
-	set := "-all"
-	for _, c := range caps {
-		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	set := func(names []string) string {
+		s := "-all"
+		for _, c := range names {
+			s += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+		}
+		return s
 	}
-	return []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all"}, caps
+	amb := set(unitList(t, "AmbientCapabilities"))
+	return []string{"setpriv", "--bounding-set=" + set(caps), "--inh-caps=" + amb, "--ambient-caps=" + amb}, caps
 }
 
 // The unit file is valid for systemd.
@@ -1041,10 +1139,11 @@ func TestDaemonSurvivesNetlinkOverflow(t *testing.T) {
 	})
 	t.Logf("%s", grepLines(e.log.String(), "netlink"))
 	// Still converging: a deleted route comes back.
+	deleted := time.Now()
 	if err := e.topo.IP(e.topo.Router, "route", "del", "default"); err != nil {
 		t.Fatal(err)
 	}
-	e.waitFor("main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	e.waitFrom(deleted, "main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 }
 
 func grepLines(text, word string) string {

@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -147,6 +148,12 @@ func (e *daemonEnv) tcPrograms(mode, ifname string, egress bool) string {
 // newFlows is the datapath's count of new flows given to an uplink.
 func (e *daemonEnv) newFlows(id int) uint64 {
 	e.t.Helper()
+	return e.uplinkCounters(id).NewFlows
+}
+
+// uplinkCounters are the datapath's counters of an uplink (by its slot).
+func (e *daemonEnv) uplinkCounters(id int) maps.Counters {
+	e.t.Helper()
 	m, err := loader.OpenPinned(e.pinDir)
 	if err != nil {
 		e.t.Fatal(err)
@@ -156,7 +163,7 @@ func (e *daemonEnv) newFlows(id int) uint64 {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return c.NewFlows
+	return c
 }
 
 // steered: a LAN connection to the internet takes isp2, its policy's

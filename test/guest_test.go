@@ -305,11 +305,7 @@ last_resort = "unreachable"
 		}
 		t.Cleanup(srv.Close)
 	}
-	srv, err := e.topo.ServeUDP(e.topo.ISP1, "isp1", topology.Internet, 53)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Close)
+	serveUDPAnswers(t, e.topo.ISP1, "isp1", topology.Internet, 53)
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 

@@ -44,33 +44,41 @@ func serveGreetEcho(t *testing.T, e *daemonEnv, port uint16) {
 
 // serveUDP starts, in each ISP, a UDP server on the internet address that
 // answers every datagram with its name and the peer it sees: each answer
-// tells the uplink that datagram left by. It is a socket of this process,
-// made in the ISP's namespace (socat's forking UDP server loses a few
-// answers in a hundred, which would read as a routing failure here).
+// tells the uplink that datagram left by.
 func serveUDP(t *testing.T, e *daemonEnv, port uint16) {
 	t.Helper()
 	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
-		var pc net.PacketConn
-		var err error
-		testutil.InNetNS(t, ns, func() {
-			pc, err = net.ListenPacket("udp4", netip.AddrPortFrom(topology.Internet, port).String())
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { pc.Close() })
-		go func() {
-			b := make([]byte, 1500)
-			for {
-				_, from, err := pc.ReadFrom(b)
-				if err != nil {
-					return // closed
-				}
-				peer := netip.MustParseAddrPort(from.String())
-				_, _ = pc.WriteTo([]byte(name+" "+peer.Addr().String()+"\n"), from)
-			}
-		}()
+		serveUDPAnswers(t, ns, name, topology.Internet, port)
 	}
+}
+
+// serveUDPAnswers starts a UDP server in namespace ns on addr:port that
+// answers every datagram with its name and the peer it sees. It is a
+// socket of this process, made in that namespace: socat's forking UDP
+// server (topology.ServeUDP) loses a few answers in a hundred, which would
+// read as a routing failure.
+func serveUDPAnswers(t *testing.T, ns, name string, addr netip.Addr, port uint16) {
+	t.Helper()
+	var pc net.PacketConn
+	var err error
+	testutil.InNetNS(t, ns, func() {
+		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(addr, port).String())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		b := make([]byte, 1500)
+		for {
+			_, from, err := pc.ReadFrom(b)
+			if err != nil {
+				return // closed
+			}
+			peer := netip.MustParseAddrPort(from.String())
+			_, _ = pc.WriteTo([]byte(name+" "+peer.Addr().String()+"\n"), from)
+		}
+	}()
 }
 
 // lanConn is a TCP connection or a connected UDP socket of the LAN host,

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -117,16 +118,18 @@ destinations = ["203.0.113.10/32"]
 protocol = "tcp"
 ports = [8001]
 uplinks = ["isp2"]
+
+[[policy]]
+name = "to-isp1"
+destinations = ["203.0.113.10/32"]
+protocol = "tcp"
+ports = [8002]
+uplinks = ["isp1"]
+last_resort = "unreachable"
 `, e.pinDir, e.stateDir, e.cgroup))
-	t.Cleanup(func() {
-		e.stop()
-		if out, err := e.mhbpf("down"); err != nil {
-			t.Errorf("mhbpf down: %v\n%s", err, out)
-		}
-		_ = os.RemoveAll(e.pinDir)
-	})
+	e.checkAtEnd() // no ERROR in the daemon's log, 'mhbpf down' clean
 	for ns, name := range map[string]string{topo.ISP1: "isp1", topo.ISP2: "isp2"} {
-		for _, port := range []uint16{8000, 8001} {
+		for _, port := range []uint16{8000, 8001, 8002} {
 			srv, err := topo.Serve(ns, name, topology.Internet, port)
 			if err != nil {
 				t.Fatal(err)
@@ -136,11 +139,39 @@ uplinks = ["isp2"]
 	}
 	e.start()
 	e.waitFor("multipath over the ppp links", 10*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
-	if st, _ := e.mhbpf("status"); !strings.Contains(st, "tc mode") {
-		t.Fatalf("status: %s", st)
-	} else {
-		t.Logf("%s", st)
+	// The attach path is the kernel's: clsact before 6.6 (the VM's 6.1),
+	// tcx from 6.6 on; the status and the log say which.
+	mode := string(loader.ModeTCX)
+	if !testutil.KernelAtLeast(6, 6) {
+		mode = string(loader.ModeClsact)
 	}
+	st, _ := e.mhbpf("status")
+	t.Logf("%s", st)
+	if !strings.Contains(st, "tc mode "+mode+",") || e.tcMode() != mode {
+		t.Fatalf("kernel %s: want tc mode %s; log says %s, status:\n%s", testutil.KernelRelease(), mode, e.tcMode(), st)
+	}
+	upIn := "uplink_ingress"
+	if mode == string(loader.ModeClsact) {
+		upIn = "mhbpf_uplink"
+	}
+	// isp1 by policy: the server says isp1, and the program on ppp0 counted
+	// the answer (what arrived on ppp0 went through it).
+	viaISP1 := func(when string) {
+		t.Helper()
+		before := e.uplinkCounters(0)
+		got, err := topo.Dial(topo.LAN, "", topology.Internet, 8002)
+		if err != nil || got != "isp1 "+topology.LANHost.String() {
+			t.Fatalf("%s: LAN by policy to isp1: %q, %v", when, got, err)
+		}
+		after := e.uplinkCounters(0)
+		if after.RxPackets <= before.RxPackets || after.NewFlows <= before.NewFlows {
+			t.Fatalf("%s: isp1's counters %+v -> %+v: ppp0's program saw nothing of the connection", when, before, after)
+		}
+		if progs := e.tcPrograms(mode, "ppp0", false); !strings.Contains(progs, upIn) {
+			t.Fatalf("%s: ppp0 ingress has %q, want %s", when, progs, upIn)
+		}
+	}
+	viaISP1("at the start")
 
 	// A LAN host by policy to isp2, through ppp1's L3 framing both ways.
 	got, err := topo.Dial(topo.LAN, "", topology.Internet, 8001)
@@ -171,4 +202,11 @@ uplinks = ["isp2"]
 		t.Fatal(err)
 	}
 	e.waitFor("multipath again", 10*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	// The new ppp0 carries traffic through mhbpf's program again: attached
+	// to the new device, and chosen.
+	viaISP1("after pppd came back")
+	got, err = topo.Dial(rt, e.cgroup, topology.Internet, 8002)
+	if err != nil || got != "isp1 "+topology.ISP1Local.String() {
+		t.Fatalf("router by policy to isp1 after pppd came back: %q, %v", got, err)
+	}
 }

@@ -398,6 +398,7 @@ func TestProbeReloadKeepsOrRestartsVerdicts(t *testing.T) {
 	}
 
 	// Back to a target that answers: in use after its first answer.
+	reloaded := time.Now()
 	e.reloadWith(live)
-	e.waitFor("isp1 back", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	e.waitFrom(reloaded, "isp1 back", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 }

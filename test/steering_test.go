@@ -219,11 +219,7 @@ func TestLocalConnectionLeavesByChosenUplinkWithItsAddress(t *testing.T) {
 func TestLocalUDPAndForeignMarkedSockets(t *testing.T) {
 	s := newScenario(t)
 	for ns, name := range map[string]string{s.topo.ISP1: "isp1", s.topo.ISP2: "isp2"} {
-		srv, err := s.topo.ServeUDP(ns, name, topology.Internet, 8003)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(srv.Close)
+		serveUDPAnswers(t, ns, name, topology.Internet, 8003)
 		tcp, err := s.topo.Serve(ns, name, topology.Internet, 8004)
 		if err != nil {
 			t.Fatal(err)
@@ -414,16 +410,11 @@ func TestSocketsOfOtherNetnsAreLeftAlone(t *testing.T) {
 	ctr, peer := s.container(t)
 	for _, port := range []uint16{8010, 8011} {
 		for _, addr := range []netip.Addr{containerPeer, containerPeer6} {
-			var srv *topology.Server
-			var err error
-			if port == 8010 {
-				srv, err = s.topo.Serve(peer, "peer", addr, port)
-			} else if addr.Is4() {
-				srv, err = s.topo.ServeUDP(peer, "peer", addr, port)
-			} else {
-				srv, err = s.topo.ServeSocat(peer, fmt.Sprintf("UDP6-RECVFROM:%d,bind=[%s],fork,reuseaddr", port, addr),
-					"echo peer $SOCAT_PEERADDR", "-Hlun", port)
+			if port == 8011 {
+				serveUDPAnswers(t, peer, "peer", addr, port)
+				continue
 			}
+			srv, err := s.topo.Serve(peer, "peer", addr, port)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -431,11 +422,7 @@ func TestSocketsOfOtherNetnsAreLeftAlone(t *testing.T) {
 		}
 	}
 	for ns, name := range map[string]string{s.topo.ISP1: "isp1", s.topo.ISP2: "isp2"} {
-		srv, err := s.topo.ServeUDP(ns, name, topology.Internet, 8011)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(srv.Close)
+		serveUDPAnswers(t, ns, name, topology.Internet, 8011)
 		tcp, err := s.topo.Serve(ns, name, topology.Internet, 8010)
 		if err != nil {
 			t.Fatal(err)

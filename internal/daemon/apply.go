@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -180,12 +181,21 @@ func (a *applier) apply(p Plan, s Snapshot) {
 	}
 }
 
+// errInterfaceGone: an attach failed because its interface no longer
+// exists (an Attacher wraps it).
+var errInterfaceGone = errors.New("interface gone")
+
 func (a *applier) attach(at Attach) {
 	if at.Stale != 0 {
 		_ = a.sys.Datapath.DeleteIface(at.Stale) // the device that had this name is gone
 	}
 	mode, err := a.sys.Attacher.AttachTC(at.Interface, at.Role, at.Uplink)
 	key := "attach " + at.Interface
+	if errors.Is(err, errInterfaceGone) {
+		// Nothing to repair: the pass that sees it absent takes it out.
+		a.log.Debug("tc programs gone with their interface", "interface", at.Interface, "gone", at.Gone)
+		return
+	}
 	if err != nil {
 		if at.Gone != "" {
 			a.fail(key, err, "reattaching the tc programs", "interface", at.Interface, "gone", at.Gone)

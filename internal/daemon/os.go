@@ -21,7 +21,15 @@ import (
 type kernelAttacher struct{ dp *loader.Datapath }
 
 func (k kernelAttacher) AttachTC(ifname string, role maps.Role, uplink int) (loader.Mode, error) {
-	return k.dp.AttachTC(ifname, role, uplink)
+	mode, err := k.dp.AttachTC(ifname, role, uplink)
+	if err != nil {
+		if _, lerr := netlink.LinkByName(ifname); lerr != nil {
+			// The device itself went (pppd exited) between the
+			// observation and the attach, its qdisc with it.
+			return mode, fmt.Errorf("%w: %v", errInterfaceGone, err)
+		}
+	}
+	return mode, err
 }
 
 func (k kernelAttacher) ReattachCgroup() (string, error) {
