@@ -236,9 +236,10 @@ func setVariable(s *ebpf.CollectionSpec, name string, v any) error {
 
 // CurrentNetnsCookie is the cookie of the calling thread's network
 // namespace, as the kernel reports it for a socket made there
-// (SO_NETNS_COOKIE, Linux 5.14): the value Options.NetnsCookie wants for
-// "this namespace". A kernel that cannot report it is an error, not a
-// reason to steer every namespace.
+// (SO_NETNS_COOKIE, Linux 5.14; before that through a BPF program, see
+// netnsCookieByProgram): the value Options.NetnsCookie wants for "this
+// namespace". A kernel that cannot report it is an error, not a reason to
+// steer every namespace.
 func CurrentNetnsCookie() (uint64, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -247,8 +248,12 @@ func CurrentNetnsCookie() (uint64, error) {
 	defer unix.Close(fd)
 	v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if errors.Is(err, unix.ENOPROTOOPT) {
-		return 0, fmt.Errorf("network namespace cookie: the kernel has no SO_NETNS_COOKIE (Linux 5.14 or later): " +
-			"the socket hooks cannot be limited to this network namespace")
+		v, err := netnsCookieByProgram()
+		if err != nil {
+			return 0, fmt.Errorf("network namespace cookie: the kernel has no SO_NETNS_COOKIE (Linux 5.14) and "+
+				"bpf_get_netns_cookie failed: %w: the socket hooks cannot be limited to this network namespace", err)
+		}
+		return v, nil
 	}
 	if err != nil {
 		return 0, fmt.Errorf("network namespace cookie: getsockopt SO_NETNS_COOKIE: %w", err)
