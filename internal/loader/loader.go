@@ -121,15 +121,11 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	uplinkSpec, err := bpf.LoadUplink()
+	feat, err := ProbeFeatures()
 	if err != nil {
 		return nil, err
 	}
-	lanSpec, err := bpf.LoadLan()
-	if err != nil {
-		return nil, err
-	}
-	sockSpec, err := bpf.LoadSock()
+	uplinkSpec, lanSpec, sockSpec, err := loadSpecs(feat)
 	if err != nil {
 		return nil, err
 	}
@@ -139,6 +135,9 @@ func Load(o Options) (*Datapath, error) {
 		}
 	}
 	if err := setVariable(sockSpec, "netns_cookie", opts.NetnsCookie); err != nil {
+		return nil, err
+	}
+	if err := setVariable(sockSpec, "sendmsg_setsockopt", feat.SendmsgSetsockopt); err != nil {
 		return nil, err
 	}
 	collOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)}}
@@ -162,6 +161,31 @@ func Load(o Options) (*Datapath, error) {
 		return nil, loadError("sock", err)
 	}
 	return d, nil
+}
+
+// loadSpecs reads the objects made for this kernel's features: without
+// bpf_loop, the *Compat builds of those that walk the policy, and every
+// function verified as a static one.
+func loadSpecs(f Features) (uplink, lan, sock *ebpf.CollectionSpec, err error) {
+	loadLan, loadSock := bpf.LoadLan, bpf.LoadSock
+	if !f.BPFLoop {
+		loadLan, loadSock = bpf.LoadLanCompat, bpf.LoadSockCompat
+	}
+	if uplink, err = bpf.LoadUplink(); err != nil {
+		return nil, nil, nil, err
+	}
+	if lan, err = loadLan(); err != nil {
+		return nil, nil, nil, err
+	}
+	if sock, err = loadSock(); err != nil {
+		return nil, nil, nil, err
+	}
+	if !f.BPFLoop {
+		for _, s := range []*ebpf.CollectionSpec{uplink, lan, sock} {
+			useStaticFunctions(s)
+		}
+	}
+	return uplink, lan, sock, nil
 }
 
 func loadError(obj string, err error) error {

@@ -129,4 +129,3 @@ func cgroup2Mount() (string, error) {
 	}
 	return "", errors.New("no cgroup2 file system mounted")
 }
-
