@@ -151,3 +151,31 @@ func haveSendmsgSetsockopt() (bool, error) {
 	prog.Close()
 	return true, nil
 }
+
+// FeatureReport is one feature as `mhbpf kernel` and the README's kernel
+// table show it.
+type FeatureReport struct {
+	Name    string `json:"name"`
+	Since   string `json:"since"`
+	Have    bool   `json:"have"`
+	Without string `json:"without"`
+}
+
+// Report lists the features with the kernel that brings each and what the
+// datapath does without it.
+func (f Features) Report() []FeatureReport {
+	return []FeatureReport{
+		{"bpf_loop", "5.17", f.BPFLoop, "policy rules walked in a bounded loop, functions verified at each call (the Compat objects)"},
+		{"tcx", "6.6", f.TCX, "tc programs on a clsact qdisc as cls_bpf filters"},
+		{"SO_NETNS_COOKIE", "5.14", f.NetnsCookieSockopt, "the daemon's namespace cookie read by a one-connect cgroup program"},
+		{"bpf_setsockopt in sendmsg hooks", "after 5.10", f.SendmsgSetsockopt, "unconnected UDP steered by its source address only, its socket not marked"},
+	}
+}
+
+// TCMode is how tc programs attach on this kernel.
+func (f Features) TCMode() Mode {
+	if f.TCX {
+		return ModeTCX
+	}
+	return ModeClsact
+}
