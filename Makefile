@@ -70,8 +70,10 @@ test-host: testsum
 VM_EXEC = $(CURDIR)/test/vm/vm.sh
 VM_KERNELS = 5.10.0-46-amd64 6.1.0-56-amd64 6.12.117+deb12-amd64
 VM_PACKAGES = ./bpf/ ./internal/loader/ ./internal/routing/
-VM_TESTS = TestPPPUplinks TestDaemonRestoresMainRouteWhenAnUplinkVanishes TestLANConnectionLeavesByChosenUplink \
-	TestDaemonRepairsDetachedTC TestSpoofedPacketCannotRewritePolicy TestHairpinAndAnswersBeatSpecificRoutes
+VM_TESTS = TestPPPUplinks TestOpenVPNOverPPPFollowsPolicy TestDaemonRestoresMainRouteWhenAnUplinkVanishes \
+	TestLANConnectionLeavesByChosenUplink TestLocalUDPAndForeignMarkedSockets TestDaemonRepairsDetachedTC \
+	TestSpoofedPacketCannotRewritePolicy TestHairpinAndAnswersBeatSpecificRoutes \
+	TestDaemonRestartKeepsFlows TestDaemonHealthTakesOutSilentlyDeadUplink
 empty :=
 space := $(empty) $(empty)
 # vm-MAJOR.MINOR of a kernel release
