@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -50,6 +51,10 @@ func ProbeFeatures() (Features, error) {
 
 func probeFeatures() (Features, error) {
 	var f Features
+	// Before 5.11 BPF memory counts against RLIMIT_MEMLOCK.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return f, fmt.Errorf("remove memlock limit: %w", err)
+	}
 	var err error
 	if f.BPFLoop, err = have(features.HaveProgramHelper(ebpf.SchedCLS, asm.FnLoop)); err != nil {
 		return f, fmt.Errorf("probe bpf_loop: %w", err)

@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,6 +25,9 @@ import (
 // only for that socket (by its socket cookie, SO_COOKIE), so a connect of
 // another process meanwhile records nothing.
 func netnsCookieByProgram() (uint64, error) {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return 0, fmt.Errorf("remove memlock limit: %w", err)
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return 0, fmt.Errorf("socket: %w", err)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/rlimit"
 )
 
 // ProgramStats is the verifier's view of one program on this kernel.
@@ -30,6 +31,9 @@ var (
 // verifier says of each: the programs nearest a limit show here before a
 // change breaks an old kernel.
 func VerifierStats() ([]ProgramStats, error) {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("remove memlock limit: %w", err)
+	}
 	feat, err := ProbeFeatures()
 	if err != nil {
 		return nil, err
