@@ -31,7 +31,7 @@ type Features struct {
 	// SO_NETNS_COOKIE. Without it, through bpf_get_netns_cookie in a
 	// one-connect cgroup program (netnsCookieByProgram).
 	NetnsCookieSockopt bool
-	// SendmsgSetsockopt (after 5.10; 6.1 has it): the sendmsg hooks set
+	// SendmsgSetsockopt (after 5.10, 6.1 or earlier: the exact version is not established): the sendmsg hooks set
 	// the socket's mark. Without it they choose only the datagram's source
 	// address (which the uplink's "from" rule routes by).
 	SendmsgSetsockopt bool
@@ -173,7 +173,7 @@ func (f Features) Report() []FeatureReport {
 		{"bpf_loop", "5.17", f.BPFLoop, "policy rules walked in a bounded loop, functions verified at each call (the Compat objects)"},
 		{"tcx", "6.6", f.TCX, "tc programs on a clsact qdisc as cls_bpf filters"},
 		{"SO_NETNS_COOKIE", "5.14", f.NetnsCookieSockopt, "the daemon's namespace cookie read by a one-connect cgroup program"},
-		{"bpf_setsockopt in sendmsg hooks", "after 5.10", f.SendmsgSetsockopt, "unconnected UDP steered by its source address only, its socket not marked"},
+		{"bpf_setsockopt in sendmsg hooks", "6.1 or earlier (not 5.10)", f.SendmsgSetsockopt, "unconnected UDP steered by its source address only, its socket not marked"},
 	}
 }
 
