@@ -594,6 +594,7 @@ func TestInboundPacketsCannotRewritePolicy(t *testing.T) {
 			// What lan_egress must not take for a port forward: a packet
 			// without the answer bit, or one that did not come in on an
 			// uplink (the box's own, with a reflected mark).
+			requireTestRunIngressIfindex(t, e.d.LANEgressProgram())
 			n := e.flowCount()
 			fwd := packet.Packet{Src: ap(c.remote, 25), Dst: ap(src, 2525), Proto: c.proto, TCPFlags: packet.TCPSyn}
 			runCtx(t, e.d.LANEgressProgram(), fwd.Bytes(), skbContext{Mark: markISP2, IngressIfindex: wanIfindex})
