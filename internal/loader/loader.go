@@ -489,7 +489,7 @@ func detachTCXDir(pinDir, ifname string, dir direction) error {
 		return os.Remove(pin)
 	}
 	defer l.Close()
-	return l.Unpin()
+	return unpinAndDetach(l)
 }
 
 // detachEgress removes mhbpf's egress program from ifname, tcx or cls_bpf.
@@ -556,6 +556,20 @@ func (d *Datapath) DetachCgroup() error {
 	return errors.Join(errs...)
 }
 
+// unpinAndDetach removes a link's pin and detaches it at once. Without the
+// detach its program stays attached until the pin's inode goes, after an
+// RCU grace period and a workqueue run (BPF_LINK_DETACH: 5.9): seen on
+// 5.10 in the VM as a socket hook still attached after 'mhbpf down'.
+func unpinAndDetach(l link.Link) error {
+	if err := l.Unpin(); err != nil {
+		return err
+	}
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("detach: %w", err)
+	}
+	return nil
+}
+
 func unpinLink(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
@@ -565,5 +579,5 @@ func unpinLink(pin string) error {
 		return os.Remove(pin)
 	}
 	defer l.Close()
-	return l.Unpin()
+	return unpinAndDetach(l)
 }
