@@ -179,7 +179,7 @@ boot() {
 # is never run twice.
 for attempt in 1 2 3; do
 	boot
-	[ -f "$R/started" ] && break
+	[ -f "$R/started" ] || [ -f "$R/rc" ] && break
 	echo "vm.sh: kernel $KVER died before the command started (boot $attempt of 3); console:" >&2
 	grep -E 'Oops|panic|RIP' "$R/console.log" | head -5 >&2 || true
 done
