@@ -87,6 +87,7 @@ test-vm: build testsum
 test-vm-kernel: export MHBPF_VM_KERNEL = $(VM_KERNEL)
 test-vm-kernel:
 	@echo "=== VM kernel $(VM_KERNEL) ($(call vm_where,$(VM_KERNEL)))"
+	@rm -f $(RESULTS)/$(call vm_where,$(VM_KERNEL)).jsonl
 	$(VM_EXEC) sh -c '$(CURDIR)/bin/mhbpf kernel --verifier >&2 && $(CURDIR)/bin/mhbpf kernel --json' > $(RESULTS)/kernel-$(call vm_where,$(VM_KERNEL)).json
 	$(TESTSUM) -where $(call vm_where,$(VM_KERNEL)) -require-tests -record $(RESULTS)/$(call vm_where,$(VM_KERNEL)).jsonl -jsonfile $(RESULTS)/$(call vm_where,$(VM_KERNEL))-packages.json -- \
 		$(GO) test -json -p 1 -count=1 -timeout 30m -exec $(VM_EXEC) $(VM_PACKAGES)
