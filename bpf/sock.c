@@ -15,6 +15,11 @@
  * so an object loaded without it steers nothing. */
 volatile const __u64 netns_cookie = 0;
 
+/* Whether the sendmsg hooks may call bpf_setsockopt: Linux 5.10 allows it
+ * only in the connect hooks, and the loader clears this there (the dead
+ * call is then never verified); the source address still steers. */
+volatile const __u8 sendmsg_setsockopt = 1;
+
 static __always_inline bool other_netns(struct bpf_sock_addr *ctx)
 {
 	return bpf_get_netns_cookie(ctx) != netns_cookie;
@@ -72,7 +77,8 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct target *t, in
 		return 1;
 
 	__u32 mark = apply_mark(ctx->sk->mark, c.mark);
-	bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+	if (hook == CONNECT || sendmsg_setsockopt)
+		bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
 	if (c.uplink >= 0) {
 		count_new_flow(c.uplink);
 		/* Only for a native-family destination: a mapped IPv4 address on

@@ -208,6 +208,7 @@ const (
 	SockVarMarkReply         = "mark_reply"
 	SockVarMarkStrict        = "mark_strict"
 	SockVarNetnsCookie       = "netns_cookie"
+	SockVarSendmsgSetsockopt = "sendmsg_setsockopt"
 	SockVarStickyNs          = "sticky_ns"
 )
 
@@ -291,6 +292,7 @@ type SockVariableSpecs struct {
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.VariableSpec `ebpf:"netns_cookie"`
+	SendmsgSetsockopt *ebpf.VariableSpec `ebpf:"sendmsg_setsockopt"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -364,6 +366,7 @@ type SockVariables struct {
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.Variable `ebpf:"netns_cookie"`
+	SendmsgSetsockopt *ebpf.Variable `ebpf:"sendmsg_setsockopt"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

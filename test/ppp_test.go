@@ -48,45 +48,8 @@ func (l *pppLink) stop() {
 // device routes, no gateway), on a kernel with PPP — the VM suite's 6.1,
 // which also has no tcx, so the clsact attach path carries the traffic.
 func TestPPPUplinks(t *testing.T) {
-	testutil.RequireRoot(t)
-	if _, err := os.Stat("/dev/ppp"); err != nil {
-		t.Skipf("SKIPPED LOUDLY: kernel %s has no PPP (/dev/ppp); this test runs in the VM suite (make test-vm)", testutil.KernelRelease())
-	}
-	if _, err := exec.LookPath("pppd"); err != nil {
-		t.Fatal("pppd is not installed (make deps installs it)")
-	}
-	topo, err := topology.Build() // ppp0/ppp1 veths are replaced by pppd below
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(topo.Close)
+	topo, isp1, waitDev := pppUplinks(t)
 	rt := topo.Router
-	for _, dev := range []string{"ppp0", "ppp1"} {
-		if err := topo.IP(rt, "link", "del", dev); err != nil {
-			t.Fatal(err)
-		}
-	}
-	isp1 := startPPP(t, rt, topo.ISP1, 0, "100.64.0.2", "100.64.0.1")
-	startPPP(t, rt, topo.ISP2, 1, "100.64.1.2", "100.64.1.1")
-	waitDev := func(ns, dev string) {
-		t.Helper()
-		for start := time.Now(); time.Since(start) < 30*time.Second; time.Sleep(100 * time.Millisecond) {
-			if out, _ := exec.Command("ip", "-n", ns, "-br", "addr", "show", "dev", dev).CombinedOutput(); strings.Contains(string(out), "100.64.") {
-				return
-			}
-		}
-		log, _ := os.ReadFile(isp1.log)
-		t.Fatalf("%s did not come up in %s; pppd log:\n%s", dev, ns, log)
-	}
-	waitDev(rt, "ppp0")
-	waitDev(rt, "ppp1")
-	waitDev(topo.ISP1, "ppp10")
-	waitDev(topo.ISP2, "ppp11")
-	for ns, dev := range map[string]string{topo.ISP1: "ppp10", topo.ISP2: "ppp11"} {
-		if err := topo.IP(ns, "route", "replace", topology.LANPrefix.String(), "dev", dev); err != nil {
-			t.Fatal(err)
-		}
-	}
 
 	e := &daemonEnv{t: t, topo: topo, bin: mhbpfBinary(t), cfgPath: filepath.Join(t.TempDir(), "mhbpf.toml"),
 		stateDir: filepath.Join(t.TempDir(), "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
@@ -209,4 +172,52 @@ last_resort = "unreachable"
 	if err != nil || got != "isp1 "+topology.ISP1Local.String() {
 		t.Fatalf("router by policy to isp1 after pppd came back: %q, %v", got, err)
 	}
+}
+
+// pppUplinks is the small topology with its ppp0 and ppp1 veths replaced by
+// real pppd sessions to the ISPs, up, with the ISPs' routes to the LAN over
+// them. waitDev waits for a ppp device of a namespace to have its address.
+func pppUplinks(t *testing.T) (topo *topology.Topology, isp1 *pppLink, waitDev func(ns, dev string)) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	if _, err := os.Stat("/dev/ppp"); err != nil {
+		t.Skipf("SKIPPED LOUDLY: kernel %s has no PPP (/dev/ppp); this test runs in the VM suite (make test-vm)", testutil.KernelRelease())
+	}
+	if _, err := exec.LookPath("pppd"); err != nil {
+		t.Fatal("pppd is not installed (make deps installs it)")
+	}
+	topo, err := topology.Build() // ppp0/ppp1 veths are replaced by pppd below
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(topo.Close)
+	rt := topo.Router
+	for _, dev := range []string{"ppp0", "ppp1"} {
+		if err := topo.IP(rt, "link", "del", dev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	isp1 = startPPP(t, rt, topo.ISP1, 0, "100.64.0.2", "100.64.0.1")
+	startPPP(t, rt, topo.ISP2, 1, "100.64.1.2", "100.64.1.1")
+	waitDev = func(ns, dev string) {
+		t.Helper()
+		for start := time.Now(); time.Since(start) < 30*time.Second; time.Sleep(100 * time.Millisecond) {
+			if out, _ := exec.Command("ip", "-n", ns, "-br", "addr", "show", "dev", dev).CombinedOutput(); strings.Contains(string(out), "100.64.") {
+				return
+			}
+		}
+		log, _ := os.ReadFile(isp1.log)
+		t.Fatalf("%s did not come up in %s; pppd log:\n%s", dev, ns, log)
+	}
+	waitDev(rt, "ppp0")
+	waitDev(rt, "ppp1")
+	waitDev(topo.ISP1, "ppp10")
+	waitDev(topo.ISP2, "ppp11")
+	for ns, dev := range map[string]string{topo.ISP1: "ppp10", topo.ISP2: "ppp11"} {
+		if err := topo.IP(ns, "route", "replace", topology.LANPrefix.String(), "dev", dev); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	return topo, isp1, waitDev
 }

@@ -145,7 +145,16 @@ static __always_inline struct policy *policy_lookup(const struct target *t, __u8
 	if (!m.candidates)
 		return &meta->dflt;
 
-	bpf_loop(meta->nrules < MAX_RULES ? meta->nrules : MAX_RULES, match_rule, &m, 0);
+	__u32 nrules = meta->nrules < MAX_RULES ? meta->nrules : MAX_RULES;
+#ifdef MHBPF_NO_BPF_LOOP
+	/* Kernels before 5.17 have no bpf_loop: the same walk as a bounded loop
+	 * (the *Compat objects, which the loader picks there). */
+	for (__u32 i = 0; i < MAX_RULES; i++)
+		if (i >= nrules || match_rule(i, &m))
+			break;
+#else
+	bpf_loop(nrules, match_rule, &m, 0);
+#endif
 	if (m.found < 0)
 		return &meta->dflt;
 	__u32 idx = gen * MAX_RULES + (m.found & (MAX_RULES - 1));
@@ -163,6 +172,29 @@ struct usable {
 	__u32 total;
 };
 
+/* 1 if v is not 0, 0 if it is, computed without a branch (the empty asm
+ * keeps clang from turning it back into one): the verifier sees one state
+ * with an unknown 0 or 1 instead of one per combination of up and down
+ * uplinks. Verified at each call, as the functions below are on kernels
+ * before 5.12 (see loader.useStaticFunctions), those combinations
+ * multiplied past the verifier's limit of a million instructions. */
+static __always_inline __u32 nonzero(__u32 v)
+{
+	__u64 x = v;
+
+	asm volatile("" : "+r"(x));
+	return (x + 0xffffffffULL) >> 32;
+}
+
+/* The smaller of a and b, without a branch (as nonzero). */
+static __always_inline __u32 min_nobranch(__u32 a, __u32 b)
+{
+	__s64 d = (__s64)a - (__s64)b;
+
+	asm volatile("" : "+r"(d));
+	return b + (d & (d >> 63));
+}
+
 /* The helpers below are global functions: each is verified once, alone,
  * which keeps the verifier's path count linear instead of multiplying the
  * branches of every loop. */
@@ -171,24 +203,28 @@ __attribute__((noinline)) int usable_entries(const struct policy *p, struct usab
 	if (!p || !u)
 		return -1;
 	__u8 up[MAX_POLICY_UPLINKS] = {};
+	__u32 tier = 255, total = 0;
 
-	u->tier = 255;
-	u->total = 0;
 	for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
 		if (i >= p->nentries)
 			break;
 		__u32 id = p->entries[i].uplink;
 		struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
-		up[i] = l && l->up && p->entries[i].weight;
-		if (up[i] && p->entries[i].tier < u->tier)
-			u->tier = p->entries[i].tier;
+		if (!l)
+			continue;
+		up[i] = nonzero(l->up) & nonzero(p->entries[i].weight);
+		/* an entry that is down counts as tier 255 */
+		tier = min_nobranch(tier, 255 - up[i] * (255 - p->entries[i].tier));
 	}
 	for (int i = 0; i < MAX_POLICY_UPLINKS; i++) {
-		u->ok[i] = up[i] && p->entries[i].tier == u->tier;
-		if (u->ok[i])
-			u->total += p->entries[i].weight;
+		__u32 ok = up[i] & (1 - nonzero(p->entries[i].tier ^ tier));
+
+		u->ok[i] = ok;
+		total += ok * p->entries[i].weight;
 	}
-	return u->total ? 0 : -1;
+	u->tier = tier;
+	u->total = total;
+	return total ? 0 : -1;
 }
 
 __attribute__((noinline)) int pick_weighted(const struct policy *p, const struct usable *u, __u64 hash)

@@ -4,7 +4,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
@@ -151,14 +153,28 @@ func TestDriftCgroupSeenAndRepaired(t *testing.T) {
 		if gone := d.DriftCgroup(); len(gone) != 0 {
 			t.Fatalf("%s: after reattaching: %v", c.hook, gone)
 		}
-		got := netnsCookiesAttached(t, cg)
-		if len(got) != 4 {
-			t.Fatalf("%s: hooks attached after reattaching: %v, want all 4 once", c.hook, got)
-		}
-		for at, cookies := range got {
-			if len(cookies) != 1 {
-				t.Fatalf("%s: %d programs on %s after reattaching, want 1", c.hook, len(cookies), at)
+		// The unpinned link's program goes when the kernel frees the pin's
+		// inode, after an RCU grace period: on 5.10 under emulation it is
+		// still attached for a moment beside the new one.
+		var got map[ebpf.AttachType][]uint64
+		once := func() bool {
+			got = netnsCookiesAttached(t, cg)
+			if len(got) != 4 {
+				return false
 			}
+			for _, cookies := range got {
+				if len(cookies) != 1 {
+					return false
+				}
+			}
+			return true
+		}
+		deadline := time.Now().Add(testutil.Deadline(2 * time.Second))
+		for !once() && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !once() {
+			t.Fatalf("%s: hooks attached after reattaching: %v, want all 4 once", c.hook, got)
 		}
 		before = loader.LinksState(dir)
 	}

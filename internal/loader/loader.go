@@ -129,7 +129,11 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	specs, err := loadSpecs(&opts)
+	feat, err := ProbeFeatures()
+	if err != nil {
+		return nil, err
+	}
+	specs, err := configuredSpecs(&opts, feat)
 	if err != nil {
 		return nil, err
 	}
@@ -164,21 +168,48 @@ func Load(o Options) (*Datapath, error) {
 	return d, nil
 }
 
-// loadSpecs reads the three objects (uplink, lan, sock) and sets their
-// load-time constants and map sizes.
-func loadSpecs(opts *Options) ([]*ebpf.CollectionSpec, error) {
-	var specs []*ebpf.CollectionSpec
-	for _, load := range []func() (*ebpf.CollectionSpec, error){bpf.LoadUplink, bpf.LoadLan, bpf.LoadSock} {
-		s, err := load()
-		if err != nil {
-			return nil, err
+// loadSpecs reads the objects made for this kernel's features: without
+// bpf_loop, the *Compat builds of those that walk the policy, and every
+// function verified as a static one.
+func loadSpecs(f Features) (uplink, lan, sock *ebpf.CollectionSpec, err error) {
+	loadLan, loadSock := bpf.LoadLan, bpf.LoadSock
+	if !f.BPFLoop {
+		loadLan, loadSock = bpf.LoadLanCompat, bpf.LoadSockCompat
+	}
+	if uplink, err = bpf.LoadUplink(); err != nil {
+		return nil, nil, nil, err
+	}
+	if lan, err = loadLan(); err != nil {
+		return nil, nil, nil, err
+	}
+	if sock, err = loadSock(); err != nil {
+		return nil, nil, nil, err
+	}
+	if !f.BPFLoop {
+		for _, s := range []*ebpf.CollectionSpec{uplink, lan, sock} {
+			useStaticFunctions(s)
 		}
+	}
+	return uplink, lan, sock, nil
+}
+
+// configuredSpecs are the three objects (uplink, lan, sock) for this
+// kernel's features, with their load-time constants and map sizes set.
+func configuredSpecs(opts *Options, f Features) ([]*ebpf.CollectionSpec, error) {
+	uplink, lan, sock, err := loadSpecs(f)
+	if err != nil {
+		return nil, err
+	}
+	specs := []*ebpf.CollectionSpec{uplink, lan, sock}
+	for _, s := range specs {
 		if err := configure(s, opts); err != nil {
 			return nil, err
 		}
-		specs = append(specs, s)
 	}
-	if err := setVariable(specs[2], "netns_cookie", opts.NetnsCookie); err != nil {
+	if err := setVariable(sock, "netns_cookie", opts.NetnsCookie); err != nil {
+		return nil, err
+	}
+	if err := setVariable(sock, "sendmsg_setsockopt", f.SendmsgSetsockopt); err != nil {
 		return nil, err
 	}
 	return specs, nil
@@ -253,9 +284,10 @@ func setVariable(s *ebpf.CollectionSpec, name string, v any) error {
 
 // CurrentNetnsCookie is the cookie of the calling thread's network
 // namespace, as the kernel reports it for a socket made there
-// (SO_NETNS_COOKIE, Linux 5.14): the value Options.NetnsCookie wants for
-// "this namespace". A kernel that cannot report it is an error, not a
-// reason to steer every namespace.
+// (SO_NETNS_COOKIE, Linux 5.14; before that through a BPF program, see
+// netnsCookieByProgram): the value Options.NetnsCookie wants for "this
+// namespace". A kernel that cannot report it is an error, not a reason to
+// steer every namespace.
 func CurrentNetnsCookie() (uint64, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -264,8 +296,12 @@ func CurrentNetnsCookie() (uint64, error) {
 	defer unix.Close(fd)
 	v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if errors.Is(err, unix.ENOPROTOOPT) {
-		return 0, fmt.Errorf("network namespace cookie: the kernel has no SO_NETNS_COOKIE (Linux 5.14 or later): " +
-			"the socket hooks cannot be limited to this network namespace")
+		v, err := netnsCookieByProgram()
+		if err != nil {
+			return 0, fmt.Errorf("network namespace cookie: the kernel has no SO_NETNS_COOKIE (Linux 5.14) and "+
+				"bpf_get_netns_cookie failed: %w: the socket hooks cannot be limited to this network namespace", err)
+		}
+		return v, nil
 	}
 	if err != nil {
 		return 0, fmt.Errorf("network namespace cookie: getsockopt SO_NETNS_COOKIE: %w", err)
@@ -481,7 +517,7 @@ func detachTCXDir(pinDir, ifname string, dir direction) error {
 		return os.Remove(pin)
 	}
 	defer l.Close()
-	return l.Unpin()
+	return unpinAndDetach(l)
 }
 
 // detachEgress removes mhbpf's egress program from ifname, tcx or cls_bpf.
@@ -548,6 +584,20 @@ func (d *Datapath) DetachCgroup() error {
 	return errors.Join(errs...)
 }
 
+// unpinAndDetach removes a link's pin and detaches it at once. Without the
+// detach its program stays attached until the pin's inode goes, after an
+// RCU grace period and a workqueue run (BPF_LINK_DETACH: 5.9): seen on
+// 5.10 in the VM as a socket hook still attached after 'mhbpf down'.
+func unpinAndDetach(l link.Link) error {
+	if err := l.Unpin(); err != nil {
+		return err
+	}
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("detach: %w", err)
+	}
+	return nil
+}
+
 func unpinLink(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
@@ -557,5 +607,5 @@ func unpinLink(pin string) error {
 		return os.Remove(pin)
 	}
 	defer l.Close()
-	return l.Unpin()
+	return unpinAndDetach(l)
 }

@@ -161,7 +161,11 @@ func PlanUpgrade(o Options) ([]MapUpgrade, error) {
 	if !exists(mapsDir(opts.PinDir)) {
 		return nil, nil
 	}
-	specs, err := loadSpecs(&opts)
+	feat, err := ProbeFeatures()
+	if err != nil {
+		return nil, err
+	}
+	specs, err := configuredSpecs(&opts, feat)
 	if err != nil {
 		return nil, err
 	}

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Runs a command inside a VM on another kernel: Debian 12's 6.1 (no tcx,
-# so the clsact path is the real one; PPP modules, so pppd is real). The
+# Runs a command inside a VM on another kernel: Debian 12's 6.1 by default
+# (no tcx, so the clsact path is the real one; PPP modules, so pppd is
+# real), Debian 11's 5.10 (no bpf_loop, the oldest kernel supported) or
+# Debian 12's 6.12 (tcx) with MHBPF_VM_KERNEL. The
 # guest's root is the host's, read-only under a tmpfs overlay: the command
 # (typically a Go test binary built on the host) runs unchanged, and the
 # host is never written to. Usable as `go test -exec test/vm/vm.sh PKG`.
 #
-# Settings: MHBPF_VM_KERNEL (default 6.1.0-56-amd64), MHBPF_VM_ACCEL
+# Settings: MHBPF_VM_KERNEL (default 6.1.0-56-amd64; a 5.10.0-*-amd64 is
+# fetched from Debian 11's archive, see fetch_kernel), MHBPF_VM_ACCEL
 # (default tcg; kvm hangs on these machines), MHBPF_VM_MEM (MiB, 1536),
 # MHBPF_VM_TIMEOUT (seconds, 600).
 set -euo pipefail
@@ -24,6 +27,37 @@ MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci 
 
 die() { echo "vm.sh: $*" >&2; exit 2; }
 
+# fetch_kernel DIR downloads the kernel's .deb into DIR. Debian 12's own
+# archives (bookworm, bookworm-security: where its 6.12 is) come through
+# the host's apt configuration. Debian 11's 5.10 comes from a bullseye
+# source list of its own, with its own package lists, used for this
+# download only: the host's apt never sees bullseye, so nothing of it is
+# ever installed.
+fetch_kernel() {
+	local dir=$1 pkg="linux-image-$KVER"
+	case "$KVER" in
+	5.10.*)
+		local a="${CACHE%/*}/apt-bullseye"
+		mkdir -p "$a/lists/partial" "$a/archives/partial" "$a/parts"
+		cat > "$a/sources.list" <<-EOF
+		deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
+		deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+		EOF
+		local opts=(-o "Dir::Etc::SourceList=$a/sources.list" -o "Dir::Etc::SourceParts=$a/parts"
+			-o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a" -o "Dir::Cache::archives=$a/archives"
+			-o "Dir::State::status=/dev/null" -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=$a/parts")
+		apt-get "${opts[@]}" update -qq >/dev/null || die "apt-get update of the bullseye list failed"
+		(cd "$dir" && apt-get "${opts[@]}" download -q "$pkg" >/dev/null) || die "apt-get download $pkg (bullseye) failed"
+		;;
+	*)
+		if ! (cd "$dir" && apt-get download -q "$pkg" >/dev/null 2>&1); then
+			apt-get update -qq >/dev/null 2>&1 || true
+			(cd "$dir" && apt-get download -q "$pkg" >/dev/null) || die "apt-get download $pkg failed"
+		fi
+		;;
+	esac
+}
+
 prepare() {
 	[ -f "$CACHE/ready" ] && return 0
 	for t in qemu-system-x86_64 busybox dpkg-deb apt-get cpio gzip; do
@@ -32,12 +66,12 @@ prepare() {
 	local tmp; tmp=$(mktemp -d)
 	trap 'rm -rf "$tmp"' RETURN
 	mkdir -p "$CACHE"
-	if ! (cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null 2>&1); then
-		apt-get update -qq >/dev/null 2>&1 || true
-		(cd "$tmp" && apt-get download -q "linux-image-$KVER" >/dev/null) || die "apt-get download linux-image-$KVER failed"
-	fi
+	fetch_kernel "$tmp"
 	rm -rf "$CACHE/root"
 	dpkg-deb -x "$tmp"/linux-image-"$KVER"_*.deb "$CACHE/root"
+	# Debian's 6.12 compresses its modules; busybox's insmod and modprobe
+	# take them plain.
+	find "$CACHE/root/lib/modules/$KVER" -name '*.ko.xz' -exec xz -d {} +
 	busybox depmod -b "$CACHE/root" "$KVER"
 	cp "$CACHE/root/boot/vmlinuz-$KVER" "$CACHE/vmlinuz"
 
@@ -122,20 +156,33 @@ if [ -n "\$failed" ]; then
 fi
 ip link set lo up
 hostname mhbpf-vm
+: > /mnt/vm-results/started
 bash /mnt/vm-results/cmd > /mnt/vm-results/stdout 2> /mnt/vm-results/stderr
 echo \$? > /mnt/vm-results/rc
 sync
 poweroff -f
 STAGE2
 
-timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu max -smp 2 -m "$MEM" -nodefaults -no-reboot \
-	-display none -monitor none -serial "file:$R/console.log" \
-	-bios /usr/share/qemu/qboot.rom -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
-	-append "console=ttyS0 quiet loglevel=3 panic=-1" \
-	-fsdev local,id=root,path=/,security_model=none,readonly=on,multidevs=remap \
-	-device virtio-9p-pci,fsdev=root,mount_tag=root \
-	-fsdev "local,id=res,path=$R,security_model=none" -device virtio-9p-pci,fsdev=res,mount_tag=results \
-	|| true
+boot() {
+	timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu max -smp 2 -m "$MEM" -nodefaults -no-reboot \
+		-display none -monitor none -serial "file:$R/console.log" \
+		-bios /usr/share/qemu/qboot.rom -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
+		-append "console=ttyS0 quiet loglevel=3 panic=-1" \
+		-fsdev local,id=root,path=/,security_model=none,readonly=on,multidevs=remap \
+		-device virtio-9p-pci,fsdev=root,mount_tag=root \
+		-fsdev "local,id=res,path=$R,security_model=none" -device virtio-9p-pci,fsdev=res,mount_tag=results \
+		|| true
+}
+# A kernel that dies while booting, before the command starts, is booted
+# again (at most three boots): under TCG, Debian's 6.12 now and then takes
+# an int3 Oops while patching its own code at boot. A command that started
+# is never run twice.
+for attempt in 1 2 3; do
+	boot
+	[ -f "$R/started" ] || [ -f "$R/rc" ] && break
+	echo "vm.sh: kernel $KVER died before the command started (boot $attempt of 3); console:" >&2
+	grep -E 'Oops|panic|RIP' "$R/console.log" | head -5 >&2 || true
+done
 
 cat "$R/stdout" 2>/dev/null || true
 cat "$R/stderr" >&2 2>/dev/null || true
