@@ -2,6 +2,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -23,7 +24,14 @@ func main() {
 	root.AddCommand(runCmd(), checkCmd(), labCmd(), downCmd(pinDir, stateDir), statusCmd(pinDir, stateDir),
 		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir))
 	if err := root.Execute(); err != nil {
+		var ec *exitCode
+		if errors.As(err, &ec) {
+			if ec.msg != "" {
+				fmt.Fprintln(os.Stderr, "mhbpf:", ec.msg)
+			}
+			os.Exit(ec.code)
+		}
 		fmt.Fprintln(os.Stderr, "mhbpf:", err)
-		os.Exit(1)
+		os.Exit(exitError)
 	}
 }
