@@ -435,6 +435,7 @@ func (d *Daemon) reconcile(holdTimer *<-chan time.Time) {
 	status.Updated = now
 	status.State = StateRunning
 	status.TCMode = string(d.tcMode)
+	status.Policies = policyNames(d.cfg)
 	var natTable nat.Table
 	var nextHold time.Duration
 	var wentDown []downUplink

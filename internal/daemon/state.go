@@ -59,6 +59,17 @@ type Status struct {
 	// used by their link state.
 	ProbeFallback bool           `json:"probe_fallback,omitempty"`
 	Uplinks       []UplinkStatus `json:"uplinks"` // in preference order
+	// Policies names the [[policy]] rules in order: the datapath knows
+	// rule i as policy id i+1 (0 is the default balance).
+	Policies []string `json:"policies,omitempty"`
+}
+
+func policyNames(c *config.Config) []string {
+	var names []string
+	for _, p := range c.Policies {
+		names = append(names, p.Name)
+	}
+	return names
 }
 
 // Status.State values. A status without one is of a daemon that wrote its

@@ -1,4 +1,4 @@
-// Package packet builds raw packets for tests and benchmarks of the tc
+// Package packet builds raw packets for tests, benchmarks and 'mhbpf explain' (its test run) of the tc
 // programs: Ethernet or bare IP framing, IPv4 (with options) or IPv6 (with
 // extension headers), TCP, UDP or ICMP. Checksums are left zero: the
 // programs never look at them.
