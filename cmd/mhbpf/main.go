@@ -22,7 +22,8 @@ func main() {
 	pinDir := root.PersistentFlags().String("pin-dir", loader.DefaultPinDir, "bpffs directory of mhbpf's pinned maps and links")
 	stateDir := root.PersistentFlags().String("state-dir", config.DefaultStateDir, "directory of the daemon's state and status files")
 	root.AddCommand(runCmd(), checkCmd(), labCmd(), downCmd(pinDir, stateDir), statusCmd(pinDir, stateDir),
-		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir), explainCmd(pinDir, stateDir))
+		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir), explainCmd(pinDir, stateDir),
+		execCmd(pinDir, stateDir))
 	if err := root.Execute(); err != nil {
 		var ec *exitCode
 		if errors.As(err, &ec) {
