@@ -23,7 +23,7 @@ func main() {
 	stateDir := root.PersistentFlags().String("state-dir", config.DefaultStateDir, "directory of the daemon's state and status files")
 	root.AddCommand(runCmd(), checkCmd(), labCmd(), downCmd(pinDir, stateDir), statusCmd(pinDir, stateDir),
 		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir), explainCmd(pinDir, stateDir),
-		execCmd(pinDir, stateDir), manCmd())
+		execCmd(pinDir, stateDir), topCmd(pinDir, stateDir), manCmd())
 	if err := root.Execute(); err != nil {
 		var ec *exitCode
 		if errors.As(err, &ec) {
