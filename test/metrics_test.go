@@ -82,7 +82,7 @@ func TestGrafanaDashboardUsesExportedMetrics(t *testing.T) {
 	sort.Strings(missing)
 	sort.Strings(unused)
 	if len(missing) > 0 {
-		t.Errorf("the dashboard queries metrics the daemon does not export: %v\n/metrics:\n%s", missing, text)
+		t.Fatalf("the dashboard queries metrics the daemon does not export: %v\n/metrics:\n%s", missing, text)
 	}
 	if len(unused) > 0 {
 		t.Logf("exported but not on the dashboard: %v", unused)
