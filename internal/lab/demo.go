@@ -100,15 +100,18 @@ func (l *Lab) driveTraffic(ctx context.Context, wg *sync.WaitGroup) {
 	loop(100*time.Millisecond, func() {
 		_, _ = l.Dial(l.LAN, "", host(1+rand.IntN(60000)), 80)
 	})
-	// Bulk downloads, each to a destination not used before: a destination
-	// keeps its uplink (sticky), so downloads that always went to the same
-	// hosts would stay on isp2 after isp1 came back, and the recovery would
-	// not show as throughput.
+	// Bulk downloads of 6 s each, each to a destination not used before: a
+	// destination keeps its uplink (sticky) and a connection too, so
+	// downloads that ran for the whole demo, or always to the same hosts,
+	// would stay on isp2 after isp1 came back, and the recovery would not
+	// show as throughput.
 	var next atomic.Int32
 	for i := 0; i < 6; i++ {
-		loop(time.Second, func() {
+		loop(500*time.Millisecond, func() {
 			dst := host(60001 + int(next.Add(1))%5000)
-			cmd := exec.CommandContext(ctx, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5",
+			dl, cancel := context.WithTimeout(ctx, 6*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(dl, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5",
 				fmt.Sprintf("TCP4:%s:9000", dst), "OPEN:/dev/null")
 			_ = cmd.Run()
 		})
