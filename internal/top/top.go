@@ -132,7 +132,7 @@ func Sparkline(h []float64) string {
 // Write prints the frame as a table.
 func (f Frame) Write(out io.Writer) error {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "t=%ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()))
+	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()))
 	for _, u := range f.Uplinks {
 		state := "down"
 		if u.Up {
