@@ -6,7 +6,7 @@ GO ?= go
 export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: kernel-table check-kernel-table all deps generate build test test-host test-vm test-vm-kernel testsum check-generated lab
+.PHONY: kernel-table check-kernel-table all deps generate build deb test test-host test-vm test-vm-kernel testsum check-generated lab
 
 all: build
 
@@ -19,6 +19,12 @@ generate:
 
 build:
 	$(GO) build -o bin/mhbpf ./cmd/mhbpf
+
+# The Debian package (dpkg-deb): binary, unit (enabled, not started, on
+# install), /etc/mhbpf/mhbpf.toml as a conffile, man pages and bash/zsh
+# completion generated from the commands. Written to bin/.
+deb: build
+	@scripts/mkdeb.sh bin/mhbpf bin
 
 # The scenario in namespaces with mhbpf on its example configuration:
 # failover and recovery, live. Needs root; touches no real interface.

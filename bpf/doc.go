@@ -12,3 +12,4 @@ package bpf
 // with the walk as a bounded loop; the loader picks them by a probe.
 //go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux LanCompat lan.c -- -I./include -DMHBPF_NO_BPF_LOOP
 //go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux SockCompat sock.c -- -I./include -DMHBPF_NO_BPF_LOOP
+//go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux Exec exec.c -- -I./include

@@ -1,6 +1,6 @@
 package test
 
-// The scenario suite: one test per numbered requirement of SCENARIO.md,
+// The scenario suite: one test per numbered requirement of docs/scenario.md,
 // run on the lab (the same code as 'mhbpf lab'), with real servers that
 // report the address they saw. The router masquerades on both ADSL links,
 // so that address tells which uplink a connection took; the ISPs drop what

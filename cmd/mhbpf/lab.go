@@ -18,7 +18,7 @@ func labCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "lab",
 		Short: "Build the reference scenario in network namespaces, run mhbpf on it, show failover and recovery",
-		Long: `lab builds SCENARIO.md in network namespaces (router, two ISPs shaped to 8 and
+		Long: `lab builds docs/scenario.md in network namespaces (router, two ISPs shaped to 8 and
 2 Mbit/s, an internet, a company reached by a real OpenVPN tunnel, a LAN),
 runs the daemon on the embedded example configuration, drives traffic and
 shows each uplink live. It takes isp1 down and back up on the way. Ctrl-C, or

@@ -2,6 +2,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -21,9 +22,17 @@ func main() {
 	pinDir := root.PersistentFlags().String("pin-dir", loader.DefaultPinDir, "bpffs directory of mhbpf's pinned maps and links")
 	stateDir := root.PersistentFlags().String("state-dir", config.DefaultStateDir, "directory of the daemon's state and status files")
 	root.AddCommand(runCmd(), checkCmd(), labCmd(), downCmd(pinDir, stateDir), statusCmd(pinDir, stateDir),
-		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir), kernelCmd())
+		flowsCmd(pinDir, stateDir), uplinksCmd(pinDir), kernelCmd(), explainCmd(pinDir, stateDir),
+		execCmd(pinDir, stateDir), topCmd(pinDir, stateDir), manCmd())
 	if err := root.Execute(); err != nil {
+		var ec *exitCode
+		if errors.As(err, &ec) {
+			if ec.msg != "" {
+				fmt.Fprintln(os.Stderr, "mhbpf:", ec.msg)
+			}
+			os.Exit(ec.code)
+		}
 		fmt.Fprintln(os.Stderr, "mhbpf:", err)
-		os.Exit(1)
+		os.Exit(exitError)
 	}
 }

@@ -141,7 +141,7 @@ func plan(cfg *config.Config, s Snapshot, mem Memory) Plan {
 	now := s.Now
 	p := Plan{Memory: mem.clone()}
 	m := &p.Memory
-	p.Status = Status{Updated: now, State: StateRunning}
+	p.Status = Status{Updated: now, State: StateRunning, Policies: policyNames(cfg)}
 	wake := func(d time.Duration) {
 		if d > 0 && (p.Wake == 0 || d < p.Wake) {
 			p.Wake = d

@@ -61,6 +61,17 @@ type Status struct {
 	// Passes: reconciliation passes since the daemon started.
 	Passes  uint64         `json:"passes,omitempty"`
 	Uplinks []UplinkStatus `json:"uplinks"` // in preference order
+	// Policies names the [[policy]] rules in order: the datapath knows
+	// rule i as policy id i+1 (0 is the default balance).
+	Policies []string `json:"policies,omitempty"`
+}
+
+func policyNames(c *config.Config) []string {
+	var names []string
+	for _, p := range c.Policies {
+		names = append(names, p.Name)
+	}
+	return names
 }
 
 // Status.State values. A status without one is of a daemon that wrote its

@@ -9,11 +9,11 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
-	"text/tabwriter"
+	"sync/atomic"
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/loader"
-	"github.com/mhbpf/mhbpf/internal/maps"
+	"github.com/mhbpf/mhbpf/internal/top"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
@@ -45,7 +45,7 @@ func (l *Lab) Demo(ctx context.Context, out io.Writer, length time.Duration) err
 		{2 * length / 3, "isp1 BACK: new connections use it again after the hold-down", func() error { return l.UplinkUp(1) }},
 	}
 	current := ""
-	prev := map[int]maps.Counters{}
+	view := top.NewSampler(m, l.Status) // the view of 'mhbpf top'
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -60,7 +60,9 @@ func (l *Lab) Demo(ctx context.Context, out io.Writer, length time.Duration) err
 			fmt.Fprintf(out, "\n=== %s\n", current)
 			phases = phases[1:]
 		}
-		l.show(out, m, el, prev)
+		if fr, err := view.Sample(); err == nil {
+			_ = fr.Write(out)
+		}
 		if el >= length {
 			fmt.Fprintln(out, "\ndone; removing the lab")
 			return nil
@@ -72,27 +74,6 @@ func (l *Lab) Demo(ctx context.Context, out io.Writer, length time.Duration) err
 		case <-tick.C:
 		}
 	}
-}
-
-func (l *Lab) show(out io.Writer, m *maps.Maps, el time.Duration, prev map[int]maps.Counters) {
-	st, _ := l.Status()
-	flows := map[int]int{}
-	_ = m.WalkFlows(func(f maps.Flow) bool { flows[f.Uplink]++; return true })
-	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tNEW/s\tREASON\n", int(el.Seconds()))
-	for _, u := range st.Uplinks {
-		id := u.ID
-		c, _ := m.UplinkCounters(id)
-		p := prev[id]
-		state := "down"
-		if u.Usable {
-			state = "up"
-		}
-		fmt.Fprintf(w, "%s (%s)\t%s\t%.2f\t%.2f\t%d\t%d\t%s\n", u.Name, u.Interface, state,
-			float64(c.RxBytes-p.RxBytes)*8/1e6, float64(c.TxBytes-p.TxBytes)*8/1e6, flows[id], c.NewFlows-p.NewFlows, u.Reason)
-		prev[id] = c
-	}
-	_ = w.Flush()
 }
 
 // driveTraffic starts the LAN's clients: browsing to ever new internet
@@ -119,10 +100,18 @@ func (l *Lab) driveTraffic(ctx context.Context, wg *sync.WaitGroup) {
 	loop(100*time.Millisecond, func() {
 		_, _ = l.Dial(l.LAN, "", host(1+rand.IntN(60000)), 80)
 	})
+	// Bulk downloads of 6 s each, each to a destination not used before: a
+	// destination keeps its uplink (sticky) and a connection too, so
+	// downloads that ran for the whole demo, or always to the same hosts,
+	// would stay on isp2 after isp1 came back, and the recovery would not
+	// show as throughput.
+	var next atomic.Int32
 	for i := 0; i < 6; i++ {
-		dst := host(60001 + i)
-		loop(time.Second, func() {
-			cmd := exec.CommandContext(ctx, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5",
+		loop(500*time.Millisecond, func() {
+			dst := host(60001 + int(next.Add(1))%5000)
+			dl, cancel := context.WithTimeout(ctx, 6*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(dl, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5",
 				fmt.Sprintf("TCP4:%s:9000", dst), "OPEN:/dev/null")
 			_ = cmd.Run()
 		})

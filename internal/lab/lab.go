@@ -1,4 +1,4 @@
-// Package lab runs the scenario of SCENARIO.md in network namespaces with
+// Package lab runs the scenario of docs/scenario.md in network namespaces with
 // mhbpf on its example configuration: the README's first command, and the
 // fixture of the scenario suite. It never touches the host's own network:
 // everything lives in namespaces it makes and removes.

@@ -1,7 +1,7 @@
-// Package packet builds raw packets for tests and benchmarks of the tc
-// programs: Ethernet or bare IP framing, IPv4 (with options) or IPv6 (with
-// extension headers), TCP, UDP or ICMP. Checksums are left zero: the
-// programs never look at them.
+// Package packet builds raw packets for the tc programs' tests, benchmarks
+// and 'mhbpf explain' (its test run): Ethernet or bare IP framing, IPv4
+// (with options) or IPv6 (with extension headers), TCP, UDP or ICMP.
+// Checksums are left zero: the programs never look at them.
 package packet
 
 import (

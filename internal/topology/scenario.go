@@ -11,7 +11,7 @@ import (
 	"strings"
 )
 
-// The full scenario of SCENARIO.md, for the lab and the scenario suite:
+// The full scenario of docs/scenario.md, for the lab and the scenario suite:
 //
 //	lan ──eth2── router ──ppp0 (8 Mbit/s)── isp1 ──┐
 //	                    ──ppp1 (2 Mbit/s)── isp2 ──┼── inet (internet hosts, SMTP)
