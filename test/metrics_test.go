@@ -260,6 +260,14 @@ last_resort = "unreachable"
 	}
 	e.deafTarget(e.topo.ISP1, probe, false)
 	e.waitFor("isp1 up again in the metrics", 3*time.Second, func() bool {
-		return sample(t, e.metrics(), "mhbpf_uplink_up", "isp1") == 1
+		m = e.metrics()
+		return sample(t, m, "mhbpf_uplink_up", "isp1") == 1
 	})
+	// Out and back in: two changes of isp1, none of isp2.
+	changes := func(u string) float64 {
+		return sample(t, m, "mhbpf_uplink_state_changes_total", u) - sample(t, before, "mhbpf_uplink_state_changes_total", u)
+	}
+	if c1, c2 := changes("isp1"), changes("isp2"); c1 != 2 || c2 != 0 {
+		t.Errorf("state changes: isp1 %g, isp2 %g; want 2 and 0 (out and back in)", c1, c2)
+	}
 }

@@ -45,6 +45,7 @@ type collector struct {
 	up       *prometheus.Desc
 	rtt      *prometheus.Desc
 	loss     *prometheus.Desc
+	changes  *prometheus.Desc
 	perCount []counterMetric
 	// errors: scrapes that could not read a counter (the uplink's series
 	// are left out of that scrape).
@@ -56,9 +57,10 @@ var _ prometheus.Collector = (*collector)(nil)
 func newCollector(status func() *Status, counters counterSource) *collector {
 	uplink := []string{"uplink"}
 	c := &collector{status: status, counters: counters,
-		up:   prometheus.NewDesc("mhbpf_uplink_up", "Whether the uplink is in use (link, address, probes, hold-down).", []string{"uplink", "interface"}, nil),
-		rtt:  prometheus.NewDesc("mhbpf_uplink_probe_rtt_seconds", "RTT of the last successful probe.", uplink, nil),
-		loss: prometheus.NewDesc("mhbpf_uplink_probe_loss_ratio", "Share of the last 20 probes lost.", uplink, nil),
+		up:      prometheus.NewDesc("mhbpf_uplink_up", "Whether the uplink is in use (link, address, probes, hold-down).", []string{"uplink", "interface"}, nil),
+		rtt:     prometheus.NewDesc("mhbpf_uplink_probe_rtt_seconds", "RTT of the last successful probe.", uplink, nil),
+		loss:    prometheus.NewDesc("mhbpf_uplink_probe_loss_ratio", "Share of the last 20 probes lost.", uplink, nil),
+		changes: prometheus.NewDesc("mhbpf_uplink_state_changes_total", "Times the uplink went in or out of use since the daemon started.", uplink, nil),
 		errors: prometheus.NewCounter(prometheus.CounterOpts{Name: "mhbpf_metrics_collection_errors_total",
 			Help: "Counter reads from the datapath's maps that failed while serving metrics."}),
 	}
@@ -84,6 +86,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.up
 	ch <- c.rtt
 	ch <- c.loss
+	ch <- c.changes
 	for _, m := range c.perCount {
 		ch <- m.desc
 	}
@@ -99,6 +102,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, float64(b2i(u.Usable)), u.Name, u.Interface)
 		ch <- prometheus.MustNewConstMetric(c.rtt, prometheus.GaugeValue, u.RTTms/1000, u.Name)
 		ch <- prometheus.MustNewConstMetric(c.loss, prometheus.GaugeValue, u.Loss, u.Name)
+		ch <- prometheus.MustNewConstMetric(c.changes, prometheus.CounterValue, float64(u.StateChanges), u.Name)
 		cs, err := c.counters.UplinkCounters(u.ID)
 		if err != nil {
 			c.errors.Inc()

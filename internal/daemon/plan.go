@@ -35,6 +35,9 @@ type UplinkMemory struct {
 	// Kept: in use before a restart (the pinned uplinks map said so): used
 	// until its first probe verdict.
 	Kept bool
+	// StateChanges: times it went in or out of use since the daemon
+	// started (the first verdict is not a change).
+	StateChanges uint64
 }
 
 // Memory is what plan carries from one pass to the next.
@@ -201,6 +204,9 @@ func plan(cfg *config.Config, s Snapshot, mem Memory) Plan {
 			}
 		}
 		if um.Usable != usable {
+			if um.EverUsable {
+				um.StateChanges++
+			}
 			if usable {
 				p.Up = append(p.Up, ref)
 				um.EverUsable = true
@@ -230,7 +236,7 @@ func plan(cfg *config.Config, s Snapshot, mem Memory) Plan {
 			p.NAT.ClampMSS = append(p.NAT.ClampMSS, u.Interface)
 		}
 		st := UplinkStatus{Name: u.Name, Interface: u.Interface, ID: id, Usable: usable, Reason: reason,
-			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed}
+			Weight: u.Weight, Mark: u.Mark, Table: u.Table, Probed: probed, StateChanges: um.StateChanges}
 		for _, a := range l.Addrs {
 			st.Addresses = append(st.Addresses, a.String())
 		}

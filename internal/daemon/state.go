@@ -94,6 +94,9 @@ type UplinkStatus struct {
 	Weight    uint16   `json:"weight"`
 	Mark      uint32   `json:"mark"`
 	Table     int      `json:"table"`
+	// StateChanges: times it went in or out of use since the daemon
+	// started.
+	StateChanges uint64 `json:"state_changes"`
 }
 
 // LoadSettings reads the settings a daemon left in stateDir.
