@@ -11,6 +11,7 @@ import (
 	"math"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -225,23 +226,68 @@ func TestLANNewFlowIsRecordedAndKept(t *testing.T) {
 				if !ok {
 					t.Fatalf("no flow recorded for %v", p.Src)
 				}
-				if f.Uplink != up || f.Origin != maps.OriginBalanced || f.Packets != 1 {
-					t.Fatalf("flow %+v, want uplink %d origin balanced 1 packet", f, up)
+				if f.Uplink != up || f.Origin != maps.OriginBalanced || f.FirstSeen == 0 || f.LastSeen != f.FirstSeen {
+					t.Fatalf("flow %+v, want uplink %d origin balanced, first and last seen now", f, up)
 				}
-				// Later packets of the flow keep the uplink and are counted.
+				// Later packets of the flow keep the uplink.
 				p.TCPFlags = packet.TCPAck
 				for i := 0; i < 3; i++ {
 					if m := e.lanRun(p, 0); m != mark {
 						t.Fatalf("packet %d: mark %#x, want %#x", i+2, m, mark)
 					}
 				}
-				f, _ = e.flow(p)
-				if f.Packets != 4 {
-					t.Fatalf("flow counted %d packets, want 4", f.Packets)
-				}
 			})
 		}
 	}
+}
+
+// A packet of a known flow writes its record at most once a second: a
+// record seen less than a second ago is left as it is (a steady flow only
+// reads it), an older one gets last_seen = now, from the coarse clock.
+func TestKnownFlowRefreshesLastSeenOncePerSecond(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			e := newEnv(t)
+			p := syn(ap(lanHost, 40000), ap(remote, 443))
+			if v6 {
+				p = syn(ap(lanHost6, 40000), ap(remote6, 443))
+			}
+			p.TCPFlags = packet.TCPAck
+			key := maps.FlowKey{Proto: p.Proto, Src: p.Src, Dst: p.Dst}
+			for _, tc := range []struct {
+				age       time.Duration
+				refreshed bool
+			}{{maps.LastSeenStep / 2, false}, {2 * maps.LastSeenStep, true}} {
+				now := monotonic(t)
+				rec := maps.Flow{Key: key, Uplink: isp2, Origin: maps.OriginBalanced, Mark: markISP2,
+					FirstSeen: now - time.Hour, LastSeen: now - tc.age}
+				if err := e.m.PutFlow(rec); err != nil {
+					t.Fatal(err)
+				}
+				if m := e.lanRun(p, 0); m != markISP2 {
+					t.Fatalf("known flow: mark %#x, want isp2's", m)
+				}
+				f, ok := e.flow(p)
+				if !ok {
+					t.Fatal("flow gone")
+				}
+				switch {
+				case !tc.refreshed && f != rec:
+					t.Fatalf("seen %v ago: the record was written:\nbefore %+v\nafter  %+v", tc.age, rec, f)
+				case tc.refreshed && (f.LastSeen < now-50*time.Millisecond || f.LastSeen > monotonic(t) || f.FirstSeen != rec.FirstSeen):
+					t.Fatalf("seen %v ago: last seen %v, want about now (%v), first seen kept", tc.age, f.LastSeen, now)
+				}
+			}
+		})
+	}
+}
+
+func monotonic(t testing.TB) time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ts.Nano())
 }
 
 // The scenario's 8:2 over many destinations.

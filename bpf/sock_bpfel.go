@@ -33,19 +33,26 @@ type SockFlow struct {
 	Pad       uint16
 	FirstSeen uint64
 	LastSeen  uint64
-	Packets   uint64
-	Bytes     uint64
 }
 
-type SockFlowKey struct {
-	_      structs.HostLayout
-	Family uint8
-	Proto  uint8
-	Pad    uint16
-	Sport  uint16
-	Dport  uint16
-	Saddr  [4]uint32
-	Daddr  [4]uint32
+type SockFlow4Key struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type SockFlow6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
 }
 
 type SockIface struct {
@@ -185,9 +192,11 @@ const (
 	SockMapBypass4           = "bypass4"
 	SockMapBypass6           = "bypass6"
 	SockMapCounters          = "counters"
-	SockMapFlows             = "flows"
+	SockMapFlows4            = "flows4"
+	SockMapFlows6            = "flows6"
 	SockMapIfaces            = "ifaces"
-	SockMapInbound           = "inbound"
+	SockMapInbound4          = "inbound4"
+	SockMapInbound6          = "inbound6"
 	SockMapInboundGuards     = "inbound_guards"
 	SockMapPolicyDst4        = "policy_dst4"
 	SockMapPolicyDst6        = "policy_dst6"
@@ -266,9 +275,11 @@ type SockMapSpecs struct {
 	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
 	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
 	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
@@ -317,9 +328,11 @@ type SockMaps struct {
 	Bypass4       *ebpf.Map `ebpf:"bypass4"`
 	Bypass6       *ebpf.Map `ebpf:"bypass6"`
 	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows         *ebpf.Map `ebpf:"flows"`
+	Flows4        *ebpf.Map `ebpf:"flows4"`
+	Flows6        *ebpf.Map `ebpf:"flows6"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound       *ebpf.Map `ebpf:"inbound"`
+	Inbound4      *ebpf.Map `ebpf:"inbound4"`
+	Inbound6      *ebpf.Map `ebpf:"inbound6"`
 	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
@@ -338,9 +351,11 @@ func (m *SockMaps) Close() error {
 		m.Bypass4,
 		m.Bypass6,
 		m.Counters,
-		m.Flows,
+		m.Flows4,
+		m.Flows6,
 		m.Ifaces,
-		m.Inbound,
+		m.Inbound4,
+		m.Inbound6,
 		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,

@@ -33,19 +33,26 @@ type UplinkFlow struct {
 	Pad       uint16
 	FirstSeen uint64
 	LastSeen  uint64
-	Packets   uint64
-	Bytes     uint64
 }
 
-type UplinkFlowKey struct {
-	_      structs.HostLayout
-	Family uint8
-	Proto  uint8
-	Pad    uint16
-	Sport  uint16
-	Dport  uint16
-	Saddr  [4]uint32
-	Daddr  [4]uint32
+type UplinkFlow4Key struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type UplinkFlow6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
 }
 
 type UplinkIface struct {
@@ -178,9 +185,11 @@ const (
 	UplinkMapBypass4           = "bypass4"
 	UplinkMapBypass6           = "bypass6"
 	UplinkMapCounters          = "counters"
-	UplinkMapFlows             = "flows"
+	UplinkMapFlows4            = "flows4"
+	UplinkMapFlows6            = "flows6"
 	UplinkMapIfaces            = "ifaces"
-	UplinkMapInbound           = "inbound"
+	UplinkMapInbound4          = "inbound4"
+	UplinkMapInbound6          = "inbound6"
 	UplinkMapInboundGuards     = "inbound_guards"
 	UplinkMapPolicyDst4        = "policy_dst4"
 	UplinkMapPolicyDst6        = "policy_dst6"
@@ -252,9 +261,11 @@ type UplinkMapSpecs struct {
 	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
 	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
 	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
@@ -302,9 +313,11 @@ type UplinkMaps struct {
 	Bypass4       *ebpf.Map `ebpf:"bypass4"`
 	Bypass6       *ebpf.Map `ebpf:"bypass6"`
 	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows         *ebpf.Map `ebpf:"flows"`
+	Flows4        *ebpf.Map `ebpf:"flows4"`
+	Flows6        *ebpf.Map `ebpf:"flows6"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound       *ebpf.Map `ebpf:"inbound"`
+	Inbound4      *ebpf.Map `ebpf:"inbound4"`
+	Inbound6      *ebpf.Map `ebpf:"inbound6"`
 	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
@@ -323,9 +336,11 @@ func (m *UplinkMaps) Close() error {
 		m.Bypass4,
 		m.Bypass6,
 		m.Counters,
-		m.Flows,
+		m.Flows4,
+		m.Flows6,
 		m.Ifaces,
-		m.Inbound,
+		m.Inbound4,
+		m.Inbound6,
 		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,

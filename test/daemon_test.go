@@ -625,7 +625,7 @@ sticky = "flow"
 	after := flowsOf(t, e, conns)
 	for _, h := range conns {
 		b, a := before[h.key], after[h.key]
-		if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin || a.Packets <= b.Packets {
+		if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin || a.LastSeen < b.LastSeen {
 			t.Fatalf("%v: the record was not kept across the restart:\nbefore %+v\nafter  %+v", h, b, a)
 		}
 	}

@@ -263,7 +263,7 @@ __attribute__((noinline)) int choose_sticky(const struct policy *p, const struct
 		.family = t->family,
 		.mode = p->sticky,
 	};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_coarse_ns();
 
 	__builtin_memcpy(k.daddr, t->daddr, 16);
 	if (p->sticky == STICKY_PAIR)
@@ -271,7 +271,10 @@ __attribute__((noinline)) int choose_sticky(const struct policy *p, const struct
 
 	struct sticky_entry *s = bpf_map_lookup_elem(&sticky, &k);
 	if (s && now - s->last_used < sticky_ns && is_usable(p, u, s->uplink)) {
-		s->last_used = now;
+		/* Refreshed at most once a second: new flows to a busy
+		 * destination from several CPUs mostly only read it. */
+		if (now - s->last_used >= LAST_SEEN_STEP_NS)
+			s->last_used = now;
 		return s->uplink;
 	}
 

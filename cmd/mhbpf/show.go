@@ -59,10 +59,13 @@ func flowsCmd(pinDir, stateDir *string) *cobra.Command {
 			names := uplinkNames(*stateDir)
 			now := monotonicNow()
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tPACKETS\tBYTES\tAGE\tIDLE")
+			// IDLE is to the second: a flow's record is refreshed at
+			// most once a second (per-flow traffic is not counted; the
+			// uplinks' counters are in 'mhbpf status').
+			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tAGE\tIDLE")
 			for _, f := range flows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", maps.ProtoName(f.Key.Proto), f.Key.Src, f.Key.Dst,
-					names(f.Uplink), f.Origin, f.Packets, f.Bytes, ago(now, f.FirstSeen), ago(now, f.LastSeen))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", maps.ProtoName(f.Key.Proto), f.Key.Src, f.Key.Dst,
+					names(f.Uplink), f.Origin, ago(now, f.FirstSeen), ago(now, f.LastSeen))
 			}
 			return w.Flush()
 		},

@@ -199,9 +199,9 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 		}
 		m.Pinning = ebpf.PinByName
 		switch name {
-		case "flows", "remotes":
+		case "flows4", "flows6", "remotes":
 			m.MaxEntries = o.FlowMapSize
-		case "inbound":
+		case "inbound4", "inbound6":
 			m.MaxEntries = o.InboundMapSize
 		}
 	}

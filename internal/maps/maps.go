@@ -27,44 +27,46 @@ const (
 // Maps holds every map of the datapath. The loader fills it from the pinned
 // (or freshly created) maps; the zero value is not usable.
 type Maps struct {
-	Flows       *ebpf.Map
-	Remotes     *ebpf.Map
-	Uplinks     *ebpf.Map
-	Ifaces      *ebpf.Map
-	PolicyGen   *ebpf.Map
-	PolicyMeta  *ebpf.Map
-	PolicyRules *ebpf.Map
-	PolicyDst4  *ebpf.Map
-	PolicySrc4  *ebpf.Map
-	PolicyDst6  *ebpf.Map
-	PolicySrc6  *ebpf.Map
-	Bypass4     *ebpf.Map
-	Bypass6     *ebpf.Map
-	Sticky      *ebpf.Map
-	Counters    *ebpf.Map
-	// Inbound holds the flows remote peers started on the uplinks;
-	// InboundGuards the per-uplink budget of new ones.
-	Inbound       *ebpf.Map
-	InboundGuards *ebpf.Map
+	// Flows4 and Flows6 hold the LAN's flows (and the answers of port
+	// forwards), one map per family.
+	Flows4, Flows6 *ebpf.Map
+	Remotes        *ebpf.Map
+	Uplinks        *ebpf.Map
+	Ifaces         *ebpf.Map
+	PolicyGen      *ebpf.Map
+	PolicyMeta     *ebpf.Map
+	PolicyRules    *ebpf.Map
+	PolicyDst4     *ebpf.Map
+	PolicySrc4     *ebpf.Map
+	PolicyDst6     *ebpf.Map
+	PolicySrc6     *ebpf.Map
+	Bypass4        *ebpf.Map
+	Bypass6        *ebpf.Map
+	Sticky         *ebpf.Map
+	Counters       *ebpf.Map
+	// Inbound4 and Inbound6 hold the flows remote peers started on the
+	// uplinks; InboundGuards the per-uplink budget of new ones.
+	Inbound4, Inbound6 *ebpf.Map
+	InboundGuards      *ebpf.Map
 }
 
 // FromObjects takes the maps of a loaded object.
 func FromObjects(m *bpf.UplinkMaps) *Maps {
 	return &Maps{
-		Flows: m.Flows, Remotes: m.Remotes, Uplinks: m.Uplinks, Ifaces: m.Ifaces,
+		Flows4: m.Flows4, Flows6: m.Flows6, Remotes: m.Remotes, Uplinks: m.Uplinks, Ifaces: m.Ifaces,
 		PolicyGen: m.PolicyGen, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
 		PolicyDst4: m.PolicyDst4, PolicySrc4: m.PolicySrc4, PolicyDst6: m.PolicyDst6, PolicySrc6: m.PolicySrc6,
 		Bypass4: m.Bypass4, Bypass6: m.Bypass6, Sticky: m.Sticky, Counters: m.Counters,
-		Inbound: m.Inbound, InboundGuards: m.InboundGuards,
+		Inbound4: m.Inbound4, Inbound6: m.Inbound6, InboundGuards: m.InboundGuards,
 	}
 }
 
 // Close releases the file descriptors; pinned maps stay in the kernel.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, x := range []*ebpf.Map{m.Flows, m.Remotes, m.Uplinks, m.Ifaces, m.PolicyGen, m.PolicyMeta,
+	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.Ifaces, m.PolicyGen, m.PolicyMeta,
 		m.PolicyRules, m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6, m.Bypass4, m.Bypass6,
-		m.Sticky, m.Counters, m.Inbound, m.InboundGuards} {
+		m.Sticky, m.Counters, m.Inbound4, m.Inbound6, m.InboundGuards} {
 		if x != nil {
 			errs = append(errs, x.Close())
 		}
