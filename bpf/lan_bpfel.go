@@ -26,13 +26,15 @@ type LanBypass6Key struct {
 }
 
 type LanFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
 type LanFlow4Key struct {
@@ -194,6 +196,7 @@ const (
 	LanMapCounters          = "counters"
 	LanMapFlows4            = "flows4"
 	LanMapFlows6            = "flows6"
+	LanMapIfaceSlots        = "iface_slots"
 	LanMapIfaces            = "ifaces"
 	LanMapInbound4          = "inbound4"
 	LanMapInbound6          = "inbound6"
@@ -211,6 +214,7 @@ const (
 	LanProgLanEgress        = "lan_egress"
 	LanProgLanIngress       = "lan_ingress"
 	LanVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	LanVarJiffiesPerSecond  = "jiffies_per_second"
 	LanVarMarkMask          = "mark_mask"
 	LanVarMarkReply         = "mark_reply"
 	LanVarMarkStrict        = "mark_strict"
@@ -272,6 +276,7 @@ type LanMapSpecs struct {
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
 	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
 	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
@@ -293,6 +298,7 @@ type LanMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
@@ -324,6 +330,7 @@ type LanMaps struct {
 	Counters      *ebpf.Map `ebpf:"counters"`
 	Flows4        *ebpf.Map `ebpf:"flows4"`
 	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
 	Inbound4      *ebpf.Map `ebpf:"inbound4"`
 	Inbound6      *ebpf.Map `ebpf:"inbound6"`
@@ -347,6 +354,7 @@ func (m *LanMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,
 		m.Inbound6,
@@ -369,6 +377,7 @@ func (m *LanMaps) Close() error {
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`

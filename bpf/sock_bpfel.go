@@ -26,13 +26,15 @@ type SockBypass6Key struct {
 }
 
 type SockFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
 type SockFlow4Key struct {
@@ -194,6 +196,7 @@ const (
 	SockMapCounters          = "counters"
 	SockMapFlows4            = "flows4"
 	SockMapFlows6            = "flows6"
+	SockMapIfaceSlots        = "iface_slots"
 	SockMapIfaces            = "ifaces"
 	SockMapInbound4          = "inbound4"
 	SockMapInbound6          = "inbound6"
@@ -213,6 +216,7 @@ const (
 	SockProgSockSendmsg4     = "sock_sendmsg4"
 	SockProgSockSendmsg6     = "sock_sendmsg6"
 	SockVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	SockVarJiffiesPerSecond  = "jiffies_per_second"
 	SockVarMarkMask          = "mark_mask"
 	SockVarMarkReply         = "mark_reply"
 	SockVarMarkStrict        = "mark_strict"
@@ -277,6 +281,7 @@ type SockMapSpecs struct {
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
 	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
 	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
@@ -298,6 +303,7 @@ type SockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
@@ -330,6 +336,7 @@ type SockMaps struct {
 	Counters      *ebpf.Map `ebpf:"counters"`
 	Flows4        *ebpf.Map `ebpf:"flows4"`
 	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
 	Inbound4      *ebpf.Map `ebpf:"inbound4"`
 	Inbound6      *ebpf.Map `ebpf:"inbound6"`
@@ -353,6 +360,7 @@ func (m *SockMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,
 		m.Inbound6,
@@ -375,6 +383,7 @@ func (m *SockMaps) Close() error {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`

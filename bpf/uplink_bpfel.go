@@ -26,13 +26,15 @@ type UplinkBypass6Key struct {
 }
 
 type UplinkFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
 type UplinkFlow4Key struct {
@@ -187,6 +189,7 @@ const (
 	UplinkMapCounters          = "counters"
 	UplinkMapFlows4            = "flows4"
 	UplinkMapFlows6            = "flows6"
+	UplinkMapIfaceSlots        = "iface_slots"
 	UplinkMapIfaces            = "ifaces"
 	UplinkMapInbound4          = "inbound4"
 	UplinkMapInbound6          = "inbound6"
@@ -203,6 +206,7 @@ const (
 	UplinkMapUplinks           = "uplinks"
 	UplinkProgUplinkIngress    = "uplink_ingress"
 	UplinkVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	UplinkVarJiffiesPerSecond  = "jiffies_per_second"
 	UplinkVarMarkMask          = "mark_mask"
 	UplinkVarMarkReply         = "mark_reply"
 	UplinkVarMarkStrict        = "mark_strict"
@@ -263,6 +267,7 @@ type UplinkMapSpecs struct {
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
 	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
 	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
@@ -284,6 +289,7 @@ type UplinkMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
@@ -315,6 +321,7 @@ type UplinkMaps struct {
 	Counters      *ebpf.Map `ebpf:"counters"`
 	Flows4        *ebpf.Map `ebpf:"flows4"`
 	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
 	Inbound4      *ebpf.Map `ebpf:"inbound4"`
 	Inbound6      *ebpf.Map `ebpf:"inbound6"`
@@ -338,6 +345,7 @@ func (m *UplinkMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,
 		m.Inbound6,
@@ -360,6 +368,7 @@ func (m *UplinkMaps) Close() error {
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`

@@ -9,7 +9,8 @@
 /* The interface entry of ifindex if it has role, else NULL. */
 static __always_inline struct iface *iface_with_role(__u32 ifindex, __u8 role)
 {
-	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	struct iface *ifc = ifindex < IFACE_SLOTS ? bpf_map_lookup_elem(&iface_slots, &ifindex)
+						   : bpf_map_lookup_elem(&ifaces, &ifindex);
 	return ifc && ifc->role == role ? ifc : 0;
 }
 
@@ -51,8 +52,18 @@ static __always_inline void flow_key_of(const struct packet *p, union flow_key *
  * Macros, not functions: each map gets a lookup call of its own, which the
  * verifier inlines (one call site for two maps would go through the
  * helper). */
-#define flow_find(map4, map6, family, k) \
-	((family) == 4 ? bpf_map_lookup_elem(&map4, &(k)->v4) : bpf_map_lookup_elem(&map6, &(k)->v6))
+#define flow_find(map4, map6, family, k)                                  \
+	({                                                               \
+		struct flow *__f;                                        \
+		if ((family) == 4) {                                     \
+			__f = bpf_map_lookup_elem(&map4, &(k)->v4);      \
+			asm volatile("/* v4 */" ::: "memory");           \
+		} else {                                                 \
+			__f = bpf_map_lookup_elem(&map6, &(k)->v6);      \
+			asm volatile("/* v6 */" ::: "memory");           \
+		}                                                        \
+		__f;                                                     \
+	})
 
 #define flow_put(map4, map6, family, k, f)                                       \
 	((family) == 4 ? bpf_map_update_elem(&map4, &(k)->v4, (f), BPF_ANY) \
@@ -76,14 +87,16 @@ static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *
 	__builtin_memcpy(k->addr, addr, 16);
 }
 
-/* A packet of a known flow. The record is written at most once per
- * LAST_SEEN_STEP_NS, from the coarse clock: a steady flow reads it only. */
+/* A packet of a known flow. The record is written about once a second at
+ * most: a steady flow only reads it. */
 static __always_inline void flow_seen(struct flow *f)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 j = bpf_jiffies64();
 
-	if (now - f->last_seen >= LAST_SEEN_STEP_NS)
-		f->last_seen = now;
+	if (j - f->seen_jiffies >= jiffies_per_second) {
+		f->seen_jiffies = j;
+		f->last_seen = bpf_ktime_get_coarse_ns();
+	}
 }
 
 /* A new flow's record. */
@@ -94,6 +107,7 @@ static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u32 mark
 		.mark = mark,
 		.uplink = uplink,
 		.origin = origin,
+		.seen_jiffies = bpf_jiffies64(),
 		.first_seen = now,
 		.last_seen = now,
 	};

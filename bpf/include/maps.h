@@ -88,10 +88,19 @@ struct flow {
 	__u8 uplink;
 	__u8 origin;
 	__u16 pad;
+	/* jiffies (low 32 bits) when last_seen was last set: a packet compares
+	 * it with jiffies, which the verifier inlines (one load), and reads
+	 * the clock only when a second has passed. */
+	__u32 seen_jiffies;
+	__u32 pad2;
 	__u64 first_seen; /* CLOCK_MONOTONIC ns, coarse (a tick) */
-	__u64 last_seen;  /* the same clock, refreshed every LAST_SEEN_STEP_NS at most */
+	__u64 last_seen;  /* the same clock, refreshed about once a second at most */
 };
 
+/* Jiffies in a second (the kernel's HZ): the loader measures it. */
+volatile const __u32 jiffies_per_second = 1000;
+
+/* How often at most sticky entries are refreshed (ns). */
 #define LAST_SEEN_STEP_NS 1000000000ULL
 
 /* The remote end of a flow, which NAT on this box never rewrites: the key
@@ -246,10 +255,24 @@ struct {
 	__type(value, struct uplink);
 } uplinks SEC(".maps");
 
+/* The interfaces the tc programs serve, by ifindex: an array for the usual
+ * small ifindexes, whose lookup the verifier inlines (a bounds check and an
+ * add: a hash lookup was a sixth of a known flow's cost), a hash for
+ * larger ones (a box that made many interfaces since boot). An array slot
+ * without a role is no interface of ours. */
+#define IFACE_SLOTS 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, IFACE_SLOTS);
+	__type(key, __u32); /* ifindex */
+	__type(value, struct iface);
+} iface_slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
-	__type(key, __u32); /* ifindex */
+	__type(key, __u32); /* ifindex, IFACE_SLOTS or more */
 	__type(value, struct iface);
 } ifaces SEC(".maps");
 

@@ -182,7 +182,12 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 	if err != nil {
 		return err
 	}
+	hz, err := kernelHZ()
+	if err != nil {
+		return err
+	}
 	for name, v := range map[string]any{
+		"jiffies_per_second":   hz,
 		"mark_mask":            o.MarkMask,
 		"mark_strict":          o.MarkStrict,
 		"mark_reply":           o.MarkReply,

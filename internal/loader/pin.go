@@ -90,7 +90,7 @@ func OpenPinned(pinDir string) (*maps.Maps, error) {
 	}
 	m := &maps.Maps{}
 	for name, dst := range map[string]**ebpf.Map{
-		"flows4": &m.Flows4, "flows6": &m.Flows6, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "ifaces": &m.Ifaces,
+		"flows4": &m.Flows4, "flows6": &m.Flows6, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "iface_slots": &m.IfaceSlots, "ifaces": &m.Ifaces,
 		"policy_gen": &m.PolicyGen, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
 		"policy_dst4": &m.PolicyDst4, "policy_src4": &m.PolicySrc4, "policy_dst6": &m.PolicyDst6,
 		"policy_src6": &m.PolicySrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,

@@ -32,18 +32,20 @@ type Maps struct {
 	Flows4, Flows6 *ebpf.Map
 	Remotes        *ebpf.Map
 	Uplinks        *ebpf.Map
-	Ifaces         *ebpf.Map
-	PolicyGen      *ebpf.Map
-	PolicyMeta     *ebpf.Map
-	PolicyRules    *ebpf.Map
-	PolicyDst4     *ebpf.Map
-	PolicySrc4     *ebpf.Map
-	PolicyDst6     *ebpf.Map
-	PolicySrc6     *ebpf.Map
-	Bypass4        *ebpf.Map
-	Bypass6        *ebpf.Map
-	Sticky         *ebpf.Map
-	Counters       *ebpf.Map
+	// IfaceSlots holds the interfaces with an ifindex below IfaceSlots,
+	// Ifaces the others.
+	IfaceSlots, Ifaces *ebpf.Map
+	PolicyGen          *ebpf.Map
+	PolicyMeta         *ebpf.Map
+	PolicyRules        *ebpf.Map
+	PolicyDst4         *ebpf.Map
+	PolicySrc4         *ebpf.Map
+	PolicyDst6         *ebpf.Map
+	PolicySrc6         *ebpf.Map
+	Bypass4            *ebpf.Map
+	Bypass6            *ebpf.Map
+	Sticky             *ebpf.Map
+	Counters           *ebpf.Map
 	// Inbound4 and Inbound6 hold the flows remote peers started on the
 	// uplinks; InboundGuards the per-uplink budget of new ones.
 	Inbound4, Inbound6 *ebpf.Map
@@ -53,7 +55,7 @@ type Maps struct {
 // FromObjects takes the maps of a loaded object.
 func FromObjects(m *bpf.UplinkMaps) *Maps {
 	return &Maps{
-		Flows4: m.Flows4, Flows6: m.Flows6, Remotes: m.Remotes, Uplinks: m.Uplinks, Ifaces: m.Ifaces,
+		Flows4: m.Flows4, Flows6: m.Flows6, Remotes: m.Remotes, Uplinks: m.Uplinks, IfaceSlots: m.IfaceSlots, Ifaces: m.Ifaces,
 		PolicyGen: m.PolicyGen, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
 		PolicyDst4: m.PolicyDst4, PolicySrc4: m.PolicySrc4, PolicyDst6: m.PolicyDst6, PolicySrc6: m.PolicySrc6,
 		Bypass4: m.Bypass4, Bypass6: m.Bypass6, Sticky: m.Sticky, Counters: m.Counters,
@@ -64,7 +66,7 @@ func FromObjects(m *bpf.UplinkMaps) *Maps {
 // Close releases the file descriptors; pinned maps stay in the kernel.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.Ifaces, m.PolicyGen, m.PolicyMeta,
+	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.IfaceSlots, m.Ifaces, m.PolicyGen, m.PolicyMeta,
 		m.PolicyRules, m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6, m.Bypass4, m.Bypass6,
 		m.Sticky, m.Counters, m.Inbound4, m.Inbound6, m.InboundGuards} {
 		if x != nil {
@@ -159,16 +161,23 @@ type Iface struct {
 	Uplink   uint8 // for RoleUplink
 }
 
+// IfaceSlots is how many ifindexes have a slot in the array the programs
+// look interfaces up in first (IFACE_SLOTS).
+const IfaceSlots = 4096
+
 func (m *Maps) SetIface(ifindex int, i Iface) error {
-	return m.Ifaces.Put(uint32(ifindex), &bpf.UplinkIface{Role: uint8(i.Role), L3Off: i.L3Offset, Uplink: i.Uplink})
+	v := &bpf.UplinkIface{Role: uint8(i.Role), L3Off: i.L3Offset, Uplink: i.Uplink}
+	if ifindex < IfaceSlots {
+		return m.IfaceSlots.Put(uint32(ifindex), v)
+	}
+	return m.Ifaces.Put(uint32(ifindex), v)
 }
 
 func (m *Maps) DeleteIface(ifindex int) error {
-	err := m.Ifaces.Delete(uint32(ifindex))
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil
+	if ifindex < IfaceSlots {
+		return m.IfaceSlots.Put(uint32(ifindex), &bpf.UplinkIface{})
 	}
-	return err
+	return ignoreNotExist(m.Ifaces.Delete(uint32(ifindex)))
 }
 
 // SetBypass replaces the set of destination prefixes that are never steered
