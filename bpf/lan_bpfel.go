@@ -13,18 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type LanBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
-
-type LanBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
-
 type LanFlow struct {
 	_           structs.HostLayout
 	Mark        uint32
@@ -76,14 +64,12 @@ type LanInboundGuard struct {
 type LanLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type LanLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
 

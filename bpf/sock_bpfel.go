@@ -13,18 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type SockBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
-
-type SockBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
-
 type SockFlow struct {
 	_           structs.HostLayout
 	Mark        uint32
@@ -76,14 +64,12 @@ type SockInboundGuard struct {
 type SockLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type SockLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
 

@@ -13,18 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type UplinkBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
-
-type UplinkBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
-
 type UplinkFlow struct {
 	_           structs.HostLayout
 	Mark        uint32
@@ -76,14 +64,12 @@ type UplinkInboundGuard struct {
 type UplinkLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type UplinkLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
 

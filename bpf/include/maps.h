@@ -179,31 +179,23 @@ struct policy_set {
 	struct policy dflt;
 };
 
-/* LPM keys carry the generation in front of the address; the prefix length
- * counts those 32 bits too. A prefix's value is the set of rules whose
- * prefixes contain it (Go folds shorter prefixes into longer ones, because
- * an LPM lookup returns only the longest match). */
+/* Keys of the LPM tries: the policy's and the bypass prefixes. */
 struct lpm4_key {
 	__u32 prefixlen;
-	__u32 gen;
 	__u32 addr;
 };
 
 struct lpm6_key {
 	__u32 prefixlen;
-	__u32 gen;
 	__u32 addr[4];
 };
 
-struct bypass4_key {
-	__u32 prefixlen;
-	__u32 addr;
-};
-
-struct bypass6_key {
-	__u32 prefixlen;
-	__u32 addr[4];
-};
+/* The policy's prefixes: one LPM trie per generation, direction and family,
+ * which the daemon creates at the size of the policy, fills, and puts into
+ * its generation's slot of the outer array (policy_dst4 and so on) before
+ * it switches policy_gen over. A prefix's value is the set of rules whose
+ * prefixes contain it (Go folds shorter prefixes into longer ones, because
+ * an LPM lookup returns only the longest match). */
 
 struct sticky_key {
 	__u32 policy;
@@ -297,25 +289,34 @@ struct {
 	__type(value, struct policy_rule);
 } policy_rules SEC(".maps");
 
-#define LPM_MAP(name, keytype)                              \
-	struct {                                            \
-		__uint(type, BPF_MAP_TYPE_LPM_TRIE);        \
-		__uint(max_entries, 16384);                 \
-		__uint(map_flags, BPF_F_NO_PREALLOC);       \
-		__type(key, struct keytype);                \
-		__type(value, __u64);                       \
+/* The inner tries' template: the daemon's tries have the policy's size
+ * (max_entries of an inner trie may differ from the template's). Sizes,
+ * not types: clang emits a key type reached only through such a template
+ * as a forward declaration, which has no size. */
+#define LPM_GENERATIONS(name, keytype)                                 \
+	struct {                                                       \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);              \
+		__uint(max_entries, POLICY_GENERATIONS);               \
+		__type(key, __u32);                                    \
+		__array(values, struct {                               \
+			__uint(type, BPF_MAP_TYPE_LPM_TRIE);           \
+			__uint(max_entries, 1);                        \
+			__uint(map_flags, BPF_F_NO_PREALLOC);          \
+			__uint(key_size, sizeof(struct keytype));      \
+			__uint(value_size, sizeof(__u64));             \
+		});                                                    \
 	} name SEC(".maps")
 
-LPM_MAP(policy_dst4, lpm4_key);
-LPM_MAP(policy_src4, lpm4_key);
-LPM_MAP(policy_dst6, lpm6_key);
-LPM_MAP(policy_src6, lpm6_key);
+LPM_GENERATIONS(policy_dst4, lpm4_key);
+LPM_GENERATIONS(policy_src4, lpm4_key);
+LPM_GENERATIONS(policy_dst6, lpm6_key);
+LPM_GENERATIONS(policy_src6, lpm6_key);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bypass4_key);
+	__type(key, struct lpm4_key);
 	__type(value, __u8);
 } bypass4 SEC(".maps");
 
@@ -323,7 +324,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bypass6_key);
+	__type(key, struct lpm6_key);
 	__type(value, __u8);
 } bypass6 SEC(".maps");
 

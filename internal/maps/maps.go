@@ -183,14 +183,14 @@ func (m *Maps) DeleteIface(ifindex int) error {
 // SetBypass replaces the set of destination prefixes that are never steered
 // (LAN prefixes, the operator's bypass list).
 func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
-	want4 := map[bpf.UplinkBypass4Key]bool{}
-	want6 := map[bpf.UplinkBypass6Key]bool{}
+	want4 := map[bpf.UplinkLpm4Key]bool{}
+	want6 := map[bpf.UplinkLpm6Key]bool{}
 	for _, p := range prefixes {
 		p = p.Masked()
 		if p.Addr().Is4() {
-			want4[bpf.UplinkBypass4Key{Prefixlen: uint32(p.Bits()), Addr: addr4(p.Addr())}] = true
+			want4[bpf.UplinkLpm4Key{Prefixlen: uint32(p.Bits()), Addr: addr4(p.Addr())}] = true
 		} else {
-			want6[bpf.UplinkBypass6Key{Prefixlen: uint32(p.Bits()), Addr: addr16(p.Addr())}] = true
+			want6[bpf.UplinkLpm6Key{Prefixlen: uint32(p.Bits()), Addr: addr16(p.Addr())}] = true
 		}
 	}
 	one := uint8(1)
@@ -204,8 +204,8 @@ func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
 			return fmt.Errorf("bypass %v: %w", k, err)
 		}
 	}
-	var k4 bpf.UplinkBypass4Key
-	var stale4 []bpf.UplinkBypass4Key
+	var k4 bpf.UplinkLpm4Key
+	var stale4 []bpf.UplinkLpm4Key
 	for it := m.Bypass4.Iterate(); it.Next(&k4, &one); {
 		if !want4[k4] {
 			stale4 = append(stale4, k4)
@@ -214,8 +214,8 @@ func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
 	for _, k := range stale4 {
 		_ = m.Bypass4.Delete(&k)
 	}
-	var k6 bpf.UplinkBypass6Key
-	var stale6 []bpf.UplinkBypass6Key
+	var k6 bpf.UplinkLpm6Key
+	var stale6 []bpf.UplinkLpm6Key
 	for it := m.Bypass6.Iterate(); it.Next(&k6, &one); {
 		if !want6[k6] {
 			stale6 = append(stale6, k6)

@@ -17,7 +17,14 @@ func TestPrefixRulesFoldContainingPrefixes(t *testing.T) {
 		{}, // no destination: matches via anyMask, not the trie
 		{Dst: []netip.Prefix{pfx("2001:db8:1::/48"), pfx("198.51.100.7/24")}}, // host bits are masked
 	}
-	got := prefixRules(rules, func(r Rule) []netip.Prefix { return r.Dst })
+	folded := foldPrefixes(rules, func(r Rule) []netip.Prefix { return r.Dst })
+	got := map[netip.Prefix]uint64{}
+	for _, f := range folded {
+		if _, dup := got[f.Prefix]; dup {
+			t.Fatalf("%v twice", f.Prefix)
+		}
+		got[f.Prefix] = f.Rules
+	}
 	want := map[netip.Prefix]uint64{
 		pfx("198.51.100.0/24"):   1<<0 | 1<<2 | 1<<5,
 		pfx("198.51.100.128/25"): 1<<0 | 1<<1 | 1<<2 | 1<<5,
