@@ -204,6 +204,7 @@ const (
 	LanVarMarkMask          = "mark_mask"
 	LanVarMarkReply         = "mark_reply"
 	LanVarMarkStrict        = "mark_strict"
+	LanVarSharedEnumsBtf    = "shared_enums_btf"
 	LanVarStickyNs          = "sticky_ns"
 )
 
@@ -288,6 +289,7 @@ type LanVariableSpecs struct {
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -367,6 +369,7 @@ type LanVariables struct {
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

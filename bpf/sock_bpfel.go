@@ -207,6 +207,7 @@ const (
 	SockVarMarkReply         = "mark_reply"
 	SockVarMarkStrict        = "mark_strict"
 	SockVarNetnsCookie       = "netns_cookie"
+	SockVarSharedEnumsBtf    = "shared_enums_btf"
 	SockVarStickyNs          = "sticky_ns"
 )
 
@@ -294,6 +295,7 @@ type SockVariableSpecs struct {
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.VariableSpec `ebpf:"netns_cookie"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -374,6 +376,7 @@ type SockVariables struct {
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.Variable `ebpf:"netns_cookie"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type UplinkFallback uint32
+
+const (
+	UplinkFallbackFALLBACK_MAIN        UplinkFallback = 0
+	UplinkFallbackFALLBACK_UNREACHABLE UplinkFallback = 1
+)
+
 type UplinkFlow struct {
 	_           structs.HostLayout
 	Mark        uint32
@@ -53,6 +60,13 @@ type UplinkIface struct {
 	Pad    uint8
 }
 
+type UplinkIfaceRole uint32
+
+const (
+	UplinkIfaceRoleROLE_UPLINK UplinkIfaceRole = 1
+	UplinkIfaceRoleROLE_LAN    UplinkIfaceRole = 2
+)
+
 type UplinkInboundGuard struct {
 	_        structs.HostLayout
 	Window   uint64
@@ -60,6 +74,17 @@ type UplinkInboundGuard struct {
 	Admitted uint64
 	Refused  uint64
 }
+
+type UplinkLimits uint32
+
+const (
+	UplinkLimitsLIMIT_UPLINKS            UplinkLimits = 16
+	UplinkLimitsLIMIT_RULES              UplinkLimits = 64
+	UplinkLimitsLIMIT_POLICY_UPLINKS     UplinkLimits = 8
+	UplinkLimitsLIMIT_PORT_RANGES        UplinkLimits = 8
+	UplinkLimitsLIMIT_POLICY_GENERATIONS UplinkLimits = 2
+	UplinkLimitsLIMIT_IFACE_SLOTS        UplinkLimits = 4096
+)
 
 type UplinkLpm4Key struct {
 	_         structs.HostLayout
@@ -72,6 +97,14 @@ type UplinkLpm6Key struct {
 	Prefixlen uint32
 	Addr      [4]uint32
 }
+
+type UplinkOrigin uint32
+
+const (
+	UplinkOriginORIGIN_BALANCED UplinkOrigin = 1
+	UplinkOriginORIGIN_POLICY   UplinkOrigin = 2
+	UplinkOriginORIGIN_INBOUND  UplinkOrigin = 3
+)
 
 type UplinkPolicy struct {
 	_        structs.HostLayout
@@ -146,6 +179,14 @@ type UplinkStickyKey struct {
 	Daddr  [4]uint32
 }
 
+type UplinkStickyMode uint32
+
+const (
+	UplinkStickyModeSTICKY_DST  UplinkStickyMode = 0
+	UplinkStickyModeSTICKY_FLOW UplinkStickyMode = 1
+	UplinkStickyModeSTICKY_PAIR UplinkStickyMode = 2
+)
+
 type UplinkUplink struct {
 	_       structs.HostLayout
 	Mark    uint32
@@ -196,6 +237,7 @@ const (
 	UplinkVarMarkMask          = "mark_mask"
 	UplinkVarMarkReply         = "mark_reply"
 	UplinkVarMarkStrict        = "mark_strict"
+	UplinkVarSharedEnumsBtf    = "shared_enums_btf"
 	UplinkVarStickyNs          = "sticky_ns"
 )
 
@@ -279,6 +321,7 @@ type UplinkVariableSpecs struct {
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -358,6 +401,7 @@ type UplinkVariables struct {
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

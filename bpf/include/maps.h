@@ -35,6 +35,17 @@ volatile const __u64 sticky_ns = 600ULL * 1000000000ULL;
  * crowd out the LAN's own flows, nor each other's uplinks'. */
 volatile const __u32 inbound_rate_per_cpu = 0;
 
+/* The limits above, for Go (bpf2go -type limits): the Go side's sizes come
+ * from here, not from a copy. */
+enum limits {
+	LIMIT_UPLINKS = MAX_UPLINKS,
+	LIMIT_RULES = MAX_RULES,
+	LIMIT_POLICY_UPLINKS = MAX_POLICY_UPLINKS,
+	LIMIT_PORT_RANGES = MAX_PORT_RANGES,
+	LIMIT_POLICY_GENERATIONS = POLICY_GENERATIONS,
+	LIMIT_IFACE_SLOTS = 4096, /* IFACE_SLOTS */
+};
+
 enum origin {
 	ORIGIN_BALANCED = 1, /* default policy, weighted choice */
 	ORIGIN_POLICY = 2,   /* an explicit policy rule matched */
@@ -56,6 +67,17 @@ enum iface_role {
 	ROLE_UPLINK = 1,
 	ROLE_LAN = 2,
 };
+
+/* Never set nor read: it puts the enums above into the objects' BTF, from
+ * which bpf2go generates their Go constants (-type). */
+struct shared_enums {
+	enum limits limits;
+	enum origin origin;
+	enum sticky_mode sticky;
+	enum fallback fallback;
+	enum iface_role role;
+};
+const struct shared_enums *shared_enums_btf __attribute__((unused));
 
 /* A connection (or UDP/ICMP exchange) as seen where it started: from a LAN
  * host (LAN ingress) or from a remote peer (uplink ingress). ICMP echo uses
@@ -252,7 +274,7 @@ struct {
  * add: a hash lookup was a sixth of a known flow's cost), a hash for
  * larger ones (a box that made many interfaces since boot). An array slot
  * without a role is no interface of ours. */
-#define IFACE_SLOTS 4096
+#define IFACE_SLOTS LIMIT_IFACE_SLOTS
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

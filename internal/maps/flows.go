@@ -15,9 +15,9 @@ import (
 type Origin uint8
 
 const (
-	OriginBalanced Origin = 1
-	OriginPolicy   Origin = 2
-	OriginInbound  Origin = 3
+	OriginBalanced = Origin(bpf.UplinkOriginORIGIN_BALANCED)
+	OriginPolicy   = Origin(bpf.UplinkOriginORIGIN_POLICY)
+	OriginInbound  = Origin(bpf.UplinkOriginORIGIN_INBOUND)
 )
 
 func (o Origin) String() string {

@@ -15,13 +15,13 @@ import (
 	"github.com/mhbpf/mhbpf/bpf"
 )
 
-// Limits of the BPF side (bpf/include/maps.h).
+// Limits of the BPF side (bpf/include/maps.h, enum limits).
 const (
-	MaxUplinks        = 16
-	MaxRules          = 64
-	MaxPolicyUplinks  = 8
-	MaxPortRanges     = 8
-	policyGenerations = 2
+	MaxUplinks        = int(bpf.UplinkLimitsLIMIT_UPLINKS)
+	MaxRules          = int(bpf.UplinkLimitsLIMIT_RULES)
+	MaxPolicyUplinks  = int(bpf.UplinkLimitsLIMIT_POLICY_UPLINKS)
+	MaxPortRanges     = int(bpf.UplinkLimitsLIMIT_PORT_RANGES)
+	policyGenerations = int(bpf.UplinkLimitsLIMIT_POLICY_GENERATIONS)
 )
 
 // Maps holds every map of the datapath. The loader fills it from the pinned
@@ -149,8 +149,8 @@ func (m *Maps) SetUplinkUp(id int, up bool) error {
 type Role uint8
 
 const (
-	RoleUplink Role = 1
-	RoleLAN    Role = 2
+	RoleUplink = Role(bpf.UplinkIfaceRoleROLE_UPLINK)
+	RoleLAN    = Role(bpf.UplinkIfaceRoleROLE_LAN)
 )
 
 // Iface tells the tc programs about the interface a packet arrived on.
@@ -163,7 +163,7 @@ type Iface struct {
 
 // IfaceSlots is how many ifindexes have a slot in the array the programs
 // look interfaces up in first (IFACE_SLOTS).
-const IfaceSlots = 4096
+const IfaceSlots = int(bpf.UplinkLimitsLIMIT_IFACE_SLOTS)
 
 func (m *Maps) SetIface(ifindex int, i Iface) error {
 	v := &bpf.UplinkIface{Role: uint8(i.Role), L3Off: i.L3Offset, Uplink: i.Uplink}

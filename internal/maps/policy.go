@@ -18,17 +18,17 @@ import (
 type Fallback uint8
 
 const (
-	FallbackMain        Fallback = 0 // route by main, whatever it says
-	FallbackUnreachable Fallback = 1 // fail closed
+	FallbackMain        = Fallback(bpf.UplinkFallbackFALLBACK_MAIN)        // route by main, whatever it says
+	FallbackUnreachable = Fallback(bpf.UplinkFallbackFALLBACK_UNREACHABLE) // fail closed
 )
 
 // Sticky is how long a choice holds.
 type Sticky uint8
 
 const (
-	StickyDestination Sticky = 0 // one destination keeps its uplink (default)
-	StickyFlow        Sticky = 1
-	StickyPair        Sticky = 2 // source + destination
+	StickyDestination = Sticky(bpf.UplinkStickyModeSTICKY_DST) // one destination keeps its uplink (default)
+	StickyFlow        = Sticky(bpf.UplinkStickyModeSTICKY_FLOW)
+	StickyPair        = Sticky(bpf.UplinkStickyModeSTICKY_PAIR) // source + destination
 )
 
 // Choice is one acceptable uplink of a policy.
@@ -177,7 +177,7 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 		}
 	}
 	for i := range rules {
-		if err := m.PolicyRules.Put(next*MaxRules+uint32(i), &rules[i]); err != nil {
+		if err := m.PolicyRules.Put(next*uint32(MaxRules)+uint32(i), &rules[i]); err != nil {
 			return stats, fmt.Errorf("rule %d: %w", i, err)
 		}
 	}

@@ -59,7 +59,7 @@ func TestReplacePolicyRejectsBadInput(t *testing.T) {
 		{"too many rules", Policy{Rules: many}},
 		{"empty port range", Policy{Rules: []Rule{{Ports: []PortRange{{Lo: 90, Hi: 80}}}}}},
 		{"too many uplinks", Policy{Default: Action{Uplinks: make([]Choice, MaxPolicyUplinks+1)}}},
-		{"uplink out of range", Policy{Default: Action{Uplinks: []Choice{{Uplink: MaxUplinks}}}}},
+		{"uplink out of range", Policy{Default: Action{Uplinks: []Choice{{Uplink: uint8(MaxUplinks)}}}}},
 	} {
 		if err := m.ReplacePolicy(tc.p); err == nil {
 			t.Errorf("%s: accepted", tc.name)
