@@ -912,3 +912,24 @@ func TestInboundFloodStaysInItsBudget(t *testing.T) {
 		}
 	}
 }
+
+// Headers further in than the programs read in place (MAX_DIRECT_OFF,
+// 1024 bytes) are copied with the helper instead: a TCP header behind a
+// 1,136-byte hop-by-hop header still makes the flow, ports and all. (The
+// test run's skbs are linear; this is the helper path they can reach.)
+func TestHeadersBeyondDirectReachParse(t *testing.T) {
+	e := newEnv(t)
+	p := syn(ap(lanHost6, 40123), ap(remote6, 443))
+	p.Ext = []uint8{0}
+	b := p.Bytes()
+	const hbh = 14 + 40
+	const extra = 141 * 8 // (hdr ext len 141 + 1) * 8 bytes in all
+	b[hbh+1] = 141
+	big := append(append(append([]byte(nil), b[:hbh+8]...), make([]byte, extra)...), b[hbh+8:]...)
+	if m := run(t, e.d.LANProgram(), big, 0); uplinkOf(m) != isp1 && uplinkOf(m) != isp2 {
+		t.Fatalf("mark %#x: no balanced uplink chosen", m)
+	}
+	if _, ok := e.flow(p); !ok {
+		t.Fatalf("no flow for %v -> %v behind a %d-byte extension header", p.Src, p.Dst, extra+8)
+	}
+}

@@ -440,7 +440,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 	cmd := exec.Command(exe) // TestMain runs restartHelper
 	cmd.Env = append(os.Environ(), "MHBPF_RESTART_HELPER="+dir, "MHBPF_RESTART_NETNS="+ns)
 	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 packets 7") {
+	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 origin balanced first seen 7s last seen 9s") {
 		t.Fatalf("second process: %v\n%s", err, out)
 	}
 	testutil.InNetNS(t, ns, func() {
@@ -494,7 +494,7 @@ func restartHelper(dir, ns string) error {
 	if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
 		return err
 	}
-	fmt.Printf("flow found: uplink %d origin %v\n", f.Uplink, f.Origin)
+	fmt.Printf("flow found: uplink %d origin %v first seen %v last seen %v\n", f.Uplink, f.Origin, f.FirstSeen, f.LastSeen)
 	return nil
 }
 
