@@ -156,6 +156,7 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 	}
 	next := 1 - cur
 
+	var wait func() error // rewrites a slot of next with its trie
 	for _, d := range []struct {
 		what         string
 		sel          func(Rule) []netip.Prefix
@@ -168,9 +169,15 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 			prefixes []prefixRules
 			v6       bool
 		}{{d.gens4, folded[:split], false}, {d.gens6, folded[split:], true}} {
-			n, err := putTrie(f.gens, next, f.prefixes, f.v6)
+			trie, n, err := putTrie(f.gens, next, f.prefixes, f.v6)
 			if err != nil {
 				return stats, fmt.Errorf("%s prefixes: %w", d.what, err)
+			}
+			// Kept open for dropGeneration: reading it back from the
+			// array would need CAP_SYS_ADMIN (a map by its id).
+			defer trie.Close()
+			if wait == nil {
+				wait = func() error { return f.gens.Put(next, trie) }
 			}
 			stats.Prefixes += len(f.prefixes)
 			stats.KernelBytes += n
@@ -188,7 +195,7 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 		return stats, fmt.Errorf("policy generation: %w", err)
 	}
 	stats.Took = time.Since(start)
-	return stats, m.dropGeneration(cur, next)
+	return stats, m.dropGeneration(cur, wait)
 }
 
 func (m *Maps) policyGeneration() (uint32, error) {
@@ -204,8 +211,8 @@ const batchSize = 1 << 16
 
 // putTrie makes generation gen of gens a trie of exactly these prefixes
 // (also none: every generation has its tries, which dropGeneration relies
-// on) and returns the memory the kernel accounts to it.
-func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (uint64, error) {
+// on) and returns it, open, with the memory the kernel accounts to it.
+func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*ebpf.Map, uint64, error) {
 	keySize := uint32(binary.Size(bpf.UplinkLpm4Key{}))
 	if v6 {
 		keySize = uint32(binary.Size(bpf.UplinkLpm6Key{}))
@@ -213,9 +220,8 @@ func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (uint6
 	trie, err := ebpf.NewMap(&ebpf.MapSpec{Name: "policy_trie", Type: ebpf.LPMTrie, KeySize: keySize, ValueSize: 8,
 		MaxEntries: uint32(max(len(prefixes), 1)), Flags: unix.BPF_F_NO_PREALLOC})
 	if err != nil {
-		return 0, fmt.Errorf("create a trie of %d prefixes: %w", len(prefixes), err)
+		return nil, 0, fmt.Errorf("create a trie of %d prefixes: %w", len(prefixes), err)
 	}
-	defer trie.Close() // gens holds it from here on
 	values := make([]uint64, len(prefixes))
 	for i, pr := range prefixes {
 		values[i] = pr.Rules
@@ -233,17 +239,18 @@ func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (uint6
 		}
 		err = fill(trie, keys, values)
 	}
+	if err == nil {
+		err = gens.Put(gen, trie)
+	}
 	if err != nil {
-		return 0, err
+		trie.Close()
+		return nil, 0, err
 	}
 	var bytes uint64
 	if info, err := trie.Info(); err == nil {
 		bytes, _ = info.Memlock()
 	}
-	if err := gens.Put(gen, trie); err != nil {
-		return 0, fmt.Errorf("install the trie: %w", err)
-	}
-	return bytes, nil
+	return trie, bytes, nil
 }
 
 // fill writes keys and values in batches, one by one where the kernel has
@@ -267,20 +274,15 @@ func fill[K any](trie *ebpf.Map, keys []K, values []uint64) error {
 	return nil
 }
 
-// dropGeneration frees generation old's tries after the switch to next.
-// Updating an array of maps makes the kernel wait until every program
-// running meanwhile is done (synchronize_rcu), so rewriting a slot of next
-// with the trie it holds waits out the packets that read the old
-// generation number before the switch; only then do the old tries go.
-func (m *Maps) dropGeneration(old, next uint32) error {
-	var inner *ebpf.Map
-	if err := m.PolicyDst4.Lookup(next, &inner); err != nil {
-		return fmt.Errorf("policy generation %d: %w", next, err)
-	}
-	err := m.PolicyDst4.Put(next, inner)
-	inner.Close()
-	if err != nil {
-		return fmt.Errorf("policy generation %d: %w", next, err)
+// dropGeneration frees generation old's tries after the switch. Updating
+// an array of maps makes the kernel wait until every program running
+// meanwhile is done (synchronize_rcu), so rewriting a slot of the new
+// generation with the trie it holds (wait) waits out the packets that read
+// the old generation number before the switch; only then do the old tries
+// go.
+func (m *Maps) dropGeneration(old uint32, wait func() error) error {
+	if err := wait(); err != nil {
+		return fmt.Errorf("policy generation switch: %w", err)
 	}
 	var errs []error
 	for _, gens := range []*ebpf.Map{m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6} {
