@@ -6,7 +6,7 @@ GO ?= go
 export BPF2GO_CC BPF2GO_CFLAGS BPF2GO_STRIP
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: kernel-table check-kernel-table all deps generate build deb test test-host test-vm test-vm-kernel testsum check-generated lab
+.PHONY: kernel-table check-kernel-table all deps generate build deb test test-host test-vm test-vm-kernel testsum check-generated lab bench
 
 all: build
 
@@ -30,6 +30,12 @@ deb: build
 # failover and recovery, live. Needs root; touches no real interface.
 lab: deps build
 	./bin/mhbpf lab
+
+# The benchmarks side by side, interleaved rounds, into bench/REPORT.md
+# (medians, ratios to the test-run floor, kernel, CPU, the commands). As
+# root; not run by `make test`, which builds them (go vet).
+bench:
+	GO=$(GO) bash bench/run.sh
 
 # The committed bpf2go output must be what the pinned compiler makes of the
 # committed C.

@@ -3,7 +3,7 @@
 // the same headers and share their maps at load time (see internal/loader).
 package bpf
 
-//go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux -type flow_key -type flow -type remote_key -type remote -type uplink -type iface -type policy -type policy_entry -type policy_rule -type policy_set -type port_range -type lpm4_key -type lpm6_key -type bypass4_key -type bypass6_key -type sticky_key -type sticky_entry -type uplink_counters Uplink uplink.c -- -I./include
+//go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux -type flow4_key -type flow6_key -type flow -type remote_key -type remote -type uplink -type iface -type policy -type policy_entry -type policy_rule -type policy_set -type port_range -type lpm4_key -type lpm6_key -type sticky_key -type sticky_entry -type uplink_counters -type limits -type origin -type sticky_mode -type fallback -type iface_role Uplink uplink.c -- -I./include
 //go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux Lan lan.c -- -I./include
 //go:generate go tool bpf2go -go-package bpf -target bpfel -tags linux Sock sock.c -- -I./include
 //

@@ -30,14 +30,15 @@ int lan_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	/* Known flows first: they are most packets, and a bypassed destination
-	 * never gets a flow, so the bypass check is only needed on a miss. */
-	struct flow_key k;
-	flow_key_of(&p, &k);
-	struct flow *f = bpf_map_lookup_elem(&flows, &k);
+	 * never gets a flow, so the bypass check is only needed on a miss. A
+	 * hit writes nothing shared but, once a second, last_seen. */
+	union flow_key k;
+	flow_key_of(&p, &k, false);
+	struct flow *f = flow_find(flows4, flows6, p.family, &k);
 	if (!f) /* the answer of a port forward (lan_egress recorded it) */
-		f = bpf_map_lookup_elem(&inbound, &k);
+		f = flow_find(inbound4, inbound6, p.family, &k);
 	if (f && uplink_is_up(f->uplink)) {
-		flow_seen(f, skb->len);
+		flow_seen(f);
 		count_packet(f->uplink, skb->len, false);
 		skb->mark = apply_mark(skb->mark, f->mark);
 		return TC_ACT_OK;
@@ -59,7 +60,7 @@ int lan_ingress(struct __sk_buff *skb)
 	};
 	__builtin_memcpy(t.saddr, p.saddr, 16);
 	__builtin_memcpy(t.daddr, p.daddr, 16);
-	t.flow_hash = hash_words((const __u32 *)&k, sizeof(k) / 4, 0);
+	t.flow_hash = flow_key_hash(p.family, &k);
 
 	struct choice c;
 	if (choose(&t, &c) < 0)
@@ -68,18 +69,24 @@ int lan_ingress(struct __sk_buff *skb)
 	if (c.uplink < 0)
 		return TC_ACT_OK; /* nothing up: main or unreachable, and ask again next packet */
 
-	flow_record(&k, c.uplink, c.origin, c.mark, skb->len);
+	struct flow nf = flow_new(c.uplink, c.origin, c.mark);
+	flow_put(flows4, flows6, p.family, &k, &nf);
+	count_new_flow(c.uplink);
 	count_packet(c.uplink, skb->len, false);
 	/* Where uplink_ingress cannot tell an answer from an opener by the
 	 * packet itself (UDP and the like, not TCP or ICMP echo), it asks for
-	 * the remote end we sent to. (A remote's address and port never steer
-	 * a LAN packet: a port forward's answers are flows lan_egress recorded
-	 * from the forwarded packets.) */
+	 * the remote end we sent to. Written only when it changes: the next
+	 * flows to the same remote find it in place. (A remote's address and
+	 * port never steer a LAN packet: a port forward's answers are flows
+	 * lan_egress recorded from the forwarded packets.) */
 	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_ICMP && p.proto != IPPROTO_ICMPV6) {
 		struct remote_key rk;
 		remote_key_of(p.family, p.proto, p.daddr, p.dport, &rk);
-		struct remote rv = { .uplink = c.uplink, .origin = c.origin };
-		bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+		struct remote *old = bpf_map_lookup_elem(&remotes, &rk);
+		if (!old || old->uplink != c.uplink || old->origin != c.origin) {
+			struct remote rv = { .uplink = c.uplink, .origin = c.origin };
+			bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
+		}
 	}
 	return TC_ACT_OK;
 }
@@ -123,16 +130,18 @@ int lan_egress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		break;
 	}
-	struct flow_key k;
-	flow_key_of_answer(&p, &k);
-	if (bpf_map_lookup_elem(&flows, &k))
+	union flow_key k;
+	flow_key_of(&p, &k, true);
+	if (flow_find(flows4, flows6, p.family, &k))
 		return TC_ACT_OK; /* the LAN's own flow */
 	/* With the inbound records: what remote peers start, however many,
 	 * never evicts the LAN's own flows. */
-	struct flow *f = bpf_map_lookup_elem(&inbound, &k);
+	struct flow *f = flow_find(inbound4, inbound6, p.family, &k);
 	if (f && f->uplink == from->uplink)
 		return TC_ACT_OK;
-	flow_record_in(&inbound, &k, from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask, 0);
+	struct flow nf = flow_new(from->uplink, ORIGIN_INBOUND, (uplink_mark(from->uplink) | mark_reply) & mark_mask);
+	flow_put(inbound4, inbound6, p.family, &k, &nf);
+	count_new_flow(from->uplink);
 	return TC_ACT_OK;
 }
 

@@ -13,39 +13,36 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type LanBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
-
-type LanBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
-
 type LanFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
-	Packets   uint64
-	Bytes     uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
-type LanFlowKey struct {
-	_      structs.HostLayout
-	Family uint8
-	Proto  uint8
-	Pad    uint16
-	Sport  uint16
-	Dport  uint16
-	Saddr  [4]uint32
-	Daddr  [4]uint32
+type LanFlow4Key struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type LanFlow6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
 }
 
 type LanIface struct {
@@ -67,14 +64,12 @@ type LanInboundGuard struct {
 type LanLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type LanLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
 
@@ -185,9 +180,12 @@ const (
 	LanMapBypass4           = "bypass4"
 	LanMapBypass6           = "bypass6"
 	LanMapCounters          = "counters"
-	LanMapFlows             = "flows"
+	LanMapFlows4            = "flows4"
+	LanMapFlows6            = "flows6"
+	LanMapIfaceSlots        = "iface_slots"
 	LanMapIfaces            = "ifaces"
-	LanMapInbound           = "inbound"
+	LanMapInbound4          = "inbound4"
+	LanMapInbound6          = "inbound6"
 	LanMapInboundGuards     = "inbound_guards"
 	LanMapPolicyDst4        = "policy_dst4"
 	LanMapPolicyDst6        = "policy_dst6"
@@ -202,9 +200,11 @@ const (
 	LanProgLanEgress        = "lan_egress"
 	LanProgLanIngress       = "lan_ingress"
 	LanVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	LanVarJiffiesPerSecond  = "jiffies_per_second"
 	LanVarMarkMask          = "mark_mask"
 	LanVarMarkReply         = "mark_reply"
 	LanVarMarkStrict        = "mark_strict"
+	LanVarSharedEnumsBtf    = "shared_enums_btf"
 	LanVarStickyNs          = "sticky_ns"
 )
 
@@ -261,9 +261,12 @@ type LanMapSpecs struct {
 	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
 	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
 	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
@@ -282,9 +285,11 @@ type LanMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -311,9 +316,12 @@ type LanMaps struct {
 	Bypass4       *ebpf.Map `ebpf:"bypass4"`
 	Bypass6       *ebpf.Map `ebpf:"bypass6"`
 	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows         *ebpf.Map `ebpf:"flows"`
+	Flows4        *ebpf.Map `ebpf:"flows4"`
+	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound       *ebpf.Map `ebpf:"inbound"`
+	Inbound4      *ebpf.Map `ebpf:"inbound4"`
+	Inbound6      *ebpf.Map `ebpf:"inbound6"`
 	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
@@ -332,9 +340,12 @@ func (m *LanMaps) Close() error {
 		m.Bypass4,
 		m.Bypass6,
 		m.Counters,
-		m.Flows,
+		m.Flows4,
+		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
-		m.Inbound,
+		m.Inbound4,
+		m.Inbound6,
 		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
@@ -354,9 +365,11 @@ func (m *LanMaps) Close() error {
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

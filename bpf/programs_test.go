@@ -11,6 +11,7 @@ import (
 	"math"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -238,23 +239,66 @@ func TestLANNewFlowIsRecordedAndKept(t *testing.T) {
 				if !ok {
 					t.Fatalf("no flow recorded for %v", p.Src)
 				}
-				if f.Uplink != up || f.Origin != maps.OriginBalanced || f.Packets != 1 {
-					t.Fatalf("flow %+v, want uplink %d origin balanced 1 packet", f, up)
+				if f.Uplink != up || f.Origin != maps.OriginBalanced || f.FirstSeen == 0 || f.LastSeen != f.FirstSeen {
+					t.Fatalf("flow %+v, want uplink %d origin balanced, first and last seen now", f, up)
 				}
-				// Later packets of the flow keep the uplink and are counted.
+				// Later packets of the flow keep the uplink.
 				p.TCPFlags = packet.TCPAck
 				for i := 0; i < 3; i++ {
 					if m := e.lanRun(p, 0); m != mark {
 						t.Fatalf("packet %d: mark %#x, want %#x", i+2, m, mark)
 					}
 				}
-				f, _ = e.flow(p)
-				if f.Packets != 4 {
-					t.Fatalf("flow counted %d packets, want 4", f.Packets)
-				}
 			})
 		}
 	}
+}
+
+// A packet of a known flow writes its record about once a second at most:
+// packets within the second after the flow started leave the record as it
+// was (a steady flow only reads it); the first packet a second later sets
+// last_seen to now, from the coarse clock, and keeps first_seen.
+func TestKnownFlowRefreshesLastSeenOncePerSecond(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			p := syn(ap(lanHost, 40000), ap(remote, 443))
+			if v6 {
+				p = syn(ap(lanHost6, 40000), ap(remote6, 443))
+			}
+			mark := e.lanRun(p, 0)
+			first, ok := e.flow(p)
+			if !ok {
+				t.Fatal("no flow recorded")
+			}
+			p.TCPFlags = packet.TCPAck
+			for monotonic(t) < first.FirstSeen+maps.LastSeenStep/2 {
+				if m := e.lanRun(p, 0); m != mark {
+					t.Fatalf("known flow: mark %#x, want %#x", m, mark)
+				}
+				if f, _ := e.flow(p); f != first {
+					t.Fatalf("a packet within the first second wrote the record:\nbefore %+v\nafter  %+v", first, f)
+				}
+			}
+			// A tick of slack: the coarse clock and jiffies move by ticks.
+			time.Sleep(first.FirstSeen + maps.LastSeenStep + 20*time.Millisecond - monotonic(t))
+			before := monotonic(t)
+			e.lanRun(p, 0)
+			f, _ := e.flow(p)
+			if f.FirstSeen != first.FirstSeen || f.LastSeen < before-20*time.Millisecond || f.LastSeen > monotonic(t) {
+				t.Fatalf("a packet a second later: last seen %v, want about %v (first seen %v kept: %v)", f.LastSeen, before, first.FirstSeen, f.FirstSeen)
+			}
+		})
+	}
+}
+
+func monotonic(t testing.TB) time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ts.Nano())
 }
 
 // The scenario's 8:2 over many destinations.
@@ -881,5 +925,26 @@ func TestInboundFloodStaysInItsBudget(t *testing.T) {
 		if f, ok := e.flow(p); !ok || f.Origin == maps.OriginInbound {
 			t.Fatalf("LAN flow %d gone or replaced after the flood (%+v, %v)", i, f, ok)
 		}
+	}
+}
+
+// Headers further in than the programs read in place (MAX_DIRECT_OFF,
+// 1024 bytes) are copied with the helper instead: a TCP header behind a
+// 1,136-byte hop-by-hop header still makes the flow, ports and all. (The
+// test run's skbs are linear; this is the helper path they can reach.)
+func TestHeadersBeyondDirectReachParse(t *testing.T) {
+	e := newEnv(t)
+	p := syn(ap(lanHost6, 40123), ap(remote6, 443))
+	p.Ext = []uint8{0}
+	b := p.Bytes()
+	const hbh = 14 + 40
+	const extra = 141 * 8 // (hdr ext len 141 + 1) * 8 bytes in all
+	b[hbh+1] = 141
+	big := append(append(append([]byte(nil), b[:hbh+8]...), make([]byte, extra)...), b[hbh+8:]...)
+	if m := run(t, e.d.LANProgram(), big, 0); uplinkOf(m) != isp1 && uplinkOf(m) != isp2 {
+		t.Fatalf("mark %#x: no balanced uplink chosen", m)
+	}
+	if _, ok := e.flow(p); !ok {
+		t.Fatalf("no flow for %v -> %v behind a %d-byte extension header", p.Src, p.Dst, extra+8)
 	}
 }

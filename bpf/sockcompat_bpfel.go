@@ -13,39 +13,36 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type SockCompatBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
-
-type SockCompatBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
-
 type SockCompatFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
-	Packets   uint64
-	Bytes     uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
-type SockCompatFlowKey struct {
-	_      structs.HostLayout
-	Family uint8
-	Proto  uint8
-	Pad    uint16
-	Sport  uint16
-	Dport  uint16
-	Saddr  [4]uint32
-	Daddr  [4]uint32
+type SockCompatFlow4Key struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type SockCompatFlow6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
 }
 
 type SockCompatIface struct {
@@ -67,14 +64,12 @@ type SockCompatInboundGuard struct {
 type SockCompatLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type SockCompatLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
 
@@ -185,9 +180,12 @@ const (
 	SockCompatMapBypass4           = "bypass4"
 	SockCompatMapBypass6           = "bypass6"
 	SockCompatMapCounters          = "counters"
-	SockCompatMapFlows             = "flows"
+	SockCompatMapFlows4            = "flows4"
+	SockCompatMapFlows6            = "flows6"
+	SockCompatMapIfaceSlots        = "iface_slots"
 	SockCompatMapIfaces            = "ifaces"
-	SockCompatMapInbound           = "inbound"
+	SockCompatMapInbound4          = "inbound4"
+	SockCompatMapInbound6          = "inbound6"
 	SockCompatMapInboundGuards     = "inbound_guards"
 	SockCompatMapPolicyDst4        = "policy_dst4"
 	SockCompatMapPolicyDst6        = "policy_dst6"
@@ -204,11 +202,13 @@ const (
 	SockCompatProgSockSendmsg4     = "sock_sendmsg4"
 	SockCompatProgSockSendmsg6     = "sock_sendmsg6"
 	SockCompatVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	SockCompatVarJiffiesPerSecond  = "jiffies_per_second"
 	SockCompatVarMarkMask          = "mark_mask"
 	SockCompatVarMarkReply         = "mark_reply"
 	SockCompatVarMarkStrict        = "mark_strict"
 	SockCompatVarNetnsCookie       = "netns_cookie"
 	SockCompatVarSendmsgSetsockopt = "sendmsg_setsockopt"
+	SockCompatVarSharedEnumsBtf    = "shared_enums_btf"
 	SockCompatVarStickyNs          = "sticky_ns"
 )
 
@@ -267,9 +267,12 @@ type SockCompatMapSpecs struct {
 	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
 	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
 	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
@@ -288,11 +291,13 @@ type SockCompatMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockCompatVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.VariableSpec `ebpf:"netns_cookie"`
 	SendmsgSetsockopt *ebpf.VariableSpec `ebpf:"sendmsg_setsockopt"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -319,9 +324,12 @@ type SockCompatMaps struct {
 	Bypass4       *ebpf.Map `ebpf:"bypass4"`
 	Bypass6       *ebpf.Map `ebpf:"bypass6"`
 	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows         *ebpf.Map `ebpf:"flows"`
+	Flows4        *ebpf.Map `ebpf:"flows4"`
+	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound       *ebpf.Map `ebpf:"inbound"`
+	Inbound4      *ebpf.Map `ebpf:"inbound4"`
+	Inbound6      *ebpf.Map `ebpf:"inbound6"`
 	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
@@ -340,9 +348,12 @@ func (m *SockCompatMaps) Close() error {
 		m.Bypass4,
 		m.Bypass6,
 		m.Counters,
-		m.Flows,
+		m.Flows4,
+		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
-		m.Inbound,
+		m.Inbound4,
+		m.Inbound6,
 		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
@@ -362,11 +373,13 @@ func (m *SockCompatMaps) Close() error {
 // It can be passed to LoadSockCompatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockCompatVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
 	NetnsCookie       *ebpf.Variable `ebpf:"netns_cookie"`
 	SendmsgSetsockopt *ebpf.Variable `ebpf:"sendmsg_setsockopt"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

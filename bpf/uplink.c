@@ -66,11 +66,11 @@ int uplink_ingress(struct __sk_buff *skb)
 	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
 		return TC_ACT_OK;
 
-	struct flow_key k;
-	flow_key_of(&p, &k);
-	struct flow *f = bpf_map_lookup_elem(&inbound, &k);
+	union flow_key k;
+	flow_key_of(&p, &k, false);
+	struct flow *f = flow_find(inbound4, inbound6, p.family, &k);
 	if (f) {
-		flow_seen(f, skb->len);
+		flow_seen(f);
 		skb->mark = apply_mark(skb->mark, f->mark);
 		return TC_ACT_OK;
 	}
@@ -80,7 +80,9 @@ int uplink_ingress(struct __sk_buff *skb)
 	if (!inbound_admit(ifc->uplink))
 		return TC_ACT_OK; /* over budget: delivered, but neither recorded nor marked */
 	__u32 mark = (uplink_mark(ifc->uplink) | mark_reply) & mark_mask;
-	flow_record_in(&inbound, &k, ifc->uplink, ORIGIN_INBOUND, mark, skb->len);
+	struct flow nf = flow_new(ifc->uplink, ORIGIN_INBOUND, mark);
+	flow_put(inbound4, inbound6, p.family, &k, &nf);
+	count_new_flow(ifc->uplink);
 
 	skb->mark = apply_mark(skb->mark, mark);
 	return TC_ACT_OK;

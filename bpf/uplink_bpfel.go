@@ -13,39 +13,43 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type UplinkBypass4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      uint32
-}
+type UplinkFallback uint32
 
-type UplinkBypass6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint32
-}
+const (
+	UplinkFallbackFALLBACK_MAIN        UplinkFallback = 0
+	UplinkFallbackFALLBACK_UNREACHABLE UplinkFallback = 1
+)
 
 type UplinkFlow struct {
-	_         structs.HostLayout
-	Mark      uint32
-	Uplink    uint8
-	Origin    uint8
-	Pad       uint16
-	FirstSeen uint64
-	LastSeen  uint64
-	Packets   uint64
-	Bytes     uint64
+	_           structs.HostLayout
+	Mark        uint32
+	Uplink      uint8
+	Origin      uint8
+	Pad         uint16
+	SeenJiffies uint32
+	Pad2        uint32
+	FirstSeen   uint64
+	LastSeen    uint64
 }
 
-type UplinkFlowKey struct {
-	_      structs.HostLayout
-	Family uint8
-	Proto  uint8
-	Pad    uint16
-	Sport  uint16
-	Dport  uint16
-	Saddr  [4]uint32
-	Daddr  [4]uint32
+type UplinkFlow4Key struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type UplinkFlow6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
 }
 
 type UplinkIface struct {
@@ -56,6 +60,13 @@ type UplinkIface struct {
 	Pad    uint8
 }
 
+type UplinkIfaceRole uint32
+
+const (
+	UplinkIfaceRoleROLE_UPLINK UplinkIfaceRole = 1
+	UplinkIfaceRoleROLE_LAN    UplinkIfaceRole = 2
+)
+
 type UplinkInboundGuard struct {
 	_        structs.HostLayout
 	Window   uint64
@@ -64,19 +75,36 @@ type UplinkInboundGuard struct {
 	Refused  uint64
 }
 
+type UplinkLimits uint32
+
+const (
+	UplinkLimitsLIMIT_UPLINKS            UplinkLimits = 16
+	UplinkLimitsLIMIT_RULES              UplinkLimits = 64
+	UplinkLimitsLIMIT_POLICY_UPLINKS     UplinkLimits = 8
+	UplinkLimitsLIMIT_PORT_RANGES        UplinkLimits = 8
+	UplinkLimitsLIMIT_POLICY_GENERATIONS UplinkLimits = 2
+	UplinkLimitsLIMIT_IFACE_SLOTS        UplinkLimits = 4096
+)
+
 type UplinkLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      uint32
 }
 
 type UplinkLpm6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Gen       uint32
 	Addr      [4]uint32
 }
+
+type UplinkOrigin uint32
+
+const (
+	UplinkOriginORIGIN_BALANCED UplinkOrigin = 1
+	UplinkOriginORIGIN_POLICY   UplinkOrigin = 2
+	UplinkOriginORIGIN_INBOUND  UplinkOrigin = 3
+)
 
 type UplinkPolicy struct {
 	_        structs.HostLayout
@@ -151,6 +179,14 @@ type UplinkStickyKey struct {
 	Daddr  [4]uint32
 }
 
+type UplinkStickyMode uint32
+
+const (
+	UplinkStickyModeSTICKY_DST  UplinkStickyMode = 0
+	UplinkStickyModeSTICKY_FLOW UplinkStickyMode = 1
+	UplinkStickyModeSTICKY_PAIR UplinkStickyMode = 2
+)
+
 type UplinkUplink struct {
 	_       structs.HostLayout
 	Mark    uint32
@@ -178,9 +214,12 @@ const (
 	UplinkMapBypass4           = "bypass4"
 	UplinkMapBypass6           = "bypass6"
 	UplinkMapCounters          = "counters"
-	UplinkMapFlows             = "flows"
+	UplinkMapFlows4            = "flows4"
+	UplinkMapFlows6            = "flows6"
+	UplinkMapIfaceSlots        = "iface_slots"
 	UplinkMapIfaces            = "ifaces"
-	UplinkMapInbound           = "inbound"
+	UplinkMapInbound4          = "inbound4"
+	UplinkMapInbound6          = "inbound6"
 	UplinkMapInboundGuards     = "inbound_guards"
 	UplinkMapPolicyDst4        = "policy_dst4"
 	UplinkMapPolicyDst6        = "policy_dst6"
@@ -194,9 +233,11 @@ const (
 	UplinkMapUplinks           = "uplinks"
 	UplinkProgUplinkIngress    = "uplink_ingress"
 	UplinkVarInboundRatePerCpu = "inbound_rate_per_cpu"
+	UplinkVarJiffiesPerSecond  = "jiffies_per_second"
 	UplinkVarMarkMask          = "mark_mask"
 	UplinkVarMarkReply         = "mark_reply"
 	UplinkVarMarkStrict        = "mark_strict"
+	UplinkVarSharedEnumsBtf    = "shared_enums_btf"
 	UplinkVarStickyNs          = "sticky_ns"
 )
 
@@ -252,9 +293,12 @@ type UplinkMapSpecs struct {
 	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
 	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows         *ebpf.MapSpec `ebpf:"flows"`
+	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound       *ebpf.MapSpec `ebpf:"inbound"`
+	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
 	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
@@ -273,9 +317,11 @@ type UplinkMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkVariableSpecs struct {
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
 	MarkReply         *ebpf.VariableSpec `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.VariableSpec `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.VariableSpec `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.VariableSpec `ebpf:"sticky_ns"`
 }
 
@@ -302,9 +348,12 @@ type UplinkMaps struct {
 	Bypass4       *ebpf.Map `ebpf:"bypass4"`
 	Bypass6       *ebpf.Map `ebpf:"bypass6"`
 	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows         *ebpf.Map `ebpf:"flows"`
+	Flows4        *ebpf.Map `ebpf:"flows4"`
+	Flows6        *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound       *ebpf.Map `ebpf:"inbound"`
+	Inbound4      *ebpf.Map `ebpf:"inbound4"`
+	Inbound6      *ebpf.Map `ebpf:"inbound6"`
 	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
 	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
 	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
@@ -323,9 +372,12 @@ func (m *UplinkMaps) Close() error {
 		m.Bypass4,
 		m.Bypass6,
 		m.Counters,
-		m.Flows,
+		m.Flows4,
+		m.Flows6,
+		m.IfaceSlots,
 		m.Ifaces,
-		m.Inbound,
+		m.Inbound4,
+		m.Inbound6,
 		m.InboundGuards,
 		m.PolicyDst4,
 		m.PolicyDst6,
@@ -345,9 +397,11 @@ func (m *UplinkMaps) Close() error {
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkVariables struct {
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
+	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`
 	MarkReply         *ebpf.Variable `ebpf:"mark_reply"`
 	MarkStrict        *ebpf.Variable `ebpf:"mark_strict"`
+	SharedEnumsBtf    *ebpf.Variable `ebpf:"shared_enums_btf"`
 	StickyNs          *ebpf.Variable `ebpf:"sticky_ns"`
 }
 

@@ -74,14 +74,21 @@ func stickyHash(policyID uint32, mode uint32, src, dst netip.Addr) uint64 {
 }
 
 // flowHash is the per-flow pick of sticky = "flow": mix64 of the hash of
-// struct flow_key {family, proto, pad, sport, dport, saddr[4], daddr[4]}.
+// the family's flow key, struct flow4_key {saddr, daddr, sport, dport,
+// proto, pad[3]} or struct flow6_key {saddr[4], daddr[4], sport, dport,
+// proto, pad[3]}.
 func flowHash(proto uint8, src, dst netip.AddrPort) uint64 {
 	var ports [4]byte
 	binary.BigEndian.PutUint16(ports[0:], src.Port())
 	binary.BigEndian.PutUint16(ports[2:], dst.Port())
-	w := []uint32{family(dst.Addr()) | uint32(proto)<<8, binary.LittleEndian.Uint32(ports[:])}
 	s, d := addrWords(src.Addr()), addrWords(dst.Addr())
-	w = append(append(w, s[:]...), d[:]...)
+	var w []uint32
+	if src.Addr().Is4() {
+		w = []uint32{s[0], d[0]}
+	} else {
+		w = append(append(w, s[:]...), d[:]...)
+	}
+	w = append(w, binary.LittleEndian.Uint32(ports[:]), uint32(proto))
 	return mix64(hashWords(w))
 }
 

@@ -648,7 +648,7 @@ sticky = "flow"
 	after := flowsOf(t, e, conns)
 	for _, h := range conns {
 		b, a := before[h.key], after[h.key]
-		if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin || a.Packets <= b.Packets {
+		if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin || a.LastSeen < b.LastSeen {
 			t.Fatalf("%v: the record was not kept across the restart:\nbefore %+v\nafter  %+v", h, b, a)
 		}
 	}
@@ -1187,5 +1187,63 @@ func TestSecondDaemonRefused(t *testing.T) {
 	out, err := e.inRouter(e.bin, "run", "--config", e.cfgPath).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), fmt.Sprintf("another mhbpf daemon (pid %d)", e.cmd.Process.Pid)) {
 		t.Fatalf("second daemon: %v\n%s", err, out)
+	}
+}
+
+// A policy's prefixes from a file: read at start, read again on SIGHUP
+// (a user drops in a new country list), and a bad new list is refused with
+// the file's line while the running policy stays.
+func TestDaemonPolicyPrefixFileReloads(t *testing.T) {
+	list := filepath.Join(t.TempDir(), "list.txt")
+	writeList := func(text string) {
+		t.Helper()
+		if err := os.WriteFile(list, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeList("# the destinations isp2 serves\n" + topology.Internet.String() + "\n198.51.100.0/24\n")
+	e := newDaemonEnv(t, "", fmt.Sprintf(`
+[[policy]]
+name = "listed"
+destination_files = [%q]
+uplinks = ["isp2"]
+
+[[policy]]
+name = "rest"
+protocol = "tcp"
+uplinks = ["isp1"]
+`, list))
+	e.expectErrors = true // the bad list's refusal is an error
+	serveGreetEcho(t, e, 8050)
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	if h := lanConnect(t, e, protoTCP, 0, 8050); h.uplink != "isp2" {
+		t.Fatalf("listed destination: by %s, want isp2", h.uplink)
+	}
+	if !strings.Contains(e.log.String(), "policy installed") || !strings.Contains(e.log.String(), "prefixes=2") {
+		t.Fatalf("no 'policy installed' line with the list's 2 prefixes:\n%s", grepLines(e.log.String(), "policy"))
+	}
+
+	reloads := strings.Count(e.log.String(), "configuration reloaded")
+	writeList("# the destination moved off the list\n198.51.100.0/24\n")
+	if err := e.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("the reload", 3*time.Second, func() bool {
+		return strings.Count(e.log.String(), "configuration reloaded") > reloads
+	})
+	if h := lanConnect(t, e, protoTCP, 0, 8050); h.uplink != "isp1" {
+		t.Fatalf("destination no longer listed: by %s, want isp1 (policy rest)", h.uplink)
+	}
+
+	writeList("198.51.100.0/24\n203.0.113.0/33\n")
+	if err := e.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("the refusal naming the file's line", 3*time.Second, func() bool {
+		return strings.Contains(e.log.String(), "reload refused") && strings.Contains(e.log.String(), "list.txt:2:")
+	})
+	if h := lanConnect(t, e, protoTCP, 0, 8050); h.uplink != "isp1" {
+		t.Fatalf("after a refused list: by %s, want isp1 (the running policy)", h.uplink)
 	}
 }

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -12,8 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mhbpf/mhbpf/bpf"
 	"github.com/mhbpf/mhbpf/internal/loader"
+	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/packet"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
@@ -154,14 +153,15 @@ uplinks = ["isp2"]
 	// The flood lives in the inbound map only: the LAN's map holds the
 	// LAN's flows and nothing else.
 	var lanFlows, other int
-	var k bpf.UplinkFlowKey
-	var v bpf.UplinkFlow
-	for it := m.Flows.Iterate(); it.Next(&k, &v); {
-		if k.Saddr[0] == binary.NativeEndian.Uint32(topology.LANHost.AsSlice()) {
+	if err := m.WalkLANFlows(func(f maps.Flow) bool {
+		if f.Key.Src.Addr() == topology.LANHost {
 			lanFlows++
 		} else {
 			other++
 		}
+		return true
+	}); err != nil {
+		t.Fatal(err)
 	}
 	if lanFlows < 4 || other != 0 {
 		t.Errorf("the LAN's flow map after the flood: %d LAN flows, %d others; want the LAN's connections only", lanFlows, other)

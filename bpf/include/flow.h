@@ -9,37 +9,72 @@
 /* The interface entry of ifindex if it has role, else NULL. */
 static __always_inline struct iface *iface_with_role(__u32 ifindex, __u8 role)
 {
-	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	struct iface *ifc = ifindex < IFACE_SLOTS ? bpf_map_lookup_elem(&iface_slots, &ifindex)
+						   : bpf_map_lookup_elem(&ifaces, &ifindex);
 	return ifc && ifc->role == role ? ifc : 0;
 }
 
-static __always_inline void flow_key_of(const struct packet *p, struct flow_key *k)
+/* A flow's key in the layout of its family. */
+union flow_key {
+	struct flow4_key v4;
+	struct flow6_key v6;
+};
+
+/* The key of p's flow, or (answer) of the packet that answers p: addresses
+ * and ports swapped, except an ICMP echo's identifier, which stays in
+ * sport either way. */
+static __always_inline void flow_key_of(const struct packet *p, union flow_key *k, bool answer)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->family = p->family;
-	k->proto = p->proto;
-	k->sport = p->sport;
-	k->dport = p->dport;
-	__builtin_memcpy(k->saddr, p->saddr, 16);
-	__builtin_memcpy(k->daddr, p->daddr, 16);
+	__be16 sport = p->sport, dport = p->dport;
+
+	if (answer && p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6) {
+		sport = p->dport;
+		dport = p->sport;
+	}
+	if (p->family == 4) {
+		__builtin_memset(&k->v4, 0, sizeof(k->v4));
+		k->v4.saddr = answer ? p->daddr[0] : p->saddr[0];
+		k->v4.daddr = answer ? p->saddr[0] : p->daddr[0];
+		k->v4.sport = sport;
+		k->v4.dport = dport;
+		k->v4.proto = p->proto;
+		return;
+	}
+	__builtin_memset(&k->v6, 0, sizeof(k->v6));
+	__builtin_memcpy(k->v6.saddr, answer ? p->daddr : p->saddr, 16);
+	__builtin_memcpy(k->v6.daddr, answer ? p->saddr : p->daddr, 16);
+	k->v6.sport = sport;
+	k->v6.dport = dport;
+	k->v6.proto = p->proto;
 }
 
-/* The key of the packet that answers p (addresses and ports swapped). ICMP
- * echo keeps its identifier in sport either way. */
-static __always_inline void flow_key_of_answer(const struct packet *p, struct flow_key *k)
+/* The flow of key k in a pair of family maps (flows4/6 or inbound4/6).
+ * Macros, not functions: each map gets a lookup call of its own, which the
+ * verifier inlines (one call site for two maps would go through the
+ * helper). */
+#define flow_find(map4, map6, family, k)                                  \
+	({                                                               \
+		struct flow *__f;                                        \
+		if ((family) == 4) {                                     \
+			__f = bpf_map_lookup_elem(&map4, &(k)->v4);      \
+			asm volatile("/* v4 */" ::: "memory");           \
+		} else {                                                 \
+			__f = bpf_map_lookup_elem(&map6, &(k)->v6);      \
+			asm volatile("/* v6 */" ::: "memory");           \
+		}                                                        \
+		__f;                                                     \
+	})
+
+#define flow_put(map4, map6, family, k, f)                                       \
+	((family) == 4 ? bpf_map_update_elem(&map4, &(k)->v4, (f), BPF_ANY) \
+		       : bpf_map_update_elem(&map6, &(k)->v6, (f), BPF_ANY))
+
+/* Hash of a key for STICKY_FLOW (a new flow only). */
+static __always_inline __u64 flow_key_hash(__u8 family, const union flow_key *k)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->family = p->family;
-	k->proto = p->proto;
-	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
-		k->sport = p->sport;
-		k->dport = p->dport;
-	} else {
-		k->sport = p->dport;
-		k->dport = p->sport;
-	}
-	__builtin_memcpy(k->saddr, p->daddr, 16);
-	__builtin_memcpy(k->daddr, p->saddr, 16);
+	if (family == 4)
+		return hash_words((const __u32 *)&k->v4, sizeof(k->v4) / 4, 0);
+	return hash_words((const __u32 *)&k->v6, sizeof(k->v6) / 4, 0);
 }
 
 static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *addr, __be16 port,
@@ -52,34 +87,31 @@ static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *
 	__builtin_memcpy(k->addr, addr, 16);
 }
 
-static __always_inline void flow_seen(struct flow *f, __u64 len)
+/* A packet of a known flow. The record is written about once a second at
+ * most: a steady flow only reads it. */
+static __always_inline void flow_seen(struct flow *f)
 {
-	f->last_seen = bpf_ktime_get_ns();
-	__sync_fetch_and_add(&f->packets, 1);
-	__sync_fetch_and_add(&f->bytes, len);
+	__u32 j = bpf_jiffies64();
+
+	if (j - f->seen_jiffies >= jiffies_per_second) {
+		f->seen_jiffies = j;
+		f->last_seen = bpf_ktime_get_coarse_ns();
+	}
 }
 
-static __always_inline void flow_record_in(void *map, const struct flow_key *k, __u8 uplink, __u8 origin,
-					   __u32 mark, __u64 len)
+/* A new flow's record. */
+static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u32 mark)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow f = {
 		.mark = mark,
 		.uplink = uplink,
 		.origin = origin,
+		.seen_jiffies = bpf_jiffies64(),
 		.first_seen = now,
 		.last_seen = now,
-		.packets = 1,
-		.bytes = len,
 	};
-	bpf_map_update_elem(map, k, &f, BPF_ANY);
-	count_new_flow(uplink);
-}
-
-static __always_inline void flow_record(const struct flow_key *k, __u8 uplink, __u8 origin, __u32 mark,
-					__u64 len)
-{
-	flow_record_in(&flows, k, uplink, origin, mark, len);
+	return f;
 }
 
 static __always_inline void count_packet(__u32 uplink, __u64 len, bool rx)

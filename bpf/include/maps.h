@@ -35,6 +35,17 @@ volatile const __u64 sticky_ns = 600ULL * 1000000000ULL;
  * crowd out the LAN's own flows, nor each other's uplinks'. */
 volatile const __u32 inbound_rate_per_cpu = 0;
 
+/* The limits above, for Go (bpf2go -type limits): the Go side's sizes come
+ * from here, not from a copy. */
+enum limits {
+	LIMIT_UPLINKS = MAX_UPLINKS,
+	LIMIT_RULES = MAX_RULES,
+	LIMIT_POLICY_UPLINKS = MAX_POLICY_UPLINKS,
+	LIMIT_PORT_RANGES = MAX_PORT_RANGES,
+	LIMIT_POLICY_GENERATIONS = POLICY_GENERATIONS,
+	LIMIT_IFACE_SLOTS = 4096, /* IFACE_SLOTS */
+};
+
 enum origin {
 	ORIGIN_BALANCED = 1, /* default policy, weighted choice */
 	ORIGIN_POLICY = 2,   /* an explicit policy rule matched */
@@ -57,29 +68,62 @@ enum iface_role {
 	ROLE_LAN = 2,
 };
 
+/* Never set nor read: it puts the enums above into the objects' BTF, from
+ * which bpf2go generates their Go constants (-type). */
+struct shared_enums {
+	enum limits limits;
+	enum origin origin;
+	enum sticky_mode sticky;
+	enum fallback fallback;
+	enum iface_role role;
+};
+const struct shared_enums *shared_enums_btf __attribute__((unused));
+
 /* A connection (or UDP/ICMP exchange) as seen where it started: from a LAN
- * host (LAN ingress) or from a remote peer (uplink ingress). IPv4 addresses
- * use addr[0] only. ICMP echo uses sport for the identifier. */
-struct flow_key {
-	__u8 family; /* 4 or 6 */
-	__u8 proto;
-	__u16 pad;
+ * host (LAN ingress) or from a remote peer (uplink ingress). ICMP echo uses
+ * sport for the identifier. Each family has its own key and maps: an IPv4
+ * key is 16 bytes, hashed and compared in well under half the time of the
+ * 40-byte IPv6 one. */
+struct flow4_key {
+	__be32 saddr;
+	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
-	__u32 saddr[4];
-	__u32 daddr[4];
+	__u8 proto;
+	__u8 pad[3];
 };
 
+struct flow6_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* A flow's record. Read-mostly: a packet of a known flow writes it at most
+ * once a second (last_seen), so CPUs forwarding the same flow do not bounce
+ * its cache line. Per-uplink traffic is counted per CPU in `counters`. */
 struct flow {
 	__u32 mark; /* mhbpf bits the flow's packets get */
 	__u8 uplink;
 	__u8 origin;
 	__u16 pad;
-	__u64 first_seen; /* CLOCK_MONOTONIC ns */
-	__u64 last_seen;
-	__u64 packets;
-	__u64 bytes;
+	/* jiffies (low 32 bits) when last_seen was last set: a packet compares
+	 * it with jiffies, which the verifier inlines (one load), and reads
+	 * the clock only when a second has passed. */
+	__u32 seen_jiffies;
+	__u32 pad2;
+	__u64 first_seen; /* CLOCK_MONOTONIC ns, coarse (a tick) */
+	__u64 last_seen;  /* the same clock, refreshed about once a second at most */
 };
+
+/* Jiffies in a second (the kernel's HZ): the loader measures it. */
+volatile const __u32 jiffies_per_second = 1000;
+
+/* How often at most sticky entries are refreshed (ns). */
+#define LAST_SEEN_STEP_NS 1000000000ULL
 
 /* The remote end of a flow, which NAT on this box never rewrites: the key
  * that finds a port-forwarded (DNAT) flow from its reply on the LAN side, and
@@ -157,31 +201,23 @@ struct policy_set {
 	struct policy dflt;
 };
 
-/* LPM keys carry the generation in front of the address; the prefix length
- * counts those 32 bits too. A prefix's value is the set of rules whose
- * prefixes contain it (Go folds shorter prefixes into longer ones, because
- * an LPM lookup returns only the longest match). */
+/* Keys of the LPM tries: the policy's and the bypass prefixes. */
 struct lpm4_key {
 	__u32 prefixlen;
-	__u32 gen;
 	__u32 addr;
 };
 
 struct lpm6_key {
 	__u32 prefixlen;
-	__u32 gen;
 	__u32 addr[4];
 };
 
-struct bypass4_key {
-	__u32 prefixlen;
-	__u32 addr;
-};
-
-struct bypass6_key {
-	__u32 prefixlen;
-	__u32 addr[4];
-};
+/* The policy's prefixes: one LPM trie per generation, direction and family,
+ * which the daemon creates at the size of the policy, fills, and puts into
+ * its generation's slot of the outer array (policy_dst4 and so on) before
+ * it switches policy_gen over. A prefix's value is the set of rules whose
+ * prefixes contain it (Go folds shorter prefixes into longer ones, because
+ * an LPM lookup returns only the longest match). */
 
 struct sticky_key {
 	__u32 policy;
@@ -206,12 +242,18 @@ struct uplink_counters {
 	__u64 new_flows; /* flows and sockets assigned to the uplink */
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct flow_key);
-	__type(value, struct flow);
-} flows SEC(".maps");
+/* The LAN's flows (and the answers of port forwards: see `inbound`), one
+ * map per family; the loader sizes both from flow_map_size. */
+#define FLOW_MAP(name, keytype, size)                 \
+	struct {                                      \
+		__uint(type, BPF_MAP_TYPE_LRU_HASH);  \
+		__uint(max_entries, size);            \
+		__type(key, struct keytype);          \
+		__type(value, struct flow);           \
+	} name SEC(".maps")
+
+FLOW_MAP(flows4, flow4_key, 262144);
+FLOW_MAP(flows6, flow6_key, 262144);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -227,10 +269,24 @@ struct {
 	__type(value, struct uplink);
 } uplinks SEC(".maps");
 
+/* The interfaces the tc programs serve, by ifindex: an array for the usual
+ * small ifindexes, whose lookup the verifier inlines (a bounds check and an
+ * add: a hash lookup was a sixth of a known flow's cost), a hash for
+ * larger ones (a box that made many interfaces since boot). An array slot
+ * without a role is no interface of ours. */
+#define IFACE_SLOTS LIMIT_IFACE_SLOTS
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, IFACE_SLOTS);
+	__type(key, __u32); /* ifindex */
+	__type(value, struct iface);
+} iface_slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
-	__type(key, __u32); /* ifindex */
+	__type(key, __u32); /* ifindex, IFACE_SLOTS or more */
 	__type(value, struct iface);
 } ifaces SEC(".maps");
 
@@ -255,25 +311,34 @@ struct {
 	__type(value, struct policy_rule);
 } policy_rules SEC(".maps");
 
-#define LPM_MAP(name, keytype)                              \
-	struct {                                            \
-		__uint(type, BPF_MAP_TYPE_LPM_TRIE);        \
-		__uint(max_entries, 16384);                 \
-		__uint(map_flags, BPF_F_NO_PREALLOC);       \
-		__type(key, struct keytype);                \
-		__type(value, __u64);                       \
+/* The inner tries' template: the daemon's tries have the policy's size
+ * (max_entries of an inner trie may differ from the template's). Sizes,
+ * not types: clang emits a key type reached only through such a template
+ * as a forward declaration, which has no size. */
+#define LPM_GENERATIONS(name, keytype)                                 \
+	struct {                                                       \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);              \
+		__uint(max_entries, POLICY_GENERATIONS);               \
+		__type(key, __u32);                                    \
+		__array(values, struct {                               \
+			__uint(type, BPF_MAP_TYPE_LPM_TRIE);           \
+			__uint(max_entries, 1);                        \
+			__uint(map_flags, BPF_F_NO_PREALLOC);          \
+			__uint(key_size, sizeof(struct keytype));      \
+			__uint(value_size, sizeof(__u64));             \
+		});                                                    \
 	} name SEC(".maps")
 
-LPM_MAP(policy_dst4, lpm4_key);
-LPM_MAP(policy_src4, lpm4_key);
-LPM_MAP(policy_dst6, lpm6_key);
-LPM_MAP(policy_src6, lpm6_key);
+LPM_GENERATIONS(policy_dst4, lpm4_key);
+LPM_GENERATIONS(policy_src4, lpm4_key);
+LPM_GENERATIONS(policy_dst6, lpm6_key);
+LPM_GENERATIONS(policy_src6, lpm6_key);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bypass4_key);
+	__type(key, struct lpm4_key);
 	__type(value, __u8);
 } bypass4 SEC(".maps");
 
@@ -281,7 +346,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct bypass6_key);
+	__type(key, struct lpm6_key);
 	__type(value, __u8);
 } bypass6 SEC(".maps");
 
@@ -301,13 +366,9 @@ struct {
 
 /* Flows a remote peer started on an uplink (uplink ingress records them),
  * in a map of their own: a flood from the internet evicts only its own kind,
- * never the LAN's flows in `flows`. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct flow_key);
-	__type(value, struct flow);
-} inbound SEC(".maps");
+ * never the LAN's flows in `flows4` and `flows6`. */
+FLOW_MAP(inbound4, flow4_key, 65536);
+FLOW_MAP(inbound6, flow6_key, 65536);
 
 /* The per-CPU, per-uplink budget of new inbound records: a one-second
  * window and what it admitted and refused. */

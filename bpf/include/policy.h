@@ -51,7 +51,7 @@ static __always_inline bool is_bypassed(__u8 family, const __u32 *daddr)
 		/* loopback, link-local, multicast, broadcast */
 		if ((a >> 24) == 127 || (a >> 16) == 0xa9fe || (a >> 28) == 0xe || a == 0xffffffff)
 			return true;
-		struct bypass4_key k = { .prefixlen = 32, .addr = daddr[0] };
+		struct lpm4_key k = { .prefixlen = 32, .addr = daddr[0] };
 		return bpf_map_lookup_elem(&bypass4, &k) != NULL;
 	}
 	__u32 a0 = bpf_ntohl(daddr[0]);
@@ -60,22 +60,31 @@ static __always_inline bool is_bypassed(__u8 family, const __u32 *daddr)
 		return true;
 	if (!daddr[0] && !daddr[1] && !daddr[2] && daddr[3] == bpf_htonl(1))
 		return true;
-	struct bypass6_key k = { .prefixlen = 128 };
+	struct lpm6_key k = { .prefixlen = 128 };
 	__builtin_memcpy(k.addr, daddr, 16);
 	return bpf_map_lookup_elem(&bypass6, &k) != NULL;
 }
 
-static __always_inline __u64 lpm_rules(void *map4, void *map6, __u32 gen, __u8 family, const __u32 *addr)
+/* The rules whose prefixes contain addr, from generation gen's trie (none
+ * while that generation has no trie: a policy without such prefixes). */
+static __always_inline __u64 lpm_rules(void *gens4, void *gens6, __u32 gen, __u8 family, const __u32 *addr)
 {
 	__u64 *bits;
+	void *trie;
 
 	if (family == 4) {
-		struct lpm4_key k = { .prefixlen = 64, .gen = gen, .addr = addr[0] };
-		bits = bpf_map_lookup_elem(map4, &k);
+		struct lpm4_key k = { .prefixlen = 32, .addr = addr[0] };
+		trie = bpf_map_lookup_elem(gens4, &gen);
+		if (!trie)
+			return 0;
+		bits = bpf_map_lookup_elem(trie, &k);
 	} else {
-		struct lpm6_key k = { .prefixlen = 160, .gen = gen };
+		struct lpm6_key k = { .prefixlen = 128 };
 		__builtin_memcpy(k.addr, addr, 16);
-		bits = bpf_map_lookup_elem(map6, &k);
+		trie = bpf_map_lookup_elem(gens6, &gen);
+		if (!trie)
+			return 0;
+		bits = bpf_map_lookup_elem(trie, &k);
 	}
 	return bits ? *bits : 0;
 }
@@ -299,7 +308,7 @@ __attribute__((noinline)) int choose_sticky(const struct policy *p, const struct
 		.family = t->family,
 		.mode = p->sticky,
 	};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_coarse_ns();
 
 	__builtin_memcpy(k.daddr, t->daddr, 16);
 	if (p->sticky == STICKY_PAIR)
@@ -307,7 +316,10 @@ __attribute__((noinline)) int choose_sticky(const struct policy *p, const struct
 
 	struct sticky_entry *s = bpf_map_lookup_elem(&sticky, &k);
 	if (s && now - s->last_used < sticky_ns && is_usable(p, u, s->uplink)) {
-		s->last_used = now;
+		/* Refreshed at most once a second: new flows to a busy
+		 * destination from several CPUs mostly only read it. */
+		if (now - s->last_used >= LAST_SEEN_STEP_NS)
+			s->last_used = now;
 		return s->uplink;
 	}
 

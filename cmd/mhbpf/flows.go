@@ -27,8 +27,6 @@ type flowJSON struct {
 	UplinkID    int     `json:"uplink_id"`
 	Origin      string  `json:"origin"` // balanced, policy, inbound
 	Mark        uint32  `json:"mark"`
-	Packets     uint64  `json:"packets"`
-	Bytes       uint64  `json:"bytes"`
 	AgeSeconds  float64 `json:"age_seconds"`
 	IdleSeconds float64 `json:"idle_seconds"`
 }
@@ -135,16 +133,18 @@ or its uplink goes out. Uplinks are named after the daemon's last status.`,
 						Src: fl.Key.Src.Addr().String(), SrcPort: fl.Key.Src.Port(),
 						Dst: fl.Key.Dst.Addr().String(), DstPort: fl.Key.Dst.Port(),
 						Uplink: slots.name(fl.Uplink), UplinkID: fl.Uplink, Origin: fl.Origin.String(), Mark: fl.Mark,
-						Packets: fl.Packets, Bytes: fl.Bytes,
 						AgeSeconds: seconds(now, fl.FirstSeen), IdleSeconds: seconds(now, fl.LastSeen)})
 				}
 				return printJSON(out)
 			}
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tPACKETS\tBYTES\tAGE\tIDLE")
+			// IDLE is to the second: a flow's record is refreshed at
+			// most once a second (per-flow traffic is not counted; the
+			// uplinks' counters are in 'mhbpf status').
+			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tAGE\tIDLE")
 			for _, fl := range flows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", maps.ProtoName(fl.Key.Proto), fl.Key.Src, fl.Key.Dst,
-					slots.name(fl.Uplink), fl.Origin, fl.Packets, fl.Bytes, ago(now, fl.FirstSeen), ago(now, fl.LastSeen))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", maps.ProtoName(fl.Key.Proto), fl.Key.Src, fl.Key.Dst,
+					slots.name(fl.Uplink), fl.Origin, ago(now, fl.FirstSeen), ago(now, fl.LastSeen))
 			}
 			return w.Flush()
 		},

@@ -11,6 +11,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -195,10 +196,14 @@ type rawPolicy struct {
 	Ports        []any    `toml:"ports"` // 25 or "1000-2000": checked by the validator
 	Destinations []string `toml:"destinations"`
 	Sources      []string `toml:"sources"`
-	Uplinks      []string `toml:"uplinks"`
-	Balance      bool     `toml:"balance"`
-	LastResort   string   `toml:"last_resort"`
-	Sticky       string   `toml:"sticky"`
+	// Prefix lists in files (one a line, # comments): a country's list,
+	// a provider's announced prefixes. Read again at every reload.
+	DestinationFiles []string `toml:"destination_files"`
+	SourceFiles      []string `toml:"source_files"`
+	Uplinks          []string `toml:"uplinks"`
+	Balance          bool     `toml:"balance"`
+	LastResort       string   `toml:"last_resort"`
+	Sticky           string   `toml:"sticky"`
 }
 
 // duration reads a duration such as "1s" or "500ms"; def if unset.
@@ -715,20 +720,60 @@ func (v *validator) lan(r *rawLAN, c *Config) error {
 func (v *validator) prefixes(key string, in []string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, s := range in {
-		p, err := netip.ParsePrefix(s)
+		p, err := parsePrefix(s)
 		if err != nil {
-			a, aerr := netip.ParseAddr(s)
-			if aerr != nil {
-				return nil, v.err(key, "%q is not an address or prefix", s)
-			}
-			p = netip.PrefixFrom(a, a.BitLen())
-		}
-		if p.Masked() != p {
-			return nil, v.err(key, "%q has host bits set (did you mean %s?)", s, p.Masked())
+			return nil, v.err(key, "%v", err)
 		}
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// prefixFile reads a list of prefixes named by key: one prefix (or
+// address) a line, blank lines and # comments allowed. A relative name is
+// relative to the configuration file's directory.
+func (v *validator) prefixFile(key, name string) ([]netip.Prefix, error) {
+	path := name
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(filepath.Dir(v.file), path)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, v.err(key, "%v", err)
+	}
+	var out []netip.Prefix
+	for n, line := range strings.Split(string(data), "\n") {
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = line[:i]
+		}
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		p, err := parsePrefix(line)
+		if err != nil {
+			return nil, v.err(key, "%s:%d: %v", path, n+1, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// parsePrefix reads a prefix or an address (a prefix of its full length);
+// host bits are refused, as a likely typo.
+func parsePrefix(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		a, aerr := netip.ParseAddr(s)
+		if aerr != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not an address or prefix", s)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if p.Masked() != p {
+		return netip.Prefix{}, fmt.Errorf("%q has host bits set (did you mean %s?)", s, p.Masked())
+	}
+	return p, nil
 }
 
 var protocols = map[string]uint8{"": 0, "any": 0, "tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
@@ -780,6 +825,24 @@ func (v *validator) policies(raws []rawPolicy, c *Config) error {
 		}
 		if p.Sources, err = v.prefixes(key+".sources", r.Sources); err != nil {
 			return err
+		}
+		for _, f := range []struct {
+			key   string
+			files []string
+			into  *[]netip.Prefix
+		}{{key + ".destination_files", r.DestinationFiles, &p.Destinations}, {key + ".source_files", r.SourceFiles, &p.Sources}} {
+			for _, name := range f.files {
+				list, err := v.prefixFile(f.key, name)
+				if err != nil {
+					return err
+				}
+				*f.into = append(*f.into, list...)
+			}
+			// A policy without prefixes matches every address: an
+			// emptied list must not turn into "everything".
+			if len(f.files) > 0 && len(*f.into) == 0 {
+				return v.err(f.key, "the files list no prefix (a policy without prefixes would match every address)")
+			}
 		}
 		if len(r.Uplinks) == 0 {
 			return v.err(key+".uplinks", "at least one uplink")

@@ -3,6 +3,8 @@ package config
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -142,5 +144,63 @@ func TestResyncDefault(t *testing.T) {
 	}
 	if c.Global.ResyncEvery != 10*time.Second {
 		t.Fatalf("resync_every defaults to %v, want 10s", c.Global.ResyncEvery)
+	}
+}
+
+// Prefix lists in files: one a line, comments and blank lines allowed,
+// relative to the configuration's directory, added to the inline ones.
+// Bad lines name the key, the file and its line; an emptied list is
+// refused, because a policy without prefixes matches every address.
+func TestPolicyPrefixFiles(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("country.txt", "# a country's prefixes\n198.51.100.0/24\n\n  203.0.113.0/25   # trailing comment\n2001:db8:1::/48\n203.0.113.200\n")
+	write("sources.txt", "100.64.2.0/24\n")
+	policy := func(files string) string {
+		return base + `
+[[policy]]
+name = "country"
+destinations = ["192.0.2.0/24"]
+` + files + `
+uplinks = ["isp2"]
+`
+	}
+	path := filepath.Join(dir, "mhbpf.toml")
+	write("mhbpf.toml", policy(`destination_files = ["country.txt"]
+source_files = ["`+filepath.Join(dir, "sources.txt")+`"]`))
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := fmt.Sprint(c.Policies[0].Destinations, c.Policies[0].Sources)
+	if want := "[192.0.2.0/24 198.51.100.0/24 203.0.113.0/25 2001:db8:1::/48 203.0.113.200/32] [100.64.2.0/24]"; got != want {
+		t.Fatalf("prefixes %s, want %s", got, want)
+	}
+
+	for _, tc := range []struct{ name, file, files, msg string }{
+		{"bad line", "bad.txt", `destination_files = ["bad.txt"]`, "bad.txt:3: \"198.51.100.300/24\" is not an address or prefix"},
+		{"host bits", "host.txt", `destination_files = ["host.txt"]`, "host.txt:1: \"198.51.100.1/24\" has host bits set"},
+		{"missing", "", `destination_files = ["nowhere.txt"]`, "nowhere.txt: no such file"},
+		{"empty", "empty.txt", `source_files = ["empty.txt"]`, "the files list no prefix"},
+	} {
+		switch tc.file {
+		case "bad.txt":
+			write(tc.file, "198.51.100.0/25\n# fine so far\n198.51.100.300/24\n")
+		case "host.txt":
+			write(tc.file, "198.51.100.1/24\n")
+		case "empty.txt":
+			write(tc.file, "# nothing yet\n\n")
+		}
+		write("mhbpf.toml", policy(tc.files))
+		_, err := Load(path)
+		var ce *Error
+		if !errors.As(err, &ce) || !strings.HasPrefix(ce.Key, "policy[0].") || !strings.HasSuffix(ce.Key, "_files") || ce.Line == 0 || !strings.Contains(ce.Msg, tc.msg) {
+			t.Errorf("%s: error %v, want one naming policy[0]'s files key, its line, and %q", tc.name, err, tc.msg)
+		}
 	}
 }

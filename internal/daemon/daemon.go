@@ -222,9 +222,12 @@ func drain(ch <-chan struct{}, quiet, max time.Duration) {
 // stale uplink slots. (Bypass prefixes also depend on the LAN's addresses:
 // each pass sets them.)
 func (d *Daemon) applyStatic() error {
-	if err := d.dp.Maps.ReplacePolicy(policyOf(d.cfg)); err != nil {
+	stats, err := d.dp.Maps.InstallPolicy(policyOf(d.cfg))
+	if err != nil {
 		return fmt.Errorf("policy: %w", err)
 	}
+	d.log.Info("policy installed", "rules", len(d.cfg.Policies), "prefixes", stats.Prefixes,
+		"kernel_bytes", stats.KernelBytes, "took", stats.Took.Round(time.Millisecond), "daemon_rss_bytes", residentBytes())
 	// Slots of uplinks an earlier configuration had (the maps are pinned
 	// and outlive the daemon) must not stay up.
 	inUse := map[int]bool{}

@@ -237,7 +237,7 @@ func (r *Result) describePolicy(live *maps.Maps, st daemon.Status, n names, id i
 		r.Policy = "default balance"
 	} else {
 		var rule bpf.UplinkPolicyRule
-		if err := live.PolicyRules.Lookup(gen*maps.MaxRules+uint32(id-1), &rule); err != nil {
+		if err := live.PolicyRules.Lookup(gen*uint32(maps.MaxRules)+uint32(id-1), &rule); err != nil {
 			return err
 		}
 		p = rule.Policy

@@ -57,17 +57,24 @@ type sandbox struct {
 func copied(live *maps.Maps) map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
 		"uplinks": live.Uplinks, "policy_gen": live.PolicyGen, "policy_meta": live.PolicyMeta,
-		"policy_rules": live.PolicyRules, "policy_dst4": live.PolicyDst4, "policy_src4": live.PolicySrc4,
-		"policy_dst6": live.PolicyDst6, "policy_src6": live.PolicySrc6, "bypass4": live.Bypass4,
+		"policy_rules": live.PolicyRules, "bypass4": live.Bypass4,
 		"bypass6": live.Bypass6, "sticky": live.Sticky,
 	}
+}
+
+// shared are the live maps the program only reads and that are too big
+// to copy (the policy's prefix tries, arrays of tries sized from the
+// policy): the sandbox uses them as they are.
+func shared(live *maps.Maps) map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{"policy_dst4": live.PolicyDst4, "policy_src4": live.PolicySrc4,
+		"policy_dst6": live.PolicyDst6, "policy_src6": live.PolicySrc6}
 }
 
 // liveRodata finds the attached LAN program that uses these maps (the
 // newest, if a restart left two for a moment) and reads its load-time
 // constants.
 func liveRodata(live *maps.Maps) ([]byte, error) {
-	fi, err := live.Flows.Info()
+	fi, err := live.Flows4.Info()
 	if err != nil {
 		return nil, err
 	}
@@ -183,7 +190,7 @@ func load(live *maps.Maps, identify bool) (*sandbox, error) {
 	for name, ms := range spec.Maps {
 		ms.Pinning = ebpf.PinNone
 		switch name {
-		case "flows", "inbound", "remotes":
+		case "flows4", "flows6", "inbound4", "inbound6", "remotes":
 			ms.MaxEntries = 64 // one test packet writes one of each at most
 		case "sticky":
 			if identify {
@@ -198,7 +205,7 @@ func load(live *maps.Maps, identify bool) (*sandbox, error) {
 			ms.MaxEntries = uint32(n + 64)
 		}
 	}
-	coll, err := ebpf.NewCollection(spec)
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: shared(live)})
 	if err != nil {
 		return nil, fmt.Errorf("loading the LAN program for a test run: %w", err)
 	}
@@ -210,7 +217,7 @@ func load(live *maps.Maps, identify bool) (*sandbox, error) {
 		}
 	}
 	one := bpf.UplinkIface{Role: uint8(maps.RoleLAN), L3Off: 14}
-	if err := coll.Maps["ifaces"].Put(uint32(loopbackIfindex), &one); err != nil {
+	if err := coll.Maps["iface_slots"].Put(uint32(loopbackIfindex), &one); err != nil {
 		s.Close()
 		return nil, err
 	}
@@ -235,7 +242,7 @@ func (s *sandbox) variable(name string, out any) error {
 
 func (s *sandbox) forceChoosable() error {
 	up := s.coll.Maps["uplinks"]
-	for id := uint32(0); id < maps.MaxUplinks; id++ {
+	for id := uint32(0); id < uint32(maps.MaxUplinks); id++ {
 		var u bpf.UplinkUplink
 		if err := up.Lookup(id, &u); err != nil {
 			return err
@@ -317,7 +324,8 @@ func (s *sandbox) run(p packet.Packet) (uint32, error) {
 
 // flow is what the run recorded for the packet's flow, if anything.
 func (s *sandbox) flow(p packet.Packet) (maps.Flow, bool, error) {
-	m := &maps.Maps{Flows: s.coll.Maps["flows"], Inbound: s.coll.Maps["inbound"]}
+	m := &maps.Maps{Flows4: s.coll.Maps["flows4"], Flows6: s.coll.Maps["flows6"],
+		Inbound4: s.coll.Maps["inbound4"], Inbound6: s.coll.Maps["inbound6"]}
 	return m.LookupFlow(maps.FlowKey{Proto: p.Proto, Src: p.Src, Dst: p.Dst})
 }
 

@@ -230,7 +230,12 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 	if err != nil {
 		return err
 	}
+	hz, err := kernelHZ()
+	if err != nil {
+		return err
+	}
 	for name, v := range map[string]any{
+		"jiffies_per_second":   hz,
 		"mark_mask":            o.MarkMask,
 		"mark_strict":          o.MarkStrict,
 		"mark_reply":           o.MarkReply,
@@ -247,9 +252,9 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 		}
 		m.Pinning = ebpf.PinByName
 		switch name {
-		case "flows", "remotes":
+		case "flows4", "flows6", "remotes":
 			m.MaxEntries = o.FlowMapSize
-		case "inbound":
+		case "inbound4", "inbound6":
 			m.MaxEntries = o.InboundMapSize
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -414,7 +415,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 	dir := pinDirIn(t, ns)
 	flow := maps.Flow{
 		Key:    maps.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("100.64.2.10:40000"), Dst: netip.MustParseAddrPort("203.0.113.7:443")},
-		Uplink: 1, Origin: maps.OriginBalanced, Mark: 0x20000, Packets: 7,
+		Uplink: 1, Origin: maps.OriginBalanced, Mark: 0x20000, FirstSeen: 7 * time.Second, LastSeen: 9 * time.Second,
 	}
 	testutil.InNetNS(t, ns, func() {
 		d, err := loader.Load(loader.Options{NetnsCookie: testutil.NetnsCookie(t, ""), PinDir: dir})
@@ -439,7 +440,7 @@ func TestRestartKeepsFlows(t *testing.T) {
 	cmd := exec.Command(exe) // TestMain runs restartHelper
 	cmd.Env = append(os.Environ(), "MHBPF_RESTART_HELPER="+dir, "MHBPF_RESTART_NETNS="+ns)
 	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 packets 7") {
+	if err != nil || !strings.Contains(string(out), "flow found: uplink 1 origin balanced first seen 7s last seen 9s") {
 		t.Fatalf("second process: %v\n%s", err, out)
 	}
 	testutil.InNetNS(t, ns, func() {
@@ -493,7 +494,7 @@ func restartHelper(dir, ns string) error {
 	if _, err := d.AttachTC("up0", maps.RoleLAN, 0); err != nil {
 		return err
 	}
-	fmt.Printf("flow found: uplink %d packets %d\n", f.Uplink, f.Packets)
+	fmt.Printf("flow found: uplink %d origin %v first seen %v last seen %v\n", f.Uplink, f.Origin, f.FirstSeen, f.LastSeen)
 	return nil
 }
 

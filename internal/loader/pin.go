@@ -90,11 +90,11 @@ func OpenPinned(pinDir string) (*maps.Maps, error) {
 	}
 	m := &maps.Maps{}
 	for name, dst := range map[string]**ebpf.Map{
-		"flows": &m.Flows, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "ifaces": &m.Ifaces,
+		"flows4": &m.Flows4, "flows6": &m.Flows6, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "iface_slots": &m.IfaceSlots, "ifaces": &m.Ifaces,
 		"policy_gen": &m.PolicyGen, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
 		"policy_dst4": &m.PolicyDst4, "policy_src4": &m.PolicySrc4, "policy_dst6": &m.PolicyDst6,
 		"policy_src6": &m.PolicySrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,
-		"sticky": &m.Sticky, "counters": &m.Counters, "inbound": &m.Inbound, "inbound_guards": &m.InboundGuards,
+		"sticky": &m.Sticky, "counters": &m.Counters, "inbound4": &m.Inbound4, "inbound6": &m.Inbound6, "inbound_guards": &m.InboundGuards,
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(pinDir), name), nil)
 		if err != nil {

@@ -23,7 +23,7 @@ func testFlow(i int) maps.Flow {
 		Key: maps.FlowKey{Proto: 6, Src: netip.AddrPortFrom(netip.MustParseAddr("100.64.2.10"), uint16(10000+i)),
 			Dst: netip.MustParseAddrPort("203.0.113.7:443")},
 		Uplink: i % 2, Origin: maps.OriginBalanced, Mark: 0x10000 << (i % 2),
-		FirstSeen: time.Duration(i + 1), LastSeen: time.Duration(1000 + i), Packets: uint64(i + 1),
+		FirstSeen: time.Duration(i + 1), LastSeen: time.Duration(1000 + i),
 	}
 }
 
@@ -70,7 +70,7 @@ func TestUpgradeResizesPinnedMaps(t *testing.T) {
 	}
 	d.Close()
 	// What the old programs keep writing to: the old map, open.
-	old, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", "flows"), nil)
+	old, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", "flows4"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,8 +80,9 @@ func TestUpgradeResizesPinnedMaps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(plan) != 2 || plan[0].Map != "flows" || plan[0].Action != loader.ActionResize || plan[1].Map != "remotes" {
-		t.Fatalf("plan %+v, want flows and remotes resized", plan)
+	if len(plan) != 3 || plan[0].Map != "flows4" || plan[0].Action != loader.ActionResize ||
+		plan[1].Map != "flows6" || plan[1].Action != loader.ActionResize || plan[2].Map != "remotes" {
+		t.Fatalf("plan %+v, want flows4, flows6 and remotes resized", plan)
 	}
 	if old.MaxEntries() != 1024 {
 		t.Fatal("planning changed the pinned map")
@@ -89,17 +90,17 @@ func TestUpgradeResizesPinnedMaps(t *testing.T) {
 
 	d = loadWith(t, dir, 2048)
 	defer d.Close()
-	u := upgradeOf(t, d, "flows")
+	u := upgradeOf(t, d, "flows4")
 	if u.Action != loader.ActionResize || u.Copied != n || u.Dropped != 0 || !u.Batched || u.Old.MaxEntries != 1024 || u.New.MaxEntries != 2048 {
 		t.Fatalf("flows upgrade %+v, want %d copied in batches from 1024 to 2048 entries", u, n)
 	}
-	if len(d.Upgrade().Maps) != 2 {
-		t.Fatalf("upgrades %+v: only flows and remotes are sized by flow_map_size", d.Upgrade().Maps)
+	if len(d.Upgrade().Maps) != 3 {
+		t.Fatalf("upgrades %+v: only flows4, flows6 and remotes are sized by flow_map_size", d.Upgrade().Maps)
 	}
-	if d.Maps.Flows.MaxEntries() != 2048 {
-		t.Fatalf("loaded flow map has %d entries", d.Maps.Flows.MaxEntries())
+	if d.Maps.Flows4.MaxEntries() != 2048 {
+		t.Fatalf("loaded flow map has %d entries", d.Maps.Flows4.MaxEntries())
 	}
-	pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", "flows"), nil)
+	pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", "flows4"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +145,7 @@ func TestUpgradeShrinkKeepsRecentFlows(t *testing.T) {
 	d.Close()
 	d = loadWith(t, dir, 1024)
 	defer d.Close()
-	u := upgradeOf(t, d, "flows")
+	u := upgradeOf(t, d, "flows4")
 	t.Logf("%d flows into 1024 entries: %d copied, %d dropped", n, u.Copied, u.Dropped)
 	if u.Copied+u.Dropped != n || u.Copied > 1024 || u.Copied < 512 {
 		t.Fatalf("flows upgrade %+v: want at most 1024 of %d copied, the rest dropped", u, n)
@@ -177,9 +178,9 @@ func TestUpgradeConvertsOrRebuildsOtherLayouts(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(dir, "maps"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	keySize := uint32(unsafe.Sizeof(bpf.UplinkFlowKey{}))
+	keySize := uint32(unsafe.Sizeof(bpf.UplinkFlow4Key{}))
 	oldLayout := maps.Layout{Type: ebpf.LRUHash, KeySize: keySize, ValueSize: uint32(unsafe.Sizeof(oldFlow{})), MaxEntries: 4096}
-	oldFlows, err := ebpf.NewMap(&ebpf.MapSpec{Name: "flows", Type: oldLayout.Type, KeySize: oldLayout.KeySize,
+	oldFlows, err := ebpf.NewMap(&ebpf.MapSpec{Name: "flows4", Type: oldLayout.Type, KeySize: oldLayout.KeySize,
 		ValueSize: oldLayout.ValueSize, MaxEntries: oldLayout.MaxEntries})
 	if err != nil {
 		t.Fatal(err)
@@ -189,11 +190,11 @@ func TestUpgradeConvertsOrRebuildsOtherLayouts(t *testing.T) {
 	for i := 0; i < n; i++ {
 		f := testFlow(i)
 		k, _ := maps.EncodeFlow(f)
-		if err := oldFlows.Put(k, oldFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), LastSeen: uint64(f.LastSeen), Packets: f.Packets}); err != nil {
+		if err := oldFlows.Put(k, oldFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), LastSeen: uint64(f.LastSeen), Packets: 1}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := oldFlows.Pin(filepath.Join(dir, "maps", "flows")); err != nil {
+	if err := oldFlows.Pin(filepath.Join(dir, "maps", "flows4")); err != nil {
 		t.Fatal(err)
 	}
 	// sticky in a layout nobody converts: an 8-byte value.
@@ -217,12 +218,12 @@ func TestUpgradeConvertsOrRebuildsOtherLayouts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(plan) != 2 || fmt.Sprintf("%s %s %s %s", plan[0].Map, plan[0].Action, plan[1].Map, plan[1].Action) != "flows rebuild sticky rebuild" {
+	if len(plan) != 2 || fmt.Sprintf("%s %s %s %s", plan[0].Map, plan[0].Action, plan[1].Map, plan[1].Action) != "flows4 rebuild sticky rebuild" {
 		t.Fatalf("plan before a converter is registered: %+v", plan)
 	}
 
 	newLayout := maps.Layout{Type: ebpf.LRUHash, KeySize: keySize, ValueSize: uint32(unsafe.Sizeof(bpf.UplinkFlow{}))}
-	maps.RegisterConverter(maps.Converter{Map: "flows", From: oldLayout, To: newLayout,
+	maps.RegisterConverter(maps.Converter{Map: "flows4", From: oldLayout, To: newLayout,
 		Convert: func(key, value []byte) ([]byte, []byte, bool, error) {
 			fk, err := maps.DecodeFlowKey(key)
 			if err != nil {
@@ -233,13 +234,13 @@ func TestUpgradeConvertsOrRebuildsOtherLayouts(t *testing.T) {
 				return nil, nil, false, err
 			}
 			k, v := maps.EncodeFlow(maps.Flow{Key: fk, Uplink: int(o.Uplink), Mark: o.Mark, Origin: maps.OriginBalanced,
-				FirstSeen: time.Duration(o.LastSeen), LastSeen: time.Duration(o.LastSeen), Packets: o.Packets})
+				FirstSeen: time.Duration(o.LastSeen), LastSeen: time.Duration(o.LastSeen)})
 			return k, v, true, nil
 		}})
 
 	d := loadWith(t, dir, 0)
 	defer d.Close()
-	if u := upgradeOf(t, d, "flows"); u.Action != loader.ActionConvert || u.Copied != n || u.Dropped != 0 {
+	if u := upgradeOf(t, d, "flows4"); u.Action != loader.ActionConvert || u.Copied != n || u.Dropped != 0 {
 		t.Fatalf("flows upgrade %+v, want %d converted", u, n)
 	}
 	if u := upgradeOf(t, d, "sticky"); u.Action != loader.ActionRebuild || u.Copied != 0 || u.Dropped != 5 {
@@ -248,7 +249,7 @@ func TestUpgradeConvertsOrRebuildsOtherLayouts(t *testing.T) {
 	for i := 0; i < n; i++ {
 		want := testFlow(i)
 		f, ok, err := d.Maps.LookupFlow(want.Key)
-		if err != nil || !ok || f.Uplink != want.Uplink || f.Mark != want.Mark || f.Packets != want.Packets {
+		if err != nil || !ok || f.Uplink != want.Uplink || f.Mark != want.Mark {
 			t.Fatalf("flow %d after the conversion: %+v ok=%v err=%v, want uplink %d mark %#x", i, f, ok, err, want.Uplink, want.Mark)
 		}
 	}
@@ -278,22 +279,22 @@ func TestUpgradeRecoversFromACrash(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(dir, "upgrade"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	half, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: uint32(unsafe.Sizeof(bpf.UplinkFlowKey{})),
+	half, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: uint32(unsafe.Sizeof(bpf.UplinkFlow4Key{})),
 		ValueSize: uint32(unsafe.Sizeof(bpf.UplinkFlow{})), MaxEntries: 2048})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := half.Pin(filepath.Join(dir, "upgrade", "flows")); err != nil {
+	if err := half.Pin(filepath.Join(dir, "upgrade", "flows4")); err != nil {
 		t.Fatal(err)
 	}
 	half.Close()
 
 	d = loadWith(t, dir, 2048)
 	defer d.Close()
-	if r := d.Upgrade().Recovered; len(r) != 1 || r[0] != "flows" {
+	if r := d.Upgrade().Recovered; len(r) != 1 || r[0] != "flows4" {
 		t.Fatalf("recovered %v, want the temporary pin of flows", r)
 	}
-	if u := upgradeOf(t, d, "flows"); u.Copied != 10 {
+	if u := upgradeOf(t, d, "flows4"); u.Copied != 10 {
 		t.Fatalf("flows upgrade %+v, want 10 copied", u)
 	}
 	noTemporaryPins(t, dir)
@@ -331,7 +332,7 @@ func TestUpgradeResizesPerCPUArray(t *testing.T) {
 	}
 	d := loadWith(t, dir, 0)
 	defer d.Close()
-	if u := upgradeOf(t, d, "counters"); u.Action != loader.ActionResize || u.Copied != 8 || u.New.MaxEntries != maps.MaxUplinks {
+	if u := upgradeOf(t, d, "counters"); u.Action != loader.ActionResize || u.Copied != 8 || u.New.MaxEntries != uint32(maps.MaxUplinks) {
 		t.Fatalf("counters upgrade %+v, want 8 slots copied into %d", u, maps.MaxUplinks)
 	}
 	for id := 0; id < 8; id++ {
@@ -357,7 +358,7 @@ func TestRemoveTakesTemporaryPins(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer half.Close()
-	if err := half.Pin(filepath.Join(dir, "upgrade", "flows")); err != nil {
+	if err := half.Pin(filepath.Join(dir, "upgrade", "flows4")); err != nil {
 		t.Fatal(err)
 	}
 	if err := loader.Remove(dir); err != nil {
@@ -397,7 +398,7 @@ func BenchmarkUpgradeResize(b *testing.B) {
 		}
 		b.StopTimer()
 		for _, u := range d.Upgrade().Maps {
-			if u.Map == "flows" && u.Copied != n {
+			if u.Map == "flows4" && u.Copied != n {
 				b.Fatalf("%d of %d flows copied", u.Copied, n)
 			}
 		}

@@ -15,9 +15,9 @@ import (
 type Origin uint8
 
 const (
-	OriginBalanced Origin = 1
-	OriginPolicy   Origin = 2
-	OriginInbound  Origin = 3
+	OriginBalanced = Origin(bpf.UplinkOriginORIGIN_BALANCED)
+	OriginPolicy   = Origin(bpf.UplinkOriginORIGIN_POLICY)
+	OriginInbound  = Origin(bpf.UplinkOriginORIGIN_INBOUND)
 )
 
 func (o Origin) String() string {
@@ -44,81 +44,137 @@ func (k FlowKey) String() string {
 	return fmt.Sprintf("%s %s -> %s", ProtoName(k.Proto), k.Src, k.Dst)
 }
 
-// Flow is one flow record.
+// Flow is one flow record. The times are CLOCK_MONOTONIC, from the
+// kernel's coarse clock (a tick); LastSeen is refreshed by the programs at
+// most once a second (LastSeenStep).
 type Flow struct {
 	Key       FlowKey
 	Uplink    int
 	Origin    Origin
 	Mark      uint32
-	FirstSeen time.Duration // CLOCK_MONOTONIC
+	FirstSeen time.Duration
 	LastSeen  time.Duration
-	Packets   uint64
-	Bytes     uint64
 }
 
-func (k FlowKey) encode() bpf.UplinkFlowKey {
-	return bpf.UplinkFlowKey{
-		Family: family(k.Src.Addr()),
-		Proto:  k.Proto,
-		Sport:  netPort(k.Src.Port()),
-		Dport:  netPort(k.Dst.Port()),
-		Saddr:  addrWords(k.Src.Addr()),
-		Daddr:  addrWords(k.Dst.Addr()),
+// LastSeenStep is how often at most a packet of a known flow refreshes its
+// record (LAST_SEEN_STEP_NS): a flow's LastSeen is up to this old.
+const LastSeenStep = time.Second
+
+// flowTable is one kind of flow (the LAN's, or the inbound records) in its
+// two maps: IPv4 flows have a compact key of their own.
+type flowTable struct{ v4, v6 *ebpf.Map }
+
+func (m *Maps) lanFlows() flowTable     { return flowTable{m.Flows4, m.Flows6} }
+func (m *Maps) inboundFlows() flowTable { return flowTable{m.Inbound4, m.Inbound6} }
+
+// flowTables are the tables that hold flows: the LAN's (and the answers of
+// port forwards) and the inbound records of the uplinks.
+func (m *Maps) flowTables() []flowTable { return []flowTable{m.lanFlows(), m.inboundFlows()} }
+
+// mapAndKey is the map of k's family and k in its layout.
+func (t flowTable) mapAndKey(k FlowKey) (*ebpf.Map, any) {
+	if k.Src.Addr().Is4() {
+		return t.v4, &bpf.UplinkFlow4Key{Saddr: addr4(k.Src.Addr()), Daddr: addr4(k.Dst.Addr()),
+			Sport: netPort(k.Src.Port()), Dport: netPort(k.Dst.Port()), Proto: k.Proto}
 	}
+	return t.v6, &bpf.UplinkFlow6Key{Saddr: addr16(k.Src.Addr()), Daddr: addr16(k.Dst.Addr()),
+		Sport: netPort(k.Src.Port()), Dport: netPort(k.Dst.Port()), Proto: k.Proto}
 }
 
-func decodeFlow(k *bpf.UplinkFlowKey, v *bpf.UplinkFlow) Flow {
+func (t flowTable) lookup(k FlowKey) (Flow, bool, error) {
+	mp, bk := t.mapAndKey(k)
+	var v bpf.UplinkFlow
+	err := mp.Lookup(bk, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Flow{}, false, nil
+	}
+	if err != nil {
+		return Flow{}, false, err
+	}
+	return decodeFlow(k, &v), true, nil
+}
+
+func (t flowTable) put(f Flow) error {
+	mp, bk := t.mapAndKey(f.Key)
+	return mp.Put(bk, encodeFlow(f))
+}
+
+func (t flowTable) delete(k FlowKey) error {
+	mp, bk := t.mapAndKey(k)
+	return mp.Delete(bk)
+}
+
+// walk calls fn for every flow, IPv4 first, until fn returns false (then
+// walk returns false).
+func (t flowTable) walk(fn func(Flow) bool) (bool, error) {
+	var v bpf.UplinkFlow
+	var k4 bpf.UplinkFlow4Key
+	it := t.v4.Iterate()
+	for it.Next(&k4, &v) {
+		if !fn(decodeFlow(key4(&k4), &v)) {
+			return false, nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return false, err
+	}
+	var k6 bpf.UplinkFlow6Key
+	it = t.v6.Iterate()
+	for it.Next(&k6, &v) {
+		if !fn(decodeFlow(key6(&k6), &v)) {
+			return false, nil
+		}
+	}
+	return true, it.Err()
+}
+
+func key4(k *bpf.UplinkFlow4Key) FlowKey {
+	return FlowKey{Proto: k.Proto,
+		Src: netip.AddrPortFrom(addrFrom(4, [4]uint32{k.Saddr}), netPort(k.Sport)),
+		Dst: netip.AddrPortFrom(addrFrom(4, [4]uint32{k.Daddr}), netPort(k.Dport))}
+}
+
+func key6(k *bpf.UplinkFlow6Key) FlowKey {
+	return FlowKey{Proto: k.Proto,
+		Src: netip.AddrPortFrom(addrFrom(6, k.Saddr), netPort(k.Sport)),
+		Dst: netip.AddrPortFrom(addrFrom(6, k.Daddr), netPort(k.Dport))}
+}
+
+func decodeFlow(k FlowKey, v *bpf.UplinkFlow) Flow {
 	return Flow{
-		Key: FlowKey{
-			Proto: k.Proto,
-			Src:   netip.AddrPortFrom(addrFrom(k.Family, k.Saddr), netPort(k.Sport)),
-			Dst:   netip.AddrPortFrom(addrFrom(k.Family, k.Daddr), netPort(k.Dport)),
-		},
+		Key:       k,
 		Uplink:    int(v.Uplink),
 		Origin:    Origin(v.Origin),
 		Mark:      v.Mark,
 		FirstSeen: time.Duration(v.FirstSeen),
 		LastSeen:  time.Duration(v.LastSeen),
-		Packets:   v.Packets,
-		Bytes:     v.Bytes,
 	}
 }
 
-// flowMaps are the maps that hold flows: the LAN's (and the answers of
-// port forwards) and the inbound records of the uplinks.
-func (m *Maps) flowMaps() []*ebpf.Map { return []*ebpf.Map{m.Flows, m.Inbound} }
+func encodeFlow(f Flow) *bpf.UplinkFlow {
+	return &bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin),
+		FirstSeen: uint64(f.FirstSeen), LastSeen: uint64(f.LastSeen)}
+}
 
 // LookupFlow finds one flow; ok is false if there is none.
 func (m *Maps) LookupFlow(k FlowKey) (f Flow, ok bool, err error) {
-	bk := k.encode()
-	var v bpf.UplinkFlow
-	for _, fm := range m.flowMaps() {
-		err := fm.Lookup(&bk, &v)
-		if err == nil {
-			return decodeFlow(&bk, &v), true, nil
-		}
-		if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Flow{}, false, err
+	for _, t := range m.flowTables() {
+		if f, ok, err := t.lookup(k); ok || err != nil {
+			return f, ok, err
 		}
 	}
 	return Flow{}, false, nil
 }
 
-// PutFlow records a flow (tests and state restores use it; the programs
-// record flows themselves).
-func (m *Maps) PutFlow(f Flow) error {
-	bk := f.Key.encode()
-	v := bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin),
-		FirstSeen: uint64(f.FirstSeen), LastSeen: uint64(f.LastSeen), Packets: f.Packets, Bytes: f.Bytes}
-	return m.Flows.Put(&bk, &v)
-}
+// PutFlow records a flow of the LAN (tests and state restores use it; the
+// programs record flows themselves).
+func (m *Maps) PutFlow(f Flow) error { return m.lanFlows().put(f) }
 
 // DeleteFlow forgets one flow; deleting a missing flow is not an error.
 func (m *Maps) DeleteFlow(k FlowKey) error {
-	bk := k.encode()
 	var errs []error
-	for _, fm := range m.flowMaps() {
-		errs = append(errs, ignoreNotExist(fm.Delete(&bk)))
+	for _, t := range m.flowTables() {
+		errs = append(errs, ignoreNotExist(t.delete(k)))
 	}
 	return errors.Join(errs...)
 }
@@ -126,20 +182,19 @@ func (m *Maps) DeleteFlow(k FlowKey) error {
 // WalkFlows calls fn for every flow until fn returns false. The map changes
 // while it is walked: a flow may be missed or seen twice, never invented.
 func (m *Maps) WalkFlows(fn func(Flow) bool) error {
-	var k bpf.UplinkFlowKey
-	var v bpf.UplinkFlow
-	for _, fm := range m.flowMaps() {
-		it := fm.Iterate()
-		for it.Next(&k, &v) {
-			if !fn(decodeFlow(&k, &v)) {
-				return nil
-			}
-		}
-		if err := it.Err(); err != nil {
+	for _, t := range m.flowTables() {
+		if more, err := t.walk(fn); err != nil || !more {
 			return err
 		}
 	}
 	return nil
+}
+
+// WalkLANFlows is WalkFlows over the LAN's flows only (not the inbound
+// records).
+func (m *Maps) WalkLANFlows(fn func(Flow) bool) error {
+	_, err := m.lanFlows().walk(fn)
+	return err
 }
 
 // DeleteFlowsOfUplink forgets every flow on uplink id, and the remote
@@ -147,21 +202,18 @@ func (m *Maps) WalkFlows(fn func(Flow) bool) error {
 // how many flows it deleted.
 func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 	n := 0
-	for _, fm := range m.flowMaps() {
-		var keys []bpf.UplinkFlowKey
-		var k bpf.UplinkFlowKey
-		var v bpf.UplinkFlow
-		it := fm.Iterate()
-		for it.Next(&k, &v) {
-			if int(v.Uplink) == id {
-				keys = append(keys, k)
+	for _, t := range m.flowTables() {
+		var keys []FlowKey
+		if _, err := t.walk(func(f Flow) bool {
+			if f.Uplink == id {
+				keys = append(keys, f.Key)
 			}
-		}
-		if err := it.Err(); err != nil {
+			return true
+		}); err != nil {
 			return n, err
 		}
-		for i := range keys {
-			if err := fm.Delete(&keys[i]); err == nil {
+		for _, k := range keys {
+			if err := t.delete(k); err == nil {
 				n++
 			} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return n, err

@@ -84,24 +84,35 @@ func ConverterFor(name string, from, to Layout) (Converter, bool) {
 	return Converter{}, false
 }
 
-// EncodeFlow is a flow record in the current layout of the flows and
-// inbound maps: what a converter from an older flow layout returns.
+// EncodeFlow is a flow record in the current layout of the flow maps of
+// its family (flows4/inbound4 or flows6/inbound6): what a converter from an
+// older flow layout returns.
 func EncodeFlow(f Flow) (key, value []byte) {
-	k := f.Key.encode()
-	v := bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin),
-		FirstSeen: uint64(f.FirstSeen), LastSeen: uint64(f.LastSeen), Packets: f.Packets, Bytes: f.Bytes}
-	return structBytes(&k), structBytes(&v)
+	_, k := flowTable{}.mapAndKey(f.Key)
+	v := encodeFlow(f)
+	switch k := k.(type) {
+	case *bpf.UplinkFlow4Key:
+		return structBytes(k), structBytes(v)
+	case *bpf.UplinkFlow6Key:
+		return structBytes(k), structBytes(v)
+	}
+	panic("unreachable")
 }
 
-// DecodeFlowKey reads a flow key in the current layout (unchanged by a
-// converter that rewrites only the values).
+// DecodeFlowKey reads a flow key in the current layout of either family
+// (told apart by the key's size).
 func DecodeFlowKey(b []byte) (FlowKey, error) {
-	var k bpf.UplinkFlowKey
-	if len(b) != int(unsafe.Sizeof(k)) {
-		return FlowKey{}, fmt.Errorf("flow key of %d bytes, want %d", len(b), unsafe.Sizeof(k))
+	var k4 bpf.UplinkFlow4Key
+	var k6 bpf.UplinkFlow6Key
+	switch len(b) {
+	case int(unsafe.Sizeof(k4)):
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&k4)), unsafe.Sizeof(k4)), b)
+		return key4(&k4), nil
+	case int(unsafe.Sizeof(k6)):
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&k6)), unsafe.Sizeof(k6)), b)
+		return key6(&k6), nil
 	}
-	copy(unsafe.Slice((*byte)(unsafe.Pointer(&k)), unsafe.Sizeof(k)), b)
-	return decodeFlow(&k, &bpf.UplinkFlow{}).Key, nil
+	return FlowKey{}, fmt.Errorf("flow key of %d bytes, want %d (IPv4) or %d (IPv6)", len(b), unsafe.Sizeof(k4), unsafe.Sizeof(k6))
 }
 
 // structBytes copies a generated map type (explicitly padded, no pointers)
@@ -115,7 +126,7 @@ func structBytes[T any](v *T) []byte {
 // smaller LRU map oldest first keeps the most recent entries.
 func Recency(name string) func(value []byte) uint64 {
 	switch name {
-	case "flows", "inbound":
+	case "flows4", "flows6", "inbound4", "inbound6":
 		off := unsafe.Offsetof(bpf.UplinkFlow{}.LastSeen)
 		return func(v []byte) uint64 { return uint64At(v, off) }
 	case "sticky":

@@ -39,13 +39,13 @@ func TestConverterFor(t *testing.T) {
 // What a converter returns is the flow in the current layout.
 func TestEncodeFlowRoundTrip(t *testing.T) {
 	f := Flow{Key: FlowKey{Proto: 17, Src: netip.MustParseAddrPort("[2001:db8:0:3::10]:5353"), Dst: netip.MustParseAddrPort("[2001:db8::1]:53")},
-		Uplink: 3, Origin: OriginPolicy, Mark: 0x80000, FirstSeen: 5, LastSeen: 9, Packets: 2, Bytes: 100}
+		Uplink: 3, Origin: OriginPolicy, Mark: 0x80000, FirstSeen: 5, LastSeen: 9}
 	k, v := EncodeFlow(f)
 	got, err := DecodeFlowKey(k)
 	if err != nil || got != f.Key {
 		t.Fatalf("key %v (%v), want %v", got, err, f.Key)
 	}
-	if r := Recency("flows")(v); r != 9 {
+	if r := Recency("flows4")(v); r != 9 {
 		t.Fatalf("recency %d, want the last-seen time 9", r)
 	}
 	if _, err := DecodeFlowKey(k[:10]); err == nil {

@@ -15,56 +15,60 @@ import (
 	"github.com/mhbpf/mhbpf/bpf"
 )
 
-// Limits of the BPF side (bpf/include/maps.h).
+// Limits of the BPF side (bpf/include/maps.h, enum limits).
 const (
-	MaxUplinks        = 16
-	MaxRules          = 64
-	MaxPolicyUplinks  = 8
-	MaxPortRanges     = 8
-	policyGenerations = 2
+	MaxUplinks        = int(bpf.UplinkLimitsLIMIT_UPLINKS)
+	MaxRules          = int(bpf.UplinkLimitsLIMIT_RULES)
+	MaxPolicyUplinks  = int(bpf.UplinkLimitsLIMIT_POLICY_UPLINKS)
+	MaxPortRanges     = int(bpf.UplinkLimitsLIMIT_PORT_RANGES)
+	policyGenerations = int(bpf.UplinkLimitsLIMIT_POLICY_GENERATIONS)
 )
 
 // Maps holds every map of the datapath. The loader fills it from the pinned
 // (or freshly created) maps; the zero value is not usable.
 type Maps struct {
-	Flows       *ebpf.Map
-	Remotes     *ebpf.Map
-	Uplinks     *ebpf.Map
-	Ifaces      *ebpf.Map
-	PolicyGen   *ebpf.Map
-	PolicyMeta  *ebpf.Map
-	PolicyRules *ebpf.Map
-	PolicyDst4  *ebpf.Map
-	PolicySrc4  *ebpf.Map
-	PolicyDst6  *ebpf.Map
-	PolicySrc6  *ebpf.Map
-	Bypass4     *ebpf.Map
-	Bypass6     *ebpf.Map
-	Sticky      *ebpf.Map
-	Counters    *ebpf.Map
-	// Inbound holds the flows remote peers started on the uplinks;
-	// InboundGuards the per-uplink budget of new ones.
-	Inbound       *ebpf.Map
-	InboundGuards *ebpf.Map
+	// Flows4 and Flows6 hold the LAN's flows (and the answers of port
+	// forwards), one map per family.
+	Flows4, Flows6 *ebpf.Map
+	Remotes        *ebpf.Map
+	Uplinks        *ebpf.Map
+	// IfaceSlots holds the interfaces with an ifindex below IfaceSlots,
+	// Ifaces the others.
+	IfaceSlots, Ifaces *ebpf.Map
+	PolicyGen          *ebpf.Map
+	PolicyMeta         *ebpf.Map
+	PolicyRules        *ebpf.Map
+	PolicyDst4         *ebpf.Map
+	PolicySrc4         *ebpf.Map
+	PolicyDst6         *ebpf.Map
+	PolicySrc6         *ebpf.Map
+	Bypass4            *ebpf.Map
+	Bypass6            *ebpf.Map
+	Sticky             *ebpf.Map
+	Counters           *ebpf.Map
+	// Inbound4 and Inbound6 hold the flows remote peers started on the
+	// uplinks; InboundGuards the per-uplink budget of new ones.
+	Inbound4, Inbound6 *ebpf.Map
+	InboundGuards      *ebpf.Map
 }
 
 // FromObjects takes the maps of a loaded object.
 func FromObjects(m *bpf.UplinkMaps) *Maps {
 	return &Maps{
-		Flows: m.Flows, Remotes: m.Remotes, Uplinks: m.Uplinks, Ifaces: m.Ifaces,
+		Flows4: m.Flows4, Flows6: m.Flows6, Remotes: m.Remotes, Uplinks: m.Uplinks, IfaceSlots: m.IfaceSlots, Ifaces: m.Ifaces,
 		PolicyGen: m.PolicyGen, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
 		PolicyDst4: m.PolicyDst4, PolicySrc4: m.PolicySrc4, PolicyDst6: m.PolicyDst6, PolicySrc6: m.PolicySrc6,
 		Bypass4: m.Bypass4, Bypass6: m.Bypass6, Sticky: m.Sticky, Counters: m.Counters,
-		Inbound: m.Inbound, InboundGuards: m.InboundGuards,
+		Inbound4: m.Inbound4, Inbound6: m.Inbound6, InboundGuards: m.InboundGuards,
 	}
 }
 
 // Close releases the file descriptors; pinned maps stay in the kernel.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, x := range []*ebpf.Map{m.Flows, m.Remotes, m.Uplinks, m.Ifaces, m.PolicyGen, m.PolicyMeta,
+	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.IfaceSlots, m.Ifaces, m.PolicyGen, m.PolicyMeta,
 		m.PolicyRules, m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6, m.Bypass4, m.Bypass6,
-		m.Sticky, m.Counters, m.Inbound, m.InboundGuards} {
+		m.Sticky, m.Counters, m.Inbound4, m.Inbound6, m.InboundGuards} {
 		if x != nil {
 			errs = append(errs, x.Close())
 		}
@@ -145,8 +149,8 @@ func (m *Maps) SetUplinkUp(id int, up bool) error {
 type Role uint8
 
 const (
-	RoleUplink Role = 1
-	RoleLAN    Role = 2
+	RoleUplink = Role(bpf.UplinkIfaceRoleROLE_UPLINK)
+	RoleLAN    = Role(bpf.UplinkIfaceRoleROLE_LAN)
 )
 
 // Iface tells the tc programs about the interface a packet arrived on.
@@ -157,29 +161,36 @@ type Iface struct {
 	Uplink   uint8 // for RoleUplink
 }
 
+// IfaceSlots is how many ifindexes have a slot in the array the programs
+// look interfaces up in first (IFACE_SLOTS).
+const IfaceSlots = int(bpf.UplinkLimitsLIMIT_IFACE_SLOTS)
+
 func (m *Maps) SetIface(ifindex int, i Iface) error {
-	return m.Ifaces.Put(uint32(ifindex), &bpf.UplinkIface{Role: uint8(i.Role), L3Off: i.L3Offset, Uplink: i.Uplink})
+	v := &bpf.UplinkIface{Role: uint8(i.Role), L3Off: i.L3Offset, Uplink: i.Uplink}
+	if ifindex < IfaceSlots {
+		return m.IfaceSlots.Put(uint32(ifindex), v)
+	}
+	return m.Ifaces.Put(uint32(ifindex), v)
 }
 
 func (m *Maps) DeleteIface(ifindex int) error {
-	err := m.Ifaces.Delete(uint32(ifindex))
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil
+	if ifindex < IfaceSlots {
+		return m.IfaceSlots.Put(uint32(ifindex), &bpf.UplinkIface{})
 	}
-	return err
+	return ignoreNotExist(m.Ifaces.Delete(uint32(ifindex)))
 }
 
 // SetBypass replaces the set of destination prefixes that are never steered
 // (LAN prefixes, the operator's bypass list).
 func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
-	want4 := map[bpf.UplinkBypass4Key]bool{}
-	want6 := map[bpf.UplinkBypass6Key]bool{}
+	want4 := map[bpf.UplinkLpm4Key]bool{}
+	want6 := map[bpf.UplinkLpm6Key]bool{}
 	for _, p := range prefixes {
 		p = p.Masked()
 		if p.Addr().Is4() {
-			want4[bpf.UplinkBypass4Key{Prefixlen: uint32(p.Bits()), Addr: addr4(p.Addr())}] = true
+			want4[bpf.UplinkLpm4Key{Prefixlen: uint32(p.Bits()), Addr: addr4(p.Addr())}] = true
 		} else {
-			want6[bpf.UplinkBypass6Key{Prefixlen: uint32(p.Bits()), Addr: addr16(p.Addr())}] = true
+			want6[bpf.UplinkLpm6Key{Prefixlen: uint32(p.Bits()), Addr: addr16(p.Addr())}] = true
 		}
 	}
 	one := uint8(1)
@@ -193,8 +204,8 @@ func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
 			return fmt.Errorf("bypass %v: %w", k, err)
 		}
 	}
-	var k4 bpf.UplinkBypass4Key
-	var stale4 []bpf.UplinkBypass4Key
+	var k4 bpf.UplinkLpm4Key
+	var stale4 []bpf.UplinkLpm4Key
 	for it := m.Bypass4.Iterate(); it.Next(&k4, &one); {
 		if !want4[k4] {
 			stale4 = append(stale4, k4)
@@ -203,8 +214,8 @@ func (m *Maps) SetBypass(prefixes []netip.Prefix) error {
 	for _, k := range stale4 {
 		_ = m.Bypass4.Delete(&k)
 	}
-	var k6 bpf.UplinkBypass6Key
-	var stale6 []bpf.UplinkBypass6Key
+	var k6 bpf.UplinkLpm6Key
+	var stale6 []bpf.UplinkLpm6Key
 	for it := m.Bypass6.Iterate(); it.Next(&k6, &one); {
 		if !want6[k6] {
 			stale6 = append(stale6, k6)

@@ -1,11 +1,15 @@
 package maps
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
+	"sort"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/bpf"
 )
@@ -14,17 +18,17 @@ import (
 type Fallback uint8
 
 const (
-	FallbackMain        Fallback = 0 // route by main, whatever it says
-	FallbackUnreachable Fallback = 1 // fail closed
+	FallbackMain        = Fallback(bpf.UplinkFallbackFALLBACK_MAIN)        // route by main, whatever it says
+	FallbackUnreachable = Fallback(bpf.UplinkFallbackFALLBACK_UNREACHABLE) // fail closed
 )
 
 // Sticky is how long a choice holds.
 type Sticky uint8
 
 const (
-	StickyDestination Sticky = 0 // one destination keeps its uplink (default)
-	StickyFlow        Sticky = 1
-	StickyPair        Sticky = 2 // source + destination
+	StickyDestination = Sticky(bpf.UplinkStickyModeSTICKY_DST) // one destination keeps its uplink (default)
+	StickyFlow        = Sticky(bpf.UplinkStickyModeSTICKY_FLOW)
+	StickyPair        = Sticky(bpf.UplinkStickyModeSTICKY_PAIR) // source + destination
 )
 
 // Choice is one acceptable uplink of a policy.
@@ -82,28 +86,6 @@ func (a Action) encode(id uint32) (bpf.UplinkPolicy, error) {
 	return p, nil
 }
 
-// prefixRules maps each prefix to the set of rules (bit i = rule i) that
-// match every address inside it. An LPM lookup returns only the longest
-// prefix, so each prefix also carries the rules of the prefixes containing it.
-func prefixRules(rules []Rule, sel func(Rule) []netip.Prefix) map[netip.Prefix]uint64 {
-	out := map[netip.Prefix]uint64{}
-	for i, r := range rules {
-		for _, p := range sel(r) {
-			out[p.Masked()] |= 1 << i
-		}
-	}
-	folded := make(map[netip.Prefix]uint64, len(out))
-	for p, b := range out {
-		for q, qb := range out {
-			if q.Bits() < p.Bits() && q.Addr().Is4() == p.Addr().Is4() && q.Contains(p.Addr()) {
-				b |= qb
-			}
-		}
-		folded[p] = b
-	}
-	return folded
-}
-
 func anyMask(rules []Rule, sel func(Rule) []netip.Prefix) uint64 {
 	var m uint64
 	for i, r := range rules {
@@ -114,33 +96,53 @@ func anyMask(rules []Rule, sel func(Rule) []netip.Prefix) uint64 {
 	return m
 }
 
-// ReplacePolicy installs p as a whole. It fills the generation the programs
-// are not reading, then switches them over with one write: a packet sees
-// either the old policy or the new one, never a mix.
+// PolicyStats says what installing a policy took.
+type PolicyStats struct {
+	// Prefixes are the entries of the new generation's tries (distinct
+	// prefixes, destinations and sources).
+	Prefixes int
+	// KernelBytes is the memory the kernel accounts to those tries.
+	KernelBytes uint64
+	Took        time.Duration
+}
+
+// ReplacePolicy installs p as a whole (InstallPolicy without the stats).
 func (m *Maps) ReplacePolicy(p Policy) error {
+	_, err := m.InstallPolicy(p)
+	return err
+}
+
+// InstallPolicy installs p as a whole. It fills the generation the programs
+// are not reading (its prefixes in tries made at their size, loaded in
+// batches), then switches the programs over with one write: a packet sees
+// either the old policy or the new one, never a mix. The old generation's
+// tries are freed once no program can be reading them.
+func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
+	start := time.Now()
+	var stats PolicyStats
 	if len(p.Rules) > MaxRules {
-		return fmt.Errorf("policy has %d rules, at most %d", len(p.Rules), MaxRules)
+		return stats, fmt.Errorf("policy has %d rules, at most %d", len(p.Rules), MaxRules)
 	}
 	set := bpf.UplinkPolicySet{Nrules: uint32(len(p.Rules))}
 	var err error
 	if set.Dflt, err = p.Default.encode(0); err != nil {
-		return fmt.Errorf("default policy: %w", err)
+		return stats, fmt.Errorf("default policy: %w", err)
 	}
 	rules := make([]bpf.UplinkPolicyRule, len(p.Rules))
 	for i, r := range p.Rules {
 		if len(r.Ports) > MaxPortRanges {
-			return fmt.Errorf("rule %d: %d port ranges, at most %d", i, len(r.Ports), MaxPortRanges)
+			return stats, fmt.Errorf("rule %d: %d port ranges, at most %d", i, len(r.Ports), MaxPortRanges)
 		}
 		rules[i].Proto = r.Proto
 		rules[i].Nports = uint8(len(r.Ports))
 		for j, pr := range r.Ports {
 			if pr.Lo > pr.Hi {
-				return fmt.Errorf("rule %d: port range %d-%d is empty", i, pr.Lo, pr.Hi)
+				return stats, fmt.Errorf("rule %d: port range %d-%d is empty", i, pr.Lo, pr.Hi)
 			}
 			rules[i].Ports[j] = bpf.UplinkPortRange{Lo: pr.Lo, Hi: pr.Hi}
 		}
 		if rules[i].Policy, err = r.Action.encode(uint32(i + 1)); err != nil {
-			return fmt.Errorf("rule %d: %w", i, err)
+			return stats, fmt.Errorf("rule %d: %w", i, err)
 		}
 	}
 	dst := func(r Rule) []netip.Prefix { return r.Dst }
@@ -150,29 +152,50 @@ func (m *Maps) ReplacePolicy(p Policy) error {
 
 	cur, err := m.policyGeneration()
 	if err != nil {
-		return err
+		return stats, err
 	}
 	next := 1 - cur
 
-	// Whatever the generation before last left behind goes first.
-	if err := m.clearLPMGeneration(next); err != nil {
-		return err
-	}
-	if err := m.putLPM(m.PolicyDst4, m.PolicyDst6, next, prefixRules(p.Rules, dst)); err != nil {
-		return fmt.Errorf("destination prefixes: %w", err)
-	}
-	if err := m.putLPM(m.PolicySrc4, m.PolicySrc6, next, prefixRules(p.Rules, src)); err != nil {
-		return fmt.Errorf("source prefixes: %w", err)
+	var wait func() error // rewrites a slot of next with its trie
+	for _, d := range []struct {
+		what         string
+		sel          func(Rule) []netip.Prefix
+		gens4, gens6 *ebpf.Map
+	}{{"destination", dst, m.PolicyDst4, m.PolicyDst6}, {"source", src, m.PolicySrc4, m.PolicySrc6}} {
+		folded := foldPrefixes(p.Rules, d.sel)
+		split := sort.Search(len(folded), func(i int) bool { return !folded[i].Prefix.Addr().Is4() })
+		for _, f := range []struct {
+			gens     *ebpf.Map
+			prefixes []prefixRules
+			v6       bool
+		}{{d.gens4, folded[:split], false}, {d.gens6, folded[split:], true}} {
+			trie, n, err := putTrie(f.gens, next, f.prefixes, f.v6)
+			if err != nil {
+				return stats, fmt.Errorf("%s prefixes: %w", d.what, err)
+			}
+			// Kept open for dropGeneration: reading it back from the
+			// array would need CAP_SYS_ADMIN (a map by its id).
+			defer trie.Close()
+			if wait == nil {
+				wait = func() error { return f.gens.Put(next, trie) }
+			}
+			stats.Prefixes += len(f.prefixes)
+			stats.KernelBytes += n
+		}
 	}
 	for i := range rules {
-		if err := m.PolicyRules.Put(next*MaxRules+uint32(i), &rules[i]); err != nil {
-			return fmt.Errorf("rule %d: %w", i, err)
+		if err := m.PolicyRules.Put(next*uint32(MaxRules)+uint32(i), &rules[i]); err != nil {
+			return stats, fmt.Errorf("rule %d: %w", i, err)
 		}
 	}
 	if err := m.PolicyMeta.Put(next, &set); err != nil {
-		return fmt.Errorf("policy set: %w", err)
+		return stats, fmt.Errorf("policy set: %w", err)
 	}
-	return m.PolicyGen.Put(uint32(0), next)
+	if err := m.PolicyGen.Put(uint32(0), next); err != nil {
+		return stats, fmt.Errorf("policy generation: %w", err)
+	}
+	stats.Took = time.Since(start)
+	return stats, m.dropGeneration(cur, wait)
 }
 
 func (m *Maps) policyGeneration() (uint32, error) {
@@ -183,50 +206,87 @@ func (m *Maps) policyGeneration() (uint32, error) {
 	return g & 1, nil
 }
 
-func (m *Maps) putLPM(m4, m6 *ebpf.Map, gen uint32, prefixes map[netip.Prefix]uint64) error {
-	for p, bits := range prefixes {
-		var err error
-		if p.Addr().Is4() {
-			k := bpf.UplinkLpm4Key{Prefixlen: 32 + uint32(p.Bits()), Gen: gen, Addr: addr4(p.Addr())}
-			err = m4.Put(&k, bits)
-		} else {
-			k := bpf.UplinkLpm6Key{Prefixlen: 32 + uint32(p.Bits()), Gen: gen, Addr: addr16(p.Addr())}
-			err = m6.Put(&k, bits)
+// batchSize bounds the work of one BPF_MAP_UPDATE_BATCH call.
+const batchSize = 1 << 16
+
+// putTrie makes generation gen of gens a trie of exactly these prefixes
+// (also none: every generation has its tries, which dropGeneration relies
+// on) and returns it, open, with the memory the kernel accounts to it.
+func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*ebpf.Map, uint64, error) {
+	keySize := uint32(binary.Size(bpf.UplinkLpm4Key{}))
+	if v6 {
+		keySize = uint32(binary.Size(bpf.UplinkLpm6Key{}))
+	}
+	trie, err := ebpf.NewMap(&ebpf.MapSpec{Name: "policy_trie", Type: ebpf.LPMTrie, KeySize: keySize, ValueSize: 8,
+		MaxEntries: uint32(max(len(prefixes), 1)), Flags: unix.BPF_F_NO_PREALLOC})
+	if err != nil {
+		return nil, 0, fmt.Errorf("create a trie of %d prefixes: %w", len(prefixes), err)
+	}
+	values := make([]uint64, len(prefixes))
+	for i, pr := range prefixes {
+		values[i] = pr.Rules
+	}
+	if v6 {
+		keys := make([]bpf.UplinkLpm6Key, len(prefixes))
+		for i, pr := range prefixes {
+			keys[i] = bpf.UplinkLpm6Key{Prefixlen: uint32(pr.Prefix.Bits()), Addr: addr16(pr.Prefix.Addr())}
+		}
+		err = fill(trie, keys, values)
+	} else {
+		keys := make([]bpf.UplinkLpm4Key, len(prefixes))
+		for i, pr := range prefixes {
+			keys[i] = bpf.UplinkLpm4Key{Prefixlen: uint32(pr.Prefix.Bits()), Addr: addr4(pr.Prefix.Addr())}
+		}
+		err = fill(trie, keys, values)
+	}
+	if err == nil {
+		err = gens.Put(gen, trie)
+	}
+	if err != nil {
+		trie.Close()
+		return nil, 0, err
+	}
+	var bytes uint64
+	if info, err := trie.Info(); err == nil {
+		bytes, _ = info.Memlock()
+	}
+	return trie, bytes, nil
+}
+
+// fill writes keys and values in batches, one by one where the kernel has
+// no batch updates for tries.
+func fill[K any](trie *ebpf.Map, keys []K, values []uint64) error {
+	for i := 0; i < len(keys); i += batchSize {
+		j := min(i+batchSize, len(keys))
+		_, err := trie.BatchUpdate(keys[i:j], values[i:j], nil)
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			for k := i; k < j; k++ {
+				if err := trie.Put(&keys[k], values[k]); err != nil {
+					return fmt.Errorf("prefix %d: %w", k, err)
+				}
+			}
+			continue
 		}
 		if err != nil {
-			return fmt.Errorf("%v: %w", p, err)
+			return fmt.Errorf("prefixes %d-%d: %w", i, j-1, err)
 		}
 	}
 	return nil
 }
 
-func (m *Maps) clearLPMGeneration(gen uint32) error {
-	var errs []error
-	for _, mp := range []*ebpf.Map{m.PolicyDst4, m.PolicySrc4} {
-		var k bpf.UplinkLpm4Key
-		var v uint64
-		var stale []bpf.UplinkLpm4Key
-		for it := mp.Iterate(); it.Next(&k, &v); {
-			if k.Gen == gen {
-				stale = append(stale, k)
-			}
-		}
-		for _, k := range stale {
-			errs = append(errs, ignoreNotExist(mp.Delete(&k)))
-		}
+// dropGeneration frees generation old's tries after the switch. Updating
+// an array of maps makes the kernel wait until every program running
+// meanwhile is done (synchronize_rcu), so rewriting a slot of the new
+// generation with the trie it holds (wait) waits out the packets that read
+// the old generation number before the switch; only then do the old tries
+// go.
+func (m *Maps) dropGeneration(old uint32, wait func() error) error {
+	if err := wait(); err != nil {
+		return fmt.Errorf("policy generation switch: %w", err)
 	}
-	for _, mp := range []*ebpf.Map{m.PolicyDst6, m.PolicySrc6} {
-		var k bpf.UplinkLpm6Key
-		var v uint64
-		var stale []bpf.UplinkLpm6Key
-		for it := mp.Iterate(); it.Next(&k, &v); {
-			if k.Gen == gen {
-				stale = append(stale, k)
-			}
-		}
-		for _, k := range stale {
-			errs = append(errs, ignoreNotExist(mp.Delete(&k)))
-		}
+	var errs []error
+	for _, gens := range []*ebpf.Map{m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6} {
+		errs = append(errs, ignoreNotExist(gens.Delete(old)))
 	}
 	return errors.Join(errs...)
 }

@@ -21,37 +21,28 @@ type Remark func(f Flow) uint32
 // not brought back.
 func (m *Maps) RetireUplinks(gone func(id int) bool, remark Remark) (deleted, remarked int, err error) {
 	var errs []error
-	var k bpf.UplinkFlowKey
-	var v bpf.UplinkFlow
-	var drop []bpf.UplinkFlowKey
-	type change struct {
-		k bpf.UplinkFlowKey
-		v bpf.UplinkFlow
-	}
-	var changes []change
-	it := m.Flows.Iterate()
-	for it.Next(&k, &v) {
-		f := decodeFlow(&k, &v)
+	var drop []FlowKey
+	var changes []Flow
+	_, err = m.lanFlows().walk(func(f Flow) bool {
 		if gone(f.Uplink) {
-			drop = append(drop, k)
-			continue
+			drop = append(drop, f.Key)
+		} else if mark := remark(f); mark != f.Mark {
+			f.Mark = mark
+			changes = append(changes, f)
 		}
-		if mark := remark(f); mark != v.Mark {
-			nv := v
-			nv.Mark = mark
-			changes = append(changes, change{k, nv})
-		}
-	}
-	errs = append(errs, it.Err())
-	for i := range drop {
-		if err := m.Flows.Delete(&drop[i]); err == nil {
+		return true
+	})
+	errs = append(errs, err)
+	for _, k := range drop {
+		if err := m.lanFlows().delete(k); err == nil {
 			deleted++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)
 		}
 	}
-	for i := range changes {
-		if err := m.Flows.Update(&changes[i].k, &changes[i].v, ebpf.UpdateExist); err == nil {
+	for _, f := range changes {
+		mp, bk := m.lanFlows().mapAndKey(f.Key)
+		if err := mp.Update(bk, encodeFlow(f), ebpf.UpdateExist); err == nil {
 			remarked++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)
@@ -60,14 +51,16 @@ func (m *Maps) RetireUplinks(gone func(id int) bool, remark Remark) (deleted, re
 
 	// Inbound records (remote peers' flows, port-forward answers) carry no
 	// fallback bits: only those of a gone slot go.
-	var idrop []bpf.UplinkFlowKey
-	for iit := m.Inbound.Iterate(); iit.Next(&k, &v); {
-		if gone(int(v.Uplink)) {
-			idrop = append(idrop, k)
+	var idrop []FlowKey
+	_, err = m.inboundFlows().walk(func(f Flow) bool {
+		if gone(f.Uplink) {
+			idrop = append(idrop, f.Key)
 		}
-	}
-	for i := range idrop {
-		if err := m.Inbound.Delete(&idrop[i]); err == nil {
+		return true
+	})
+	errs = append(errs, err)
+	for _, k := range idrop {
+		if err := m.inboundFlows().delete(k); err == nil {
 			deleted++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, err)

@@ -1,0 +1,70 @@
+#!/bin/bash
+# make bench: the benchmarks of bpf/ and internal/maps side by side in one
+# run, interleaved rounds, and bench/REPORT.md with the medians, each
+# per-packet figure's ratio to the test-run floor (BaselinePass), the
+# kernel, the CPU and the commands. As root; not part of `make test` (which
+# only builds the benchmarks, through go vet).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GO=${GO:-go}
+ROUNDS=${ROUNDS:-3}
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+
+cmd_pkt="$GO test -run '^\$' -bench . -benchtime 20x -count 1 ./bpf/"
+cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./internal/maps/"
+# Rounds interleaved: a noisy neighbour skews one round of every
+# benchmark, not every round of one.
+for r in $(seq "$ROUNDS"); do
+	echo "round $r/$ROUNDS" >&2
+	eval "$cmd_pkt" | grep '^Benchmark' >>"$out"
+	eval "$cmd_fold" | grep '^Benchmark' >>"$out"
+done
+
+# name -> the values of one unit over the rounds; the median of each.
+report=$(awk '
+function median(s,   a, n, i, j, t) {
+	n = split(s, a, " ")
+	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+	return a[int((n + 1) / 2)]
+}
+{
+	name = $1; sub(/-[0-9]+$/, "", name); sub(/^Benchmark/, "", name)
+	for (i = 3; i < NF; i += 2) {
+		unit = $(i + 1)
+		if (unit == "ns/op" && $i == 0) continue
+		key = name SUBSEP unit
+		if (!(key in vals)) order[++n] = key
+		vals[key] = vals[key] " " $i
+	}
+}
+END {
+	for (k in vals) { split(k, p, SUBSEP); if (p[1] == "BaselinePass") floor = median(vals[k]) }
+	print "| benchmark | median | unit | × floor | rounds |"
+	print "|---|---|---|---|---|"
+	for (i = 1; i <= n; i++) {
+		split(order[i], p, SUBSEP)
+		m = median(vals[order[i]])
+		ratio = (p[2] == "ns/pkt" && floor > 0) ? sprintf("%.2f", m / floor) : ""
+		printf "| %s | %s | %s | %s | %s |\n", p[1], m, p[2], ratio, vals[order[i]]
+	}
+}' "$out")
+
+{
+	echo "# Benchmark report"
+	echo
+	echo "Written by \`make bench\` (bench/run.sh) on $(date -u +%Y-%m-%dT%H:%MZ): $ROUNDS rounds, interleaved."
+	echo
+	echo "- kernel: $(uname -r)"
+	echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') ($(nproc) cores)"
+	echo "- commands, each round:"
+	echo "  - \`$cmd_pkt\`"
+	echo "  - \`$cmd_fold\`"
+	echo
+	echo "Per-packet figures (ns/pkt) are BPF_PROG_TEST_RUN over 100,000 repeats;"
+	echo "\"× floor\" divides by BaselinePass, a program that only returns, in the"
+	echo "same run. Compare within one report, not across machines."
+	echo
+	echo "$report"
+} >bench/REPORT.md
+cat bench/REPORT.md
