@@ -23,6 +23,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/mhbpf/mhbpf/bpf"
+	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/packet"
 )
@@ -161,7 +162,7 @@ func newIdentifier(live *maps.Maps) (*sandbox, error) {
 }
 
 func load(live *maps.Maps, identify bool) (*sandbox, error) {
-	spec, err := bpf.LoadLan()
+	spec, err := loader.LANSpec()
 	if err != nil {
 		return nil, err
 	}
@@ -228,7 +229,7 @@ func (s *sandbox) Close() { s.coll.Close() }
 
 // variable reads a load-time constant of the live program.
 func (s *sandbox) variable(name string, out any) error {
-	spec, err := bpf.LoadLan()
+	spec, err := loader.LANSpec()
 	if err != nil {
 		return err
 	}

@@ -215,6 +215,18 @@ func configuredSpecs(opts *Options, f Features) ([]*ebpf.CollectionSpec, error) 
 	return specs, nil
 }
 
+// LANSpec is the LAN object this kernel runs (the Compat build where it
+// has no bpf_loop), unconfigured: for test runs of the live program's
+// choice ('mhbpf explain'), which take their constants from it.
+func LANSpec() (*ebpf.CollectionSpec, error) {
+	feat, err := ProbeFeatures()
+	if err != nil {
+		return nil, err
+	}
+	_, lan, _, err := loadSpecs(feat)
+	return lan, err
+}
+
 func loadError(obj string, err error) error {
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
