@@ -134,7 +134,9 @@ type cliFlow struct {
 	UplinkID int    `json:"uplink_id"`
 	Origin   string `json:"origin"`
 	Mark     uint32 `json:"mark"`
-	Packets  uint64 `json:"packets"`
+	// The record's times: a live flow's age is >= 0 and its mark carries
+	// an uplink bit.
+	AgeSeconds *float64 `json:"age_seconds"`
 }
 
 func (e *daemonEnv) flowsJSON(args ...string) []cliFlow {
@@ -192,7 +194,7 @@ uplinks = ["isp2"]
 		t.Fatalf("want the 2 flows of the 2 connections, got %+v", all)
 	}
 	for _, f := range all {
-		if f.Proto != "tcp" || f.Src != topology.LANHost.String() || f.Dst != topology.Internet.String() || f.Packets == 0 {
+		if f.Proto != "tcp" || f.Src != topology.LANHost.String() || f.Dst != topology.Internet.String() || f.AgeSeconds == nil || *f.AgeSeconds < 0 || f.Mark == 0 {
 			t.Errorf("flow: %+v", f)
 		}
 		if f.Uplink != went[f.DstPort] {
