@@ -87,7 +87,7 @@ sticky = "flow"
 			e.setWeights(w1, w2) // and they stay so for the next step
 		}
 		out, err := e.mhbpf("check", e.cfgPath)
-		if err != nil || !strings.Contains(out, "warning: pinned map flows will be migrated (resize)") ||
+		if err != nil || !strings.Contains(out, "warning: pinned map flows4 will be migrated (resize)") ||
 			!strings.Contains(out, "warning: pinned map remotes will be migrated (resize)") {
 			t.Fatalf("mhbpf check with flow_map_size = %d: %v\n%s", step.size, err, out)
 		}
