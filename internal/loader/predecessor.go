@@ -118,8 +118,11 @@ func planSplits(pinDir string, specs map[string]*ebpf.MapSpec) ([]MapUpgrade, er
 	var out []MapUpgrade
 	for _, s := range maps.Splits() {
 		old, err := openSplit(pinDir, s, specs)
-		if err != nil || old == nil {
+		if err != nil {
 			return out, err
+		}
+		if old == nil {
+			continue
 		}
 		u, _, err := planSplit(s, old, specs)
 		old.Close()

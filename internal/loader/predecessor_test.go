@@ -294,3 +294,34 @@ func TestUpgradeFromSingleFlowMapsRecoversFromACrash(t *testing.T) {
 		t.Fatal("pin of flows left after the upgrade")
 	}
 }
+
+// Each split is looked at on its own: an install with no old flow maps
+// but interfaces below the slots in ifaces (a crash after the flows were
+// moved) still has those moved, and check says so.
+func TestUpgradeMovesIfacesWithoutOldFlowMaps(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	if err := os.MkdirAll(filepath.Join(dir, "maps"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ifaces := pinOld(t, dir, &ebpf.MapSpec{Name: "ifaces", Type: ebpf.Hash, KeySize: 4, ValueSize: 4, MaxEntries: 256})
+	if err := ifaces.Put(uint32(9), bpf.UplinkIface{Role: uint8(maps.RoleLAN), L3Off: 14}); err != nil {
+		t.Fatal(err)
+	}
+	plan, err := loader.PlanUpgrade(loader.Options{PinDir: dir})
+	if err != nil || len(plan) != 1 || plan[0].Map != "ifaces" || plan[0].Action != loader.ActionSplit {
+		t.Fatalf("plan %+v (%v), want ifaces split", plan, err)
+	}
+	d := loadWith(t, dir, 0)
+	defer d.Close()
+	var slot bpf.UplinkIface
+	if err := d.Maps.IfaceSlots.Lookup(uint32(9), &slot); err != nil || slot.Role != uint8(maps.RoleLAN) {
+		t.Fatalf("iface_slots[9] = %+v (%v)", slot, err)
+	}
+	if _, err := d.FinishUpgrade(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ifaces.Lookup(uint32(9), &slot); err == nil {
+		t.Fatal("ifaces still has ifindex 9 after the upgrade")
+	}
+}
