@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
@@ -87,9 +88,10 @@ sticky = "flow"
 			e.setWeights(w1, w2) // and they stay so for the next step
 		}
 		out, err := e.mhbpf("check", e.cfgPath)
-		if err != nil || !strings.Contains(out, "warning: pinned map flows4 will be migrated (resize)") ||
-			!strings.Contains(out, "warning: pinned map remotes will be migrated (resize)") {
-			t.Fatalf("mhbpf check with flow_map_size = %d: %v\n%s", step.size, err, out)
+		for _, name := range []string{"flows4", "flows6", "remotes"} {
+			if want := "warning: pinned map " + name + " will be migrated (resize)"; err != nil || !strings.Contains(out, want) {
+				t.Fatalf("mhbpf check with flow_map_size = %d does not say %q: %v\n%s", step.size, want, err, out)
+			}
 		}
 		e.start()
 		if got := e.pinnedMaxEntries(t, "flows4"); got != uint32(step.size) {
@@ -108,10 +110,24 @@ sticky = "flow"
 		after := flowsOf(t, e, conns)
 		for _, h := range conns {
 			b, a := before[h.key], after[h.key]
-			if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin || a.LastSeen < b.LastSeen {
+			if a.FirstSeen != b.FirstSeen || a.Uplink != b.Uplink || a.Mark != b.Mark || a.Origin != b.Origin {
 				t.Fatalf("%s: %v: the record was not carried over:\nbefore %+v\nafter  %+v", step.how, h, b, a)
 			}
 		}
+		// The new programs keep the carried records fresh: a packet
+		// refreshes last_seen at most once a second (LAST_SEEN_STEP_NS),
+		// so traffic after more than a second must have moved it on.
+		time.Sleep(maps.LastSeenStep + 100*time.Millisecond)
+		for _, h := range conns {
+			h.stillThere(t, "a second after the upgrade ("+step.how+")")
+		}
+		refreshed := flowsOf(t, e, conns)
+		for _, h := range conns {
+			if b, a := before[h.key], refreshed[h.key]; a.LastSeen <= b.LastSeen || a.FirstSeen != b.FirstSeen {
+				t.Fatalf("%s: %v: the carried record is not refreshed by the new programs:\nbefore %+v\nafter  %+v", step.how, h, b, a)
+			}
+		}
+		before = refreshed // the next step compares with these
 		if listed := e.listedFlows(t, conns); listed != listedBefore {
 			t.Fatalf("%s: mhbpf flows before:\n%s\nafter:\n%s", step.how, listedBefore, listed)
 		}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -86,7 +87,11 @@ func warnUpgrade(g *config.Global) {
 			loader.ActionResize:  "its entries will be copied into a new map",
 			loader.ActionConvert: "its entries will be converted to the new layout",
 			loader.ActionRebuild: "no converter knows the old layout: it will be rebuilt empty, its entries lost",
+			loader.ActionSplit:   "its entries will be moved into " + strings.Join(u.Into, ", "),
 		}[u.Action]
+		if u.Action == loader.ActionRebuild && len(u.Into) > 0 {
+			what = "no split knows its layout: its entries are lost, " + strings.Join(u.Into, ", ") + " start empty"
+		}
 		fmt.Printf("warning: pinned map %s will be migrated (%s): %s -> %s: %s\n", u.Map, u.Action, u.Old, u.New, what)
 	}
 }

@@ -105,6 +105,7 @@ type Datapath struct {
 	// old maps FinishUpgrade still copies from.
 	upgrade Upgrade
 	pending []*pendingUpgrade
+	splits  []*pendingSplit
 }
 
 // Upgrade is what Load did with pinned maps that did not fit: for the log.
@@ -140,13 +141,23 @@ func Load(o Options) (*Datapath, error) {
 	uplinkSpec, lanSpec, sockSpec := specs[0], specs[1], specs[2]
 	// Pinned maps of another size or layout (an upgrade, a new
 	// flow_map_size) are replaced before the objects reuse the pins.
-	upgrade, pending, err := upgradePinned(opts.PinDir, mapSpecs(specs...))
+	all := mapSpecs(specs...)
+	upgrade, pending, err := upgradePinned(opts.PinDir, all)
 	if err != nil {
+		return nil, err
+	}
+	d := &Datapath{opts: opts, upgrade: upgrade, pending: pending}
+	// Maps of an older version that others replaced (flows: flows4 and
+	// flows6) fill those before the objects create them empty.
+	moved, splits, err := splitPinned(opts.PinDir, all)
+	d.upgrade.Maps = append(d.upgrade.Maps, moved...)
+	d.splits = splits
+	if err != nil {
+		d.Close()
 		return nil, err
 	}
 	collOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)}}
 
-	d := &Datapath{opts: opts, upgrade: upgrade, pending: pending}
 	var up bpf.UplinkObjects
 	if err := uplinkSpec.LoadAndAssign(&up, collOpts); err != nil {
 		d.Close()
@@ -345,6 +356,10 @@ func (d *Datapath) Close() error {
 		p.close()
 	}
 	d.pending = nil
+	for _, p := range d.splits {
+		p.close()
+	}
+	d.splits = nil
 	return errors.Join(errs...)
 }
 

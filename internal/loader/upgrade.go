@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"sort"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -47,7 +48,10 @@ const (
 
 // MapUpgrade is what happened, or what would happen, to one pinned map.
 type MapUpgrade struct {
-	Map      string
+	Map string
+	// Into are the maps that replaced Map (ActionSplit, or an ActionRebuild
+	// of a map of an older version whose layout no split knows).
+	Into     []string
 	Action   MapAction
 	Old, New maps.Layout
 	// Copied entries are in the new map; Dropped ones are not (no
@@ -169,7 +173,13 @@ func PlanUpgrade(o Options) ([]MapUpgrade, error) {
 	if err != nil {
 		return nil, err
 	}
-	return planUpgrade(opts.PinDir, mapSpecs(specs...))
+	all := mapSpecs(specs...)
+	plan, err := planUpgrade(opts.PinDir, all)
+	if err != nil {
+		return plan, err
+	}
+	split, err := planSplits(opts.PinDir, all)
+	return append(plan, split...), err
 }
 
 // upgradePinned replaces every pinned map that does not fit its spec. The
@@ -325,6 +335,15 @@ func (d *Datapath) FinishUpgrade() (int, error) {
 		p.close()
 	}
 	d.pending = nil
+	for _, p := range d.splits {
+		c, err := p.finish()
+		n += c
+		if err != nil {
+			errs = append(errs, fmt.Errorf("finish moving map %s into %s: %w", p.split.From, strings.Join(p.split.To, ", "), err))
+		}
+		p.close()
+	}
+	d.splits = nil
 	return n, errors.Join(errs...)
 }
 
@@ -579,10 +598,17 @@ func (u Upgrade) Log(log *slog.Logger) {
 	for _, m := range u.Maps {
 		attrs := []any{"map", m.Map, "action", m.Action, "old", m.Old.String(), "new", m.New.String(),
 			"copied", m.Copied, "dropped", m.Dropped, "batched", m.Batched}
-		switch m.Action {
-		case ActionRebuild:
+		if len(m.Into) > 0 {
+			attrs = append(attrs, "into", m.Into)
+		}
+		switch {
+		case m.Action == ActionSplit:
+			log.Info("pinned map of the previous version moved into the maps that replace it", attrs...)
+		case m.Action == ActionRebuild && len(m.Into) > 0:
+			log.Warn("pinned map of the previous version dropped: no split knows its layout; the maps that replace it start empty", attrs...)
+		case m.Action == ActionRebuild:
 			log.Warn("pinned map rebuilt empty: its layout changed and no converter knows the old one", attrs...)
-		case ActionConvert:
+		case m.Action == ActionConvert:
 			log.Info("pinned map converted to the new layout", attrs...)
 		default:
 			log.Info("pinned map resized", attrs...)
