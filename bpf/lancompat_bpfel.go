@@ -18,7 +18,7 @@ type LanCompatFlow struct {
 	Mark        uint32
 	Uplink      uint8
 	Origin      uint8
-	Pad         uint16
+	Policy      uint16
 	SeenJiffies uint32
 	Pad2        uint32
 	FirstSeen   uint64

@@ -449,19 +449,20 @@ func TestPolicyMatches(t *testing.T) {
 		return packet.Packet{Src: src, Dst: dst, Proto: packet.ProtoUDP}
 	}
 	for _, tc := range []struct {
-		name string
-		p    packet.Packet
-		mark uint32
+		name   string
+		p      packet.Packet
+		mark   uint32
+		policy int // the rule's id the flow record keeps: rule i is i+1
 	}{
-		{"smtp 25", syn(ap(lanHost, 1), ap(remote, 25)), markISP1 | markStrict},
-		{"smtp 587", syn(ap(lanHost, 2), ap(remote, 587)), markISP1 | markStrict},
-		{"smtp port but udp", udp(ap(lanHost, 3), ap(netip.MustParseAddr("100.96.9.9"), 25)), 0},
-		{"panel", syn(ap(lanHost, 4), ap(netip.MustParseAddr("198.51.100.20"), 443)), markISP2},
-		{"panel nested prefix", syn(ap(lanHost, 5), ap(netip.MustParseAddr("198.51.100.200"), 443)), markISP2},
-		{"vpn server", udp(ap(lanHost, 6), ap(netip.MustParseAddr("192.0.2.1"), 1194)), markISP1 | markISP2},
-		{"vpn server other port", udp(ap(lanHost, 7), ap(netip.MustParseAddr("192.0.2.1"), 1195)), 0},
-		{"source prefix", syn(ap(netip.MustParseAddr("100.64.2.200"), 8), ap(remote, 443)), markVPN},
-		{"panel v6", syn(ap(lanHost6, 9), ap(netip.MustParseAddr("2001:db8:99::1"), 443)), markISP2},
+		{"smtp 25", syn(ap(lanHost, 1), ap(remote, 25)), markISP1 | markStrict, 1},
+		{"smtp 587", syn(ap(lanHost, 2), ap(remote, 587)), markISP1 | markStrict, 1},
+		{"smtp port but udp", udp(ap(lanHost, 3), ap(netip.MustParseAddr("100.96.9.9"), 25)), 0, 0},
+		{"panel", syn(ap(lanHost, 4), ap(netip.MustParseAddr("198.51.100.20"), 443)), markISP2, 2},
+		{"panel nested prefix", syn(ap(lanHost, 5), ap(netip.MustParseAddr("198.51.100.200"), 443)), markISP2, 2},
+		{"vpn server", udp(ap(lanHost, 6), ap(netip.MustParseAddr("192.0.2.1"), 1194)), markISP1 | markISP2, 3},
+		{"vpn server other port", udp(ap(lanHost, 7), ap(netip.MustParseAddr("192.0.2.1"), 1195)), 0, 0},
+		{"source prefix", syn(ap(netip.MustParseAddr("100.64.2.200"), 8), ap(remote, 443)), markVPN, 4},
+		{"panel v6", syn(ap(lanHost6, 9), ap(netip.MustParseAddr("2001:db8:99::1"), 443)), markISP2, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := e.lanRun(tc.p, 0)
@@ -469,16 +470,16 @@ func TestPolicyMatches(t *testing.T) {
 				if u := uplinkOf(m); (u != isp1 && u != isp2) || m&(markStrict|markVPN) != 0 {
 					t.Fatalf("mark %#x, want the default balance", m)
 				}
-				if f, _ := e.flow(tc.p); f.Origin != maps.OriginBalanced {
-					t.Fatalf("origin %v, want balanced", f.Origin)
+				if f, _ := e.flow(tc.p); f.Origin != maps.OriginBalanced || f.Policy != 0 {
+					t.Fatalf("origin %v policy %d, want balanced (policy 0)", f.Origin, f.Policy)
 				}
 				return
 			}
 			if m != tc.mark {
 				t.Fatalf("mark %#x, want %#x", m, tc.mark)
 			}
-			if f, _ := e.flow(tc.p); f.Origin != maps.OriginPolicy {
-				t.Fatalf("origin %v, want policy", f.Origin)
+			if f, _ := e.flow(tc.p); f.Origin != maps.OriginPolicy || f.Policy != tc.policy {
+				t.Fatalf("origin %v policy %d, want policy %d", f.Origin, f.Policy, tc.policy)
 			}
 		})
 	}
@@ -554,7 +555,7 @@ func TestInboundFlowRepliesLeaveByArrivalUplink(t *testing.T) {
 		t.Fatalf("inbound SYN on isp2: mark %#x, want %#x", m, markISP2|markReply|0x1)
 	}
 	f, ok := e.flow(in)
-	if !ok || f.Origin != maps.OriginInbound || f.Uplink != isp2 {
+	if !ok || f.Origin != maps.OriginInbound || f.Uplink != isp2 || f.Policy != 0 {
 		t.Fatalf("inbound flow %+v (found %v), want inbound on isp2", f, ok)
 	}
 	// Later packets of the flow are counted and marked too.

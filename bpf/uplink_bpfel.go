@@ -25,7 +25,7 @@ type UplinkFlow struct {
 	Mark        uint32
 	Uplink      uint8
 	Origin      uint8
-	Pad         uint16
+	Policy      uint16
 	SeenJiffies uint32
 	Pad2        uint32
 	FirstSeen   uint64

@@ -133,6 +133,8 @@ type cliFlow struct {
 	Uplink   string `json:"uplink"`
 	UplinkID int    `json:"uplink_id"`
 	Origin   string `json:"origin"`
+	Policy   string `json:"policy"`
+	PolicyID int    `json:"policy_id"`
 	Mark     uint32 `json:"mark"`
 	// The record's times: a live flow's age is >= 0 and its mark carries
 	// an uplink bit.
@@ -159,8 +161,16 @@ name = "panel-via-isp2"
 protocol = "tcp"
 ports = [8001]
 uplinks = ["isp2"]
+
+[[policy]]
+name = "mail-via-isp1"
+protocol = "tcp"
+ports = [8002]
+uplinks = ["isp1"]
 `)
-	for _, port := range []uint16{8000, 8001} {
+	// 8000 balanced, 8001 and 8002 by two different named policies.
+	ports := []uint16{8000, 8001, 8002}
+	for _, port := range ports {
 		for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
 			srv, err := e.topo.Serve(ns, name, topology.Internet, port)
 			if err != nil {
@@ -174,7 +184,7 @@ uplinks = ["isp2"]
 
 	// Where each real connection went, by the server that answered.
 	went := map[uint16]string{}
-	for _, port := range []uint16{8000, 8001} {
+	for _, port := range ports {
 		got, err := e.topo.Dial(e.topo.LAN, "", topology.Internet, port)
 		if err != nil {
 			t.Fatal(err)
@@ -185,13 +195,13 @@ uplinks = ["isp2"]
 		}
 		went[port] = name
 	}
-	if went[8001] != "isp2" {
-		t.Fatalf("the policy's port went by %s", went[8001])
+	if went[8001] != "isp2" || went[8002] != "isp1" {
+		t.Fatalf("the policies' ports went by %s (8001, want isp2) and %s (8002, want isp1)", went[8001], went[8002])
 	}
 
 	all := e.flowsJSON()
-	if len(all) != 2 {
-		t.Fatalf("want the 2 flows of the 2 connections, got %+v", all)
+	if len(all) != len(ports) {
+		t.Fatalf("want the %d flows of the %d connections, got %+v", len(ports), len(ports), all)
 	}
 	for _, f := range all {
 		if f.Proto != "tcp" || f.Src != topology.LANHost.String() || f.Dst != topology.Internet.String() || f.AgeSeconds == nil || *f.AgeSeconds < 0 || f.Mark == 0 {
@@ -200,9 +210,12 @@ uplinks = ["isp2"]
 		if f.Uplink != went[f.DstPort] {
 			t.Errorf("flow to port %d: the map says %s, the connection went by %s", f.DstPort, f.Uplink, went[f.DstPort])
 		}
-		wantOrigin := map[uint16]string{8000: "balanced", 8001: "policy"}[f.DstPort]
-		if f.Origin != wantOrigin {
-			t.Errorf("flow to port %d: origin %s, want %s", f.DstPort, f.Origin, wantOrigin)
+		wantOrigin := map[uint16]string{8000: "balanced", 8001: "policy", 8002: "policy"}[f.DstPort]
+		wantPolicy := map[uint16]string{8001: "panel-via-isp2", 8002: "mail-via-isp1"}[f.DstPort]
+		wantID := map[uint16]int{8001: 1, 8002: 2}[f.DstPort]
+		if f.Origin != wantOrigin || f.Policy != wantPolicy || f.PolicyID != wantID {
+			t.Errorf("flow to port %d: origin %s policy %q (id %d), want %s %q (id %d)",
+				f.DstPort, f.Origin, f.Policy, f.PolicyID, wantOrigin, wantPolicy, wantID)
 		}
 	}
 
@@ -212,10 +225,14 @@ uplinks = ["isp2"]
 	}{
 		{[]string{"--uplink", "isp2"}, portsOn(went, "isp2")},
 		{[]string{"--uplink", "isp1"}, portsOn(went, "isp1")},
-		{[]string{"--policy", "policy"}, []uint16{8001}},
+		{[]string{"--policy", "policy"}, []uint16{8001, 8002}},
+		{[]string{"--policy", "panel-via-isp2"}, []uint16{8001}},
+		{[]string{"--policy", "mail-via-isp1"}, []uint16{8002}},
+		{[]string{"--policy", "mail-via-isp1", "--uplink", "isp2"}, nil},
 		{[]string{"--policy", "balanced", "--proto", "tcp"}, []uint16{8000}},
+		{[]string{"--policy", "inbound"}, nil},
 		{[]string{"--proto", "udp"}, nil},
-		{[]string{"--src", "100.64.2.0/24", "--dst", "203.0.113.10"}, []uint16{8000, 8001}},
+		{[]string{"--src", "100.64.2.0/24", "--dst", "203.0.113.10"}, ports},
 		{[]string{"--src", "100.64.2.11"}, nil},
 		{[]string{"--dst", "2001:db8::/32"}, nil},
 	} {
@@ -232,12 +249,16 @@ uplinks = ["isp2"]
 	if err == nil || !strings.Contains(out, `--uplink "isp3": no such uplink (uplinks: isp1, isp2)`) {
 		t.Fatalf("unknown uplink: %v\n%s", err, out)
 	}
+	out, err = e.mhbpf("flows", "--policy", "mail")
+	if err == nil || !strings.Contains(out, `--policy "mail": want balanced, policy, inbound or a [[policy]] name (policies: panel-via-isp2, mail-via-isp1)`) {
+		t.Fatalf("unknown policy: %v\n%s", err, out)
+	}
 	out, err = e.mhbpf("flows", "--dst", "203.0.113.300")
 	if err == nil || !strings.Contains(out, `--dst "203.0.113.300"`) {
 		t.Fatalf("bad --dst: %v\n%s", err, out)
 	}
 	text, err := e.mhbpf("flows", "--uplink", "isp2")
-	if err != nil || !strings.Contains(text, "203.0.113.10:8001") || !strings.Contains(text, " isp2 ") {
+	if err != nil || !strings.Contains(text, "203.0.113.10:8001") || !strings.Contains(text, " isp2 ") || !strings.Contains(text, " panel-via-isp2 ") {
 		t.Fatalf("text flows: %v\n%s", err, text)
 	}
 	t.Logf("mhbpf flows --uplink isp2:\n%s", text)
@@ -250,7 +271,7 @@ uplinks = ["isp2"]
 	if left := e.flowsJSON("--uplink", "isp2"); len(left) != 0 {
 		t.Fatalf("after flush --uplink isp2: %+v", left)
 	}
-	if left := e.flowsJSON(); len(left) != 2-n {
+	if left := e.flowsJSON(); len(left) != len(ports)-n {
 		t.Fatalf("flush --uplink isp2 took other flows too: %+v", left)
 	}
 	if out, err = e.mhbpf("flows", "flush"); err != nil || !strings.Contains(out, "flows forgotten (all uplinks)") {

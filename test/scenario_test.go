@@ -511,6 +511,18 @@ func TestLabCommand(t *testing.T) {
 	if s1, s2 := sum(down["isp1"]), sum(down["isp2"]); s1 <= s2 {
 		t.Fatalf("with both up, isp1 carried %.2f Mbit, isp2 %.2f: want more by isp1\n%s", s1, s2, text)
 	}
+	// IPv6 downloads run too, by the uplinks that are up: some while both
+	// are, none on isp1 while it is out, and new ones on isp2 from then
+	// on (one stuck on isp1 when it went ends within 3 s).
+	if v6 := viewIPv6Flows(text, "=== both ADSL links up", "=== isp1 DOWN"); v6["isp1"]+v6["isp2"] == 0 {
+		t.Fatalf("no IPv6 flows in the view while both uplinks were up:\n%s", text)
+	}
+	if v6 := viewIPv6Flows(text, "=== isp1 DOWN", "=== isp1 BACK"); v6["isp1"] != 0 {
+		t.Fatalf("IPv6 flows on isp1 while it was out: %v\n%s", v6, text)
+	}
+	if v6 := viewIPv6Flows(text, "=== isp1 DOWN", "done; removing the lab"); v6["isp2"] == 0 {
+		t.Fatalf("no IPv6 flows on isp2 after isp1 went: %v\n%s", v6, text)
+	}
 	var router string
 	for _, line := range strings.Split(text, "\n") {
 		if f := strings.Fields(line); len(f) > 2 && f[0] == "namespaces:" {
@@ -551,6 +563,29 @@ func viewDownMbits(t *testing.T, text, from, to string) map[string][]float64 {
 		down[f[0]] = append(down[f[0]], v)
 	}
 	return down
+}
+
+// viewIPv6Flows adds up the IPv6 column of the lab's view between two
+// phase headings, per uplink, after the first frame of the phase (the one
+// that shows the change happen).
+func viewIPv6Flows(text, from, to string) map[string]int {
+	_, text, _ = strings.Cut(text, from)
+	text, _, _ = strings.Cut(text, to)
+	v6 := map[string]int{}
+	frames := 0
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		if len(f) > 0 && strings.HasPrefix(f[0], "t=") {
+			frames++
+			continue
+		}
+		if frames < 2 || len(f) < 7 || (f[0] != "isp1" && f[0] != "isp2") {
+			continue
+		}
+		n, _ := strconv.Atoi(f[6])
+		v6[f[0]] += n
+	}
+	return v6
 }
 
 func sum(xs []float64) float64 {

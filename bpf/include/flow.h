@@ -100,13 +100,14 @@ static __always_inline void flow_seen(struct flow *f)
 }
 
 /* A new flow's record. */
-static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u32 mark)
+static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u16 policy, __u32 mark)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow f = {
 		.mark = mark,
 		.uplink = uplink,
 		.origin = origin,
+		.policy = policy,
 		.seen_jiffies = bpf_jiffies64(),
 		.first_seen = now,
 		.last_seen = now,

@@ -109,7 +109,11 @@ struct flow {
 	__u32 mark; /* mhbpf bits the flow's packets get */
 	__u8 uplink;
 	__u8 origin;
-	__u16 pad;
+	/* The [[policy]] rule that chose the uplink (its policy id: rule i is
+	 * i+1), written once when the LAN program creates the record. 0: the
+	 * default balance, an inbound flow, or not known (a record converted
+	 * from a layout that had padding here). */
+	__u16 policy;
 	/* jiffies (low 32 bits) when last_seen was last set: a packet compares
 	 * it with jiffies, which the verifier inlines (one load), and reads
 	 * the clock only when a second has passed. */

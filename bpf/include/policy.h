@@ -23,6 +23,8 @@ struct choice {
 	__u32 mark; /* mhbpf bits to set; 0 routes by main */
 	__s32 uplink; /* -1: none chosen */
 	__u8 origin;
+	__u8 pad;
+	__u16 policy; /* the chosen policy's id: rule i is i+1, 0 the default */
 };
 
 static __always_inline __u64 mix64(__u64 h)
@@ -348,6 +350,7 @@ __attribute__((noinline)) int choose(const struct target *t, struct choice *c)
 	if (!p)
 		return -1;
 	c->origin = origin;
+	c->policy = p->id;
 
 	if (usable_entries(p, &u) == 0) {
 		if (p->sticky == STICKY_FLOW)

@@ -25,7 +25,9 @@ type flowJSON struct {
 	DstPort     uint16  `json:"dst_port"`
 	Uplink      string  `json:"uplink"` // name; the slot number when no status names it
 	UplinkID    int     `json:"uplink_id"`
-	Origin      string  `json:"origin"` // balanced, policy, inbound
+	Origin      string  `json:"origin"`    // balanced, policy, inbound
+	Policy      string  `json:"policy"`    // the [[policy]] rule's name; "" if none or not known
+	PolicyID    int     `json:"policy_id"` // rule i is i+1; 0: none or not known
 	Mark        uint32  `json:"mark"`
 	AgeSeconds  float64 `json:"age_seconds"`
 	IdleSeconds float64 `json:"idle_seconds"`
@@ -47,6 +49,16 @@ func loadUplinkSlots(stateDir string) uplinkSlots {
 		}
 	}
 	return s
+}
+
+// loadPolicyNames are the [[policy]] rules' names in config order, from
+// the daemon's last status (none without one): the flow map knows ids.
+func loadPolicyNames(stateDir string) []string {
+	st, err := daemon.LoadStatus(stateDir)
+	if err != nil {
+		return nil
+	}
+	return st.Policies
 }
 
 func (s uplinkSlots) name(id int) string {
@@ -78,7 +90,7 @@ func (s uplinkSlots) slot(name string) (int, error) {
 func flowsCmd(pinDir, stateDir *string) *cobra.Command {
 	var uplink, src, dst, origin, proto string
 	var asJSON bool
-	filter := func(slots uplinkSlots) (flowfilter.Filter, error) {
+	filter := func(slots uplinkSlots, policies []string) (flowfilter.Filter, error) {
 		f := flowfilter.Any()
 		var err error
 		if f.Uplink, err = slots.slot(uplink); err != nil {
@@ -90,14 +102,14 @@ func flowsCmd(pinDir, stateDir *string) *cobra.Command {
 		if f.Dst, err = flowfilter.ParsePrefix("dst", dst); err != nil {
 			return f, err
 		}
-		if f.Origin, err = flowfilter.ParseOrigin(origin); err != nil {
+		if err = f.ParsePolicy(origin, policies); err != nil {
 			return f, err
 		}
 		f.Proto, err = flowfilter.ParseProto(proto)
 		return f, err
 	}
 	cmd := &cobra.Command{
-		Use:   "flows [--uplink NAME] [--src ADDR[/BITS]] [--dst ADDR[/BITS]] [--policy balanced|policy|inbound] [--proto P] [--json]",
+		Use:   "flows [--uplink NAME] [--src ADDR[/BITS]] [--dst ADDR[/BITS]] [--policy NAME|balanced|policy|inbound] [--proto P] [--json]",
 		Short: "List the flow map, newest activity first (works without the daemon)",
 		Long: `List the flows the datapath remembers: the LAN's (and the router's own
 connections are not here: they carry their mark on the socket) and those
@@ -106,7 +118,8 @@ or its uplink goes out. Uplinks are named after the daemon's last status.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			slots := loadUplinkSlots(*stateDir)
-			f, err := filter(slots)
+			policies := loadPolicyNames(*stateDir)
+			f, err := filter(slots, policies)
 			if err != nil {
 				return err
 			}
@@ -132,7 +145,8 @@ or its uplink goes out. Uplinks are named after the daemon's last status.`,
 					out = append(out, flowJSON{Proto: maps.ProtoName(fl.Key.Proto),
 						Src: fl.Key.Src.Addr().String(), SrcPort: fl.Key.Src.Port(),
 						Dst: fl.Key.Dst.Addr().String(), DstPort: fl.Key.Dst.Port(),
-						Uplink: slots.name(fl.Uplink), UplinkID: fl.Uplink, Origin: fl.Origin.String(), Mark: fl.Mark,
+						Uplink: slots.name(fl.Uplink), UplinkID: fl.Uplink, Origin: fl.Origin.String(),
+						Policy: flowfilter.PolicyName(fl.Policy, policies), PolicyID: fl.Policy, Mark: fl.Mark,
 						AgeSeconds: seconds(now, fl.FirstSeen), IdleSeconds: seconds(now, fl.LastSeen)})
 				}
 				return printJSON(out)
@@ -141,10 +155,14 @@ or its uplink goes out. Uplinks are named after the daemon's last status.`,
 			// IDLE is to the second: a flow's record is refreshed at
 			// most once a second (per-flow traffic is not counted; the
 			// uplinks' counters are in 'mhbpf status').
-			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tAGE\tIDLE")
+			fmt.Fprintln(w, "PROTO\tSOURCE\tDESTINATION\tUPLINK\tORIGIN\tPOLICY\tAGE\tIDLE")
 			for _, fl := range flows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", maps.ProtoName(fl.Key.Proto), fl.Key.Src, fl.Key.Dst,
-					slots.name(fl.Uplink), fl.Origin, ago(now, fl.FirstSeen), ago(now, fl.LastSeen))
+				policy := flowfilter.PolicyName(fl.Policy, policies)
+				if policy == "" {
+					policy = "-"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", maps.ProtoName(fl.Key.Proto), fl.Key.Src, fl.Key.Dst,
+					slots.name(fl.Uplink), fl.Origin, policy, ago(now, fl.FirstSeen), ago(now, fl.LastSeen))
 			}
 			return w.Flush()
 		},
@@ -152,7 +170,7 @@ or its uplink goes out. Uplinks are named after the daemon's last status.`,
 	cmd.Flags().StringVar(&uplink, "uplink", "", "only flows on this uplink (its name, as in 'mhbpf status')")
 	cmd.Flags().StringVar(&src, "src", "", "only flows from this address or prefix (the LAN host, or the remote peer of an inbound flow)")
 	cmd.Flags().StringVar(&dst, "dst", "", "only flows to this address or prefix")
-	cmd.Flags().StringVar(&origin, "policy", "", "only flows whose uplink came from: balanced (the default policy), policy (a [[policy]] rule), inbound (a remote peer started it)")
+	cmd.Flags().StringVar(&origin, "policy", "", "only flows whose uplink came from: a [[policy]] rule by its name, balanced (the default policy), policy (any [[policy]] rule), inbound (a remote peer started it)")
 	cmd.Flags().StringVar(&proto, "proto", "", "only this protocol: tcp, udp, icmp, icmpv6 or a number")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array (schema: docs/cli.md)")
 	cmd.AddCommand(flowsFlushCmd(pinDir, stateDir))

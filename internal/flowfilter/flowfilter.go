@@ -18,6 +18,7 @@ type Filter struct {
 	Uplink   int // slot; -1: any
 	Src, Dst netip.Prefix
 	Origin   maps.Origin // 0: any
+	Policy   int         // the [[policy]] rule's id (maps.Flow.Policy); 0: any
 	Proto    uint8       // 0: any
 }
 
@@ -34,6 +35,8 @@ func (x Filter) Match(f maps.Flow) bool {
 	case x.Dst.IsValid() && !x.Dst.Contains(f.Key.Dst.Addr().Unmap()):
 		return false
 	case x.Origin != 0 && f.Origin != x.Origin:
+		return false
+	case x.Policy != 0 && f.Policy != x.Policy:
 		return false
 	case x.Proto != 0 && f.Key.Proto != x.Proto:
 		return false
@@ -82,19 +85,48 @@ func ParseProto(s string) (uint8, error) {
 	return uint8(n), nil
 }
 
-// ParseOrigin reads why a flow has its uplink: balanced (the default
-// policy's weighted choice), policy (a [[policy]] rule matched) or inbound
-// (a remote peer started it on that uplink).
-func ParseOrigin(s string) (maps.Origin, error) {
+// ParsePolicy reads --policy into x: balanced (the default policy's
+// weighted choice), policy (any [[policy]] rule), inbound (a remote peer
+// started it on that uplink), or the name of one [[policy]] rule, of those
+// the daemon runs (names, in config order: rule i has id i+1). The three
+// words come first, so that they mean what they meant before flows knew
+// their rule.
+func (x *Filter) ParsePolicy(s string, names []string) error {
 	switch strings.ToLower(s) {
 	case "":
-		return 0, nil
+		return nil
 	case "balanced", "default":
-		return maps.OriginBalanced, nil
+		x.Origin = maps.OriginBalanced
+		return nil
 	case "policy":
-		return maps.OriginPolicy, nil
+		x.Origin = maps.OriginPolicy
+		return nil
 	case "inbound":
-		return maps.OriginInbound, nil
+		x.Origin = maps.OriginInbound
+		return nil
 	}
-	return 0, fmt.Errorf("--policy %q: want balanced, policy or inbound (a flow records why it has its uplink, not which rule chose it)", s)
+	for i, n := range names {
+		if n == s {
+			x.Origin, x.Policy = maps.OriginPolicy, i+1
+			return nil
+		}
+	}
+	if len(names) == 0 {
+		return fmt.Errorf("--policy %q: want balanced, policy, inbound or a [[policy]] name (the daemon's status names none)", s)
+	}
+	return fmt.Errorf("--policy %q: want balanced, policy, inbound or a [[policy]] name (policies: %s)", s, strings.Join(names, ", "))
+}
+
+// PolicyName is the name of the [[policy]] rule with id (maps.Flow.Policy)
+// among names (the daemon's, in config order); "" for the default balance,
+// an inbound flow or a record that does not know its rule, and "policy N"
+// for a rule the names do not cover.
+func PolicyName(id int, names []string) string {
+	switch {
+	case id <= 0:
+		return ""
+	case id <= len(names):
+		return names[id-1]
+	}
+	return fmt.Sprintf("policy %d", id)
 }

@@ -40,7 +40,7 @@ func (l *Lab) Demo(ctx context.Context, out io.Writer, length time.Duration) err
 		do   func() error
 	}
 	phases := []phase{
-		{0, "both ADSL links up: new connections split 8:2, each destination sticks to its uplink", nil},
+		{0, "both ADSL links up: new connections split 8:2, each destination sticks to its uplink; IPv6 (column IPv6) alike", nil},
 		{length / 3, "isp1 DOWN (ppp0 removed, as when pppd exits): everything moves to isp2", func() error { return l.UplinkDown(1) }},
 		{2 * length / 3, "isp1 BACK: new connections use it again after the hold-down", func() error { return l.UplinkUp(1) }},
 	}
@@ -105,14 +105,24 @@ func (l *Lab) driveTraffic(ctx context.Context, wg *sync.WaitGroup) {
 	// downloads that ran for the whole demo, or always to the same hosts,
 	// would stay on isp2 after isp1 came back, and the recovery would not
 	// show as throughput.
+	// Two of them are IPv6 (the same policy, balance and failover apply),
+	// of 3 s each: one that is stuck on a dead uplink gives way sooner.
 	var next atomic.Int32
+	host6 := func(i int) netip.Addr {
+		b := topology.Hosts6.Addr().As16()
+		b[14], b[15] = byte(i>>8), byte(i)
+		return netip.AddrFrom16(b)
+	}
 	for i := 0; i < 6; i++ {
 		loop(500*time.Millisecond, func() {
-			dst := host(60001 + int(next.Add(1))%5000)
-			dl, cancel := context.WithTimeout(ctx, 6*time.Second)
+			n := int(next.Add(1)) % 5000
+			target, length := fmt.Sprintf("TCP4:%s:9000", host(60001+n)), 6*time.Second
+			if i < 2 {
+				target, length = fmt.Sprintf("TCP6:[%s]:9000", host6(1+n)), 3*time.Second
+			}
+			dl, cancel := context.WithTimeout(ctx, length)
 			defer cancel()
-			cmd := exec.CommandContext(dl, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5",
-				fmt.Sprintf("TCP4:%s:9000", dst), "OPEN:/dev/null")
+			cmd := exec.CommandContext(dl, "ip", "netns", "exec", l.LAN, "socat", "-u", "-T5", target, "OPEN:/dev/null")
 			_ = cmd.Run()
 		})
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,15 +38,16 @@ type Lab struct {
 }
 
 // Config is the scenario's embedded configuration with what the lab needs
-// on top: its own pin, state and cgroup paths, and next hops for ppp0/ppp1,
-// which are Ethernet veth pairs here rather than point-to-point ppp links.
+// on top: its own pin, state and cgroup paths, and next hops (IPv4 and
+// IPv6) for ppp0/ppp1, which are Ethernet veth pairs here rather than
+// point-to-point ppp links.
 func Config(pinDir, stateDir, cgroup string) string {
 	text := string(config.Scenario)
 	text = strings.Replace(text, "[global]\n", fmt.Sprintf("[global]\npin_dir = %q\nstate_dir = %q\ncgroup = %q\n",
 		pinDir, stateDir, cgroup), 1)
-	for dev, gw := range map[string]string{"ppp0": topology.ISP1Peer.String(), "ppp1": topology.ISP2Peer.String()} {
+	for dev, gw := range map[string][2]netip.Addr{"ppp0": {topology.ISP1Peer, topology.ISP1Peer6}, "ppp1": {topology.ISP2Peer, topology.ISP2Peer6}} {
 		re := regexp.MustCompile(`(?m)^interface = "` + dev + `".*$`)
-		text = re.ReplaceAllString(text, "$0\ngateway = \""+gw+"\"")
+		text = re.ReplaceAllString(text, fmt.Sprintf("$0\ngateway = %q\ngateway6 = %q", gw[0], gw[1]))
 	}
 	return text
 }
@@ -137,6 +139,8 @@ func (l *Lab) startServices() error {
 	for _, v := range []svc{
 		{s.Inet, "TCP4-LISTEN:80,fork,reuseaddr", "echo web $SOCAT_PEERADDR", 80},
 		{s.Inet, "TCP4-LISTEN:9000,fork,reuseaddr", "head -c 200000000 /dev/zero", 9000},
+		// The same download over IPv6, from every address of Hosts6.
+		{s.Inet, "TCP6-LISTEN:9000,fork,reuseaddr,ipv6only=1", "head -c 200000000 /dev/zero", 9000},
 		{s.Inet, "TCP4-LISTEN:25,bind=" + topology.SMTPServer.String() + ",fork,reuseaddr", "echo 220 smtp $SOCAT_PEERADDR", 25},
 		// isp2's panel answers only isp2's own customers.
 		{s.ISP2, "TCP4-LISTEN:80,bind=" + topology.ISP2Panel.String() + ",fork,reuseaddr,range=100.64.1.0/30",
@@ -145,7 +149,11 @@ func (l *Lab) startServices() error {
 		{s.LAN, "TCP4-LISTEN:80,bind=" + topology.LANServer.String() + ",fork,reuseaddr", "echo lanweb $SOCAT_PEERADDR", 80},
 		{s.Company, "TCP4-LISTEN:80,bind=" + topology.CompanyHost.String() + ",fork,reuseaddr", "echo company $SOCAT_PEERADDR", 80},
 	} {
-		srv, err := s.ServeSocat(v.ns, v.listen, v.cmd, "-Hltn", v.port)
+		ss := "-Hltn"
+		if strings.HasPrefix(v.listen, "TCP6") {
+			ss = "-Hltn6" // the IPv4 server of the same port must not count
+		}
+		srv, err := s.ServeSocat(v.ns, v.listen, v.cmd, ss, v.port)
 		if err != nil {
 			return err
 		}

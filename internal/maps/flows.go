@@ -48,9 +48,14 @@ func (k FlowKey) String() string {
 // kernel's coarse clock (a tick); LastSeen is refreshed by the programs at
 // most once a second (LastSeenStep).
 type Flow struct {
-	Key       FlowKey
-	Uplink    int
-	Origin    Origin
+	Key    FlowKey
+	Uplink int
+	Origin Origin
+	// Policy is the [[policy]] rule that chose the uplink: rule i (in
+	// config order, daemon.Status.Policies) is i+1. 0: the default
+	// balance, an inbound flow, or not known (a record from before the
+	// datapath stored it).
+	Policy    int
 	Mark      uint32
 	FirstSeen time.Duration
 	LastSeen  time.Duration
@@ -145,6 +150,7 @@ func decodeFlow(k FlowKey, v *bpf.UplinkFlow) Flow {
 		Key:       k,
 		Uplink:    int(v.Uplink),
 		Origin:    Origin(v.Origin),
+		Policy:    int(v.Policy),
 		Mark:      v.Mark,
 		FirstSeen: time.Duration(v.FirstSeen),
 		LastSeen:  time.Duration(v.LastSeen),
@@ -152,7 +158,7 @@ func decodeFlow(k FlowKey, v *bpf.UplinkFlow) Flow {
 }
 
 func encodeFlow(f Flow) *bpf.UplinkFlow {
-	return &bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin),
+	return &bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin), Policy: uint16(f.Policy),
 		FirstSeen: uint64(f.FirstSeen), LastSeen: uint64(f.LastSeen)}
 }
 

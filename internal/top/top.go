@@ -26,6 +26,7 @@ type Uplink struct {
 	Reason          string
 	DownBps, UpBps  float64 // bits per second since the previous sample
 	Flows           int     // in the flow maps now
+	Flows6          int     // of those, IPv6: they follow the same policy and failover
 	NewPerSec       float64
 	Probed          bool
 	RTTms, Loss     float64
@@ -69,8 +70,14 @@ func (s *Sampler) Sample() (Frame, error) {
 	dt := now.Sub(s.last).Seconds()
 	first := s.last.IsZero()
 	s.last = now
-	flows := map[int]int{}
-	if err := s.m.WalkFlows(func(f maps.Flow) bool { flows[f.Uplink]++; return true }); err != nil {
+	flows, flows6 := map[int]int{}, map[int]int{}
+	if err := s.m.WalkFlows(func(f maps.Flow) bool {
+		flows[f.Uplink]++
+		if f.Key.Dst.Addr().Is6() {
+			flows6[f.Uplink]++
+		}
+		return true
+	}); err != nil {
 		return Frame{}, err
 	}
 	fr := Frame{At: now.Sub(s.start), State: st.State}
@@ -79,7 +86,7 @@ func (s *Sampler) Sample() (Frame, error) {
 		if err != nil {
 			return Frame{}, err
 		}
-		x := Uplink{Name: u.Name, Interface: u.Interface, Up: u.Usable, Reason: u.Reason, Flows: flows[u.ID],
+		x := Uplink{Name: u.Name, Interface: u.Interface, Up: u.Usable, Reason: u.Reason, Flows: flows[u.ID], Flows6: flows6[u.ID],
 			Probed: u.Probed, RTTms: u.RTTms, Loss: u.Loss}
 		if p, ok := s.prev[u.Name]; ok && !first && dt > 0 && c.RxBytes >= p.RxBytes && c.TxBytes >= p.TxBytes {
 			x.DownBps = float64(c.RxBytes-p.RxBytes) * 8 / dt
@@ -132,7 +139,7 @@ func Sparkline(h []float64) string {
 // Write prints the frame as a table.
 func (f Frame) Write(out io.Writer) error {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()))
+	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tIPv6\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()))
 	for _, u := range f.Uplinks {
 		state := "down"
 		if u.Up {
@@ -142,8 +149,8 @@ func (f Frame) Write(out io.Writer) error {
 		if u.Probed {
 			rtt, loss = fmt.Sprintf("%.1fms", u.RTTms), fmt.Sprintf("%.0f%%", u.Loss*100)
 		}
-		fmt.Fprintf(w, "%s (%s)\t%s\t%.2f\t%.2f\t%d\t%.0f\t%s\t%s\t%s\t%s\n", u.Name, u.Interface, state,
-			u.DownBps/1e6, u.UpBps/1e6, u.Flows, u.NewPerSec, rtt, loss, Sparkline(u.History), u.Reason)
+		fmt.Fprintf(w, "%s (%s)\t%s\t%.2f\t%.2f\t%d\t%d\t%.0f\t%s\t%s\t%s\t%s\n", u.Name, u.Interface, state,
+			u.DownBps/1e6, u.UpBps/1e6, u.Flows, u.Flows6, u.NewPerSec, rtt, loss, Sparkline(u.History), u.Reason)
 	}
 	return w.Flush()
 }

@@ -37,6 +37,14 @@ var (
 	ProbeISP2   = netip.MustParseAddr("198.51.100.53")
 	// Hosts is a whole /16 of internet hosts: every address answers.
 	Hosts = netip.MustParsePrefix("100.96.0.0/16")
+
+	// IPv6: the router's uplinks, the LAN and Internet6 are Topology's
+	// addresses; the ISPs reach the internet over links of their own.
+	ISP1Up6 = netip.MustParseAddr("2001:db8:10::1")
+	ISP2Up6 = netip.MustParseAddr("2001:db8:11::1")
+	// Hosts6 is a /64 of internet hosts: every address answers (a local
+	// route, as Hosts' address on lo is for IPv4).
+	Hosts6 = netip.MustParsePrefix("2001:db8:ff::/64")
 )
 
 // Rates of the two ADSL lines.
@@ -77,7 +85,13 @@ func (s *Scenario) build() error {
 		if err := ip("netns", "add", ns); err != nil {
 			return err
 		}
-		for _, kv := range []string{"net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0", "net.ipv4.ip_forward=1"} {
+		// IPv6 forwarding everywhere but on the router, where it is the
+		// daemon's to set (it does, once an uplink has an IPv6 address).
+		sysctls := []string{"net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0", "net.ipv4.ip_forward=1"}
+		if ns != s.Router {
+			sysctls = append(sysctls, "net.ipv6.conf.all.forwarding=1")
+		}
+		for _, kv := range sysctls {
 			if err := s.Exec(ns, "sysctl", "-qw", kv).Run(); err != nil {
 				return fmt.Errorf("sysctl %s in %s: %w", kv, ns, err)
 			}
@@ -103,6 +117,13 @@ func (s *Scenario) build() error {
 		{"-n", co, "addr", "add", CompanyUp.String() + "/30", "dev", "wan"},
 		{"-n", inet, "addr", "add", "100.64.12.2/30", "dev", "company"},
 
+		{"-n", r, "addr", "add", RouterLAN6.String() + "/64", "dev", "eth2", "nodad"},
+		{"-n", lan, "addr", "add", LANHost6.String() + "/64", "dev", "eth0", "nodad"},
+		{"-n", i1, "addr", "add", ISP1Up6.String() + "/64", "dev", "wan", "nodad"},
+		{"-n", inet, "addr", "add", "2001:db8:10::2/64", "dev", "isp1", "nodad"},
+		{"-n", i2, "addr", "add", ISP2Up6.String() + "/64", "dev", "wan", "nodad"},
+		{"-n", inet, "addr", "add", "2001:db8:11::2/64", "dev", "isp2", "nodad"},
+
 		// Who lives where.
 		{"-n", inet, "addr", "add", "203.0.113.0/24", "dev", "lo"},
 		{"-n", inet, "addr", "add", Hosts.String(), "dev", "lo"},
@@ -123,6 +144,15 @@ func (s *Scenario) build() error {
 		[]string{"-n", inet, "route", "add", "100.64.1.0/30", "via", ISP2Up.String()},
 		[]string{"-n", inet, "route", "add", "198.51.100.0/24", "via", ISP2Up.String()},
 		[]string{"-n", inet, "route", "add", VPNServer.String() + "/32", "via", CompanyUp.String()},
+
+		// IPv6: the LAN's hosts are masqueraded to the uplink's address,
+		// as in IPv4, so the internet knows only the uplinks' networks.
+		[]string{"-n", lan, "route", "add", "default", "via", RouterLAN6.String()},
+		[]string{"-n", i1, "route", "add", "default", "via", "2001:db8:10::2"},
+		[]string{"-n", i2, "route", "add", "default", "via", "2001:db8:11::2"},
+		[]string{"-n", inet, "route", "add", netip.PrefixFrom(ISP1Local6, 64).Masked().String(), "via", ISP1Up6.String()},
+		[]string{"-n", inet, "route", "add", netip.PrefixFrom(ISP2Local6, 64).Masked().String(), "via", ISP2Up6.String()},
+		[]string{"-n", inet, "route", "add", "local", Hosts6.String(), "dev", "lo"},
 	)
 	for _, st := range steps {
 		if err := ip(st...); err != nil {
@@ -140,28 +170,30 @@ func (s *Scenario) build() error {
 }
 
 // uplinkLink is the router side of ISP n's line.
-func (s *Scenario) uplinkLink(n int) (dev, ns string, local, peer netip.Addr, rate string) {
+func (s *Scenario) uplinkLink(n int) (dev, ns string, local, peer, local6, peer6 netip.Addr, rate string) {
 	if n == 1 {
-		return "ppp0", s.ISP1, ISP1Local, ISP1Peer, ISP1Rate
+		return "ppp0", s.ISP1, ISP1Local, ISP1Peer, ISP1Local6, ISP1Peer6, ISP1Rate
 	}
-	return "ppp1", s.ISP2, ISP2Local, ISP2Peer, ISP2Rate
+	return "ppp1", s.ISP2, ISP2Local, ISP2Peer, ISP2Local6, ISP2Peer6, ISP2Rate
 }
 
 // UplinkDown takes ISP n's line away the way pppd does when it exits: the
 // router's device disappears.
 func (s *Scenario) UplinkDown(n int) error {
-	dev, _, _, _, _ := s.uplinkLink(n)
+	dev, _, _, _, _, _, _ := s.uplinkLink(n)
 	return ip("-n", s.Router, "link", "del", dev)
 }
 
 // UplinkUp brings ISP n's line (back): device, addresses, the ISP's
 // customer filtering and the line's rate in both directions.
 func (s *Scenario) UplinkUp(n int) error {
-	dev, ns, local, peer, rate := s.uplinkLink(n)
+	dev, ns, local, peer, local6, peer6, rate := s.uplinkLink(n)
 	steps := [][]string{
 		{"-n", s.Router, "link", "add", dev, "type", "veth", "peer", "name", "cust", "netns", ns},
 		{"-n", s.Router, "addr", "add", local.String() + "/30", "dev", dev},
 		{"-n", ns, "addr", "add", peer.String() + "/30", "dev", "cust"},
+		{"-n", s.Router, "addr", "add", local6.String() + "/64", "dev", dev, "nodad"},
+		{"-n", ns, "addr", "add", peer6.String() + "/64", "dev", "cust", "nodad"},
 		{"-n", s.Router, "link", "set", dev, "up"},
 		{"-n", ns, "link", "set", "cust", "up"},
 	}
