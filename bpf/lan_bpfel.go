@@ -199,6 +199,7 @@ const (
 	LanMapUplinks           = "uplinks"
 	LanProgLanEgress        = "lan_egress"
 	LanProgLanIngress       = "lan_ingress"
+	LanVarCoarseClock       = "coarse_clock"
 	LanVarInboundRatePerCpu = "inbound_rate_per_cpu"
 	LanVarJiffiesPerSecond  = "jiffies_per_second"
 	LanVarMarkMask          = "mark_mask"
@@ -284,6 +285,7 @@ type LanMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanVariableSpecs struct {
+	CoarseClock       *ebpf.VariableSpec `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
@@ -364,6 +366,7 @@ func (m *LanMaps) Close() error {
 //
 // It can be passed to LoadLanObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanVariables struct {
+	CoarseClock       *ebpf.Variable `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`

@@ -199,6 +199,7 @@ const (
 	LanCompatMapUplinks           = "uplinks"
 	LanCompatProgLanEgress        = "lan_egress"
 	LanCompatProgLanIngress       = "lan_ingress"
+	LanCompatVarCoarseClock       = "coarse_clock"
 	LanCompatVarInboundRatePerCpu = "inbound_rate_per_cpu"
 	LanCompatVarJiffiesPerSecond  = "jiffies_per_second"
 	LanCompatVarMarkMask          = "mark_mask"
@@ -284,6 +285,7 @@ type LanCompatMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanCompatVariableSpecs struct {
+	CoarseClock       *ebpf.VariableSpec `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
@@ -364,6 +366,7 @@ func (m *LanCompatMaps) Close() error {
 //
 // It can be passed to LoadLanCompatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanCompatVariables struct {
+	CoarseClock       *ebpf.Variable `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`

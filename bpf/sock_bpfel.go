@@ -201,6 +201,7 @@ const (
 	SockProgSockConnect6     = "sock_connect6"
 	SockProgSockSendmsg4     = "sock_sendmsg4"
 	SockProgSockSendmsg6     = "sock_sendmsg6"
+	SockVarCoarseClock       = "coarse_clock"
 	SockVarInboundRatePerCpu = "inbound_rate_per_cpu"
 	SockVarJiffiesPerSecond  = "jiffies_per_second"
 	SockVarMarkMask          = "mark_mask"
@@ -290,6 +291,7 @@ type SockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
+	CoarseClock       *ebpf.VariableSpec `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
@@ -372,6 +374,7 @@ func (m *SockMaps) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
+	CoarseClock       *ebpf.Variable `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`

@@ -201,6 +201,7 @@ const (
 	SockCompatProgSockConnect6     = "sock_connect6"
 	SockCompatProgSockSendmsg4     = "sock_sendmsg4"
 	SockCompatProgSockSendmsg6     = "sock_sendmsg6"
+	SockCompatVarCoarseClock       = "coarse_clock"
 	SockCompatVarInboundRatePerCpu = "inbound_rate_per_cpu"
 	SockCompatVarJiffiesPerSecond  = "jiffies_per_second"
 	SockCompatVarMarkMask          = "mark_mask"
@@ -290,6 +291,7 @@ type SockCompatMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockCompatVariableSpecs struct {
+	CoarseClock       *ebpf.VariableSpec `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
@@ -372,6 +374,7 @@ func (m *SockCompatMaps) Close() error {
 //
 // It can be passed to LoadSockCompatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockCompatVariables struct {
+	CoarseClock       *ebpf.Variable `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`

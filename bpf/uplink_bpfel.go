@@ -232,6 +232,7 @@ const (
 	UplinkMapSticky            = "sticky"
 	UplinkMapUplinks           = "uplinks"
 	UplinkProgUplinkIngress    = "uplink_ingress"
+	UplinkVarCoarseClock       = "coarse_clock"
 	UplinkVarInboundRatePerCpu = "inbound_rate_per_cpu"
 	UplinkVarJiffiesPerSecond  = "jiffies_per_second"
 	UplinkVarMarkMask          = "mark_mask"
@@ -316,6 +317,7 @@ type UplinkMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UplinkVariableSpecs struct {
+	CoarseClock       *ebpf.VariableSpec `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.VariableSpec `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.VariableSpec `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.VariableSpec `ebpf:"mark_mask"`
@@ -396,6 +398,7 @@ func (m *UplinkMaps) Close() error {
 //
 // It can be passed to LoadUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UplinkVariables struct {
+	CoarseClock       *ebpf.Variable `ebpf:"coarse_clock"`
 	InboundRatePerCpu *ebpf.Variable `ebpf:"inbound_rate_per_cpu"`
 	JiffiesPerSecond  *ebpf.Variable `ebpf:"jiffies_per_second"`
 	MarkMask          *ebpf.Variable `ebpf:"mark_mask"`

@@ -95,14 +95,14 @@ static __always_inline void flow_seen(struct flow *f)
 
 	if (j - f->seen_jiffies >= jiffies_per_second) {
 		f->seen_jiffies = j;
-		f->last_seen = bpf_ktime_get_coarse_ns();
+		f->last_seen = coarse_ns();
 	}
 }
 
 /* A new flow's record. */
 static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u16 policy, __u32 mark)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = coarse_ns();
 	struct flow f = {
 		.mark = mark,
 		.uplink = uplink,

@@ -126,6 +126,17 @@ struct flow {
 /* Jiffies in a second (the kernel's HZ): the loader measures it. */
 volatile const __u32 jiffies_per_second = 1000;
 
+/* The kernel has bpf_ktime_get_coarse_ns (5.11): the loader clears it
+ * where not, and the verifier drops the branch not taken. */
+volatile const __u8 coarse_clock = 1;
+
+/* CLOCK_MONOTONIC for flow and sticky times: a tick's resolution is
+ * enough, and the coarse clock is the cheaper read. */
+static __always_inline __u64 coarse_ns(void)
+{
+	return coarse_clock ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
+}
+
 /* How often at most sticky entries are refreshed (ns). */
 #define LAST_SEEN_STEP_NS 1000000000ULL
 

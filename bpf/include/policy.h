@@ -310,7 +310,7 @@ __attribute__((noinline)) int choose_sticky(const struct policy *p, const struct
 		.family = t->family,
 		.mode = p->sticky,
 	};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = coarse_ns();
 
 	__builtin_memcpy(k.daddr, t->daddr, 16);
 	if (p->sticky == STICKY_PAIR)

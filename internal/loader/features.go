@@ -35,6 +35,9 @@ type Features struct {
 	// the socket's mark. Without it they choose only the datagram's source
 	// address (which the uplink's "from" rule routes by).
 	SendmsgSetsockopt bool
+	// CoarseClock (Linux 5.11): flow and sticky times from
+	// bpf_ktime_get_coarse_ns. Without it from bpf_ktime_get_ns.
+	CoarseClock bool
 }
 
 var (
@@ -66,6 +69,9 @@ func probeFeatures() (Features, error) {
 	f.NetnsCookieSockopt = haveNetnsCookieSockopt()
 	if f.SendmsgSetsockopt, err = haveSendmsgSetsockopt(); err != nil {
 		return f, fmt.Errorf("probe bpf_setsockopt in sendmsg hooks: %w", err)
+	}
+	if f.CoarseClock, err = have(features.HaveProgramHelper(ebpf.SchedCLS, asm.FnKtimeGetCoarseNs)); err != nil {
+		return f, fmt.Errorf("probe bpf_ktime_get_coarse_ns: %w", err)
 	}
 	return f, nil
 }
@@ -174,6 +180,7 @@ func (f Features) Report() []FeatureReport {
 		{"tcx", "6.6", f.TCX, "tc programs on a clsact qdisc as cls_bpf filters"},
 		{"SO_NETNS_COOKIE", "5.14", f.NetnsCookieSockopt, "the daemon's namespace cookie read by a one-connect cgroup program"},
 		{"bpf_setsockopt in sendmsg hooks", "6.1 or earlier (not 5.10)", f.SendmsgSetsockopt, "unconnected UDP steered by its source address only, its socket not marked"},
+		{"bpf_ktime_get_coarse_ns", "5.11", f.CoarseClock, "flow and sticky times from bpf_ktime_get_ns (finer, a little dearer)"},
 	}
 }
 

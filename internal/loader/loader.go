@@ -220,10 +220,21 @@ func configuredSpecs(opts *Options, f Features) ([]*ebpf.CollectionSpec, error) 
 	if err := setVariable(sock, "netns_cookie", opts.NetnsCookie); err != nil {
 		return nil, err
 	}
-	if err := setVariable(sock, "sendmsg_setsockopt", f.SendmsgSetsockopt); err != nil {
+	if err := setFeatureVariables(specs, f); err != nil {
 		return nil, err
 	}
 	return specs, nil
+}
+
+// setFeatureVariables tells the objects (uplink, lan, sock) what the
+// kernel lacks: the verifier then drops the calls it would refuse.
+func setFeatureVariables(specs []*ebpf.CollectionSpec, f Features) error {
+	for _, s := range specs {
+		if err := setVariable(s, "coarse_clock", f.CoarseClock); err != nil {
+			return err
+		}
+	}
+	return setVariable(specs[2], "sendmsg_setsockopt", f.SendmsgSetsockopt)
 }
 
 // LANSpec is the LAN object this kernel runs (the Compat build where it
@@ -234,8 +245,11 @@ func LANSpec() (*ebpf.CollectionSpec, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, lan, _, err := loadSpecs(feat)
-	return lan, err
+	uplink, lan, sock, err := loadSpecs(feat)
+	if err != nil {
+		return nil, err
+	}
+	return lan, setFeatureVariables([]*ebpf.CollectionSpec{uplink, lan, sock}, feat)
 }
 
 func loadError(obj string, err error) error {

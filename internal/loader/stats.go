@@ -42,7 +42,7 @@ func VerifierStats() ([]ProgramStats, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := setVariable(sock, "sendmsg_setsockopt", feat.SendmsgSetsockopt); err != nil {
+	if err := setFeatureVariables([]*ebpf.CollectionSpec{uplink, lan, sock}, feat); err != nil {
 		return nil, err
 	}
 	var out []ProgramStats
