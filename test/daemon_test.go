@@ -567,25 +567,7 @@ func TestDownAfterCrashRestoresEverything(t *testing.T) {
 // without a record passes unmarked) the record would be missing. Each
 // record is compared before and after: the same one, still counting.
 func TestDaemonRestartKeepsFlows(t *testing.T) {
-	e := newDaemonEnv(t, "", `
-[[policy]]
-name = "per-flow-tcp"
-destinations = ["203.0.113.10/32"]
-protocol = "tcp"
-ports = [8031]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-
-[[policy]]
-name = "per-flow-udp"
-destinations = ["203.0.113.10/32"]
-protocol = "udp"
-ports = [8032]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-`)
+	e := newDaemonEnv(t, "", perFlowPolicies)
 	serveGreetEcho(t, e, 8030)
 	serveGreetEcho(t, e, 8031)
 	serveUDP(t, e, 8032)

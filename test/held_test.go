@@ -326,3 +326,27 @@ func (c *heldConn) say(word string) string {
 		return ""
 	}
 }
+
+// perFlowPolicies balance TCP port 8031 and UDP port 8032 to the internet
+// host per flow: each connection's uplink is its own, so a lost record
+// shows as a connection on the other uplink (the restart and upgrade
+// tests).
+const perFlowPolicies = `
+[[policy]]
+name = "per-flow-tcp"
+destinations = ["203.0.113.10/32"]
+protocol = "tcp"
+ports = [8031]
+uplinks = ["isp1", "isp2"]
+balance = true
+sticky = "flow"
+
+[[policy]]
+name = "per-flow-udp"
+destinations = ["203.0.113.10/32"]
+protocol = "udp"
+ports = [8032]
+uplinks = ["isp1", "isp2"]
+balance = true
+sticky = "flow"
+`

@@ -50,25 +50,7 @@ func TestDaemonUpgradeFromPreviousLayout(t *testing.T) {
 }
 
 func upgradeFromPrevious(t *testing.T, startOld, stopOld func(*daemonEnv)) {
-	e := newDaemonEnv(t, "", `
-[[policy]]
-name = "per-flow-tcp"
-destinations = ["203.0.113.10/32"]
-protocol = "tcp"
-ports = [8031]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-
-[[policy]]
-name = "per-flow-udp"
-destinations = ["203.0.113.10/32"]
-protocol = "udp"
-ports = [8032]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-`)
+	e := newDaemonEnv(t, "", perFlowPolicies)
 	newBin := e.bin
 	serveGreetEcho(t, e, 8031)
 	serveUDP(t, e, 8032)

@@ -26,25 +26,7 @@ import (
 // left, and 'mhbpf down' removes everything. The weights change too, so
 // that a flow whose record was lost would be given the other uplink.
 func TestDaemonUpgradeResizesFlowMap(t *testing.T) {
-	e := newDaemonEnv(t, "", `
-[[policy]]
-name = "per-flow-tcp"
-destinations = ["203.0.113.10/32"]
-protocol = "tcp"
-ports = [8031]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-
-[[policy]]
-name = "per-flow-udp"
-destinations = ["203.0.113.10/32"]
-protocol = "udp"
-ports = [8032]
-uplinks = ["isp1", "isp2"]
-balance = true
-sticky = "flow"
-`)
+	e := newDaemonEnv(t, "", perFlowPolicies)
 	serveGreetEcho(t, e, 8031)
 	serveUDP(t, e, 8032)
 	w1, w2, ok := flipWeights(stickyHash(0, modeDestination, netip.Addr{}, topology.Internet))
