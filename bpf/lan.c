@@ -69,9 +69,7 @@ int lan_ingress(struct __sk_buff *skb)
 	if (c.uplink < 0)
 		return TC_ACT_OK; /* nothing up: main or unreachable, and ask again next packet */
 
-	struct flow nf = flow_new(c.uplink, c.origin, c.policy, c.mark);
-	flow_put(flows4, flows6, p.family, &k, &nf);
-	count_new_flow(c.uplink);
+	flow_record(flows4, flows6, p.family, &k, c.uplink, c.origin, c.policy, c.mark);
 	count_packet(c.uplink, skb->len, false);
 	/* Where uplink_ingress cannot tell an answer from an opener by the
 	 * packet itself (UDP and the like, not TCP or ICMP echo), it asks for
@@ -139,9 +137,8 @@ int lan_egress(struct __sk_buff *skb)
 	struct flow *f = flow_find(inbound4, inbound6, p.family, &k);
 	if (f && f->uplink == from->uplink)
 		return TC_ACT_OK;
-	struct flow nf = flow_new(from->uplink, ORIGIN_INBOUND, 0, (uplink_mark(from->uplink) | mark_reply) & mark_mask);
-	flow_put(inbound4, inbound6, p.family, &k, &nf);
-	count_new_flow(from->uplink);
+	flow_record(inbound4, inbound6, p.family, &k, from->uplink, ORIGIN_INBOUND, 0,
+		    (uplink_mark(from->uplink) | mark_reply) & mark_mask);
 	return TC_ACT_OK;
 }
 

@@ -80,9 +80,7 @@ int uplink_ingress(struct __sk_buff *skb)
 	if (!inbound_admit(ifc->uplink))
 		return TC_ACT_OK; /* over budget: delivered, but neither recorded nor marked */
 	__u32 mark = (uplink_mark(ifc->uplink) | mark_reply) & mark_mask;
-	struct flow nf = flow_new(ifc->uplink, ORIGIN_INBOUND, 0, mark);
-	flow_put(inbound4, inbound6, p.family, &k, &nf);
-	count_new_flow(ifc->uplink);
+	flow_record(inbound4, inbound6, p.family, &k, ifc->uplink, ORIGIN_INBOUND, 0, mark);
 
 	skb->mark = apply_mark(skb->mark, mark);
 	return TC_ACT_OK;

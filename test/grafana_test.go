@@ -53,13 +53,11 @@ func TestGrafanaDashboardUsesExportedMetrics(t *testing.T) {
 	}
 
 	e := newDaemonEnv(t, "", "")
-	cfg, _ := os.ReadFile(e.cfgPath)
-	e.writeConfig(strings.Replace(string(cfg), "[global]\n", "[global]\nmetrics_listen = \"127.0.0.1:9478\"\n", 1))
+	e.withMetrics()
 	e.start()
 	var text string
 	e.waitFor("metrics served", 3*time.Second, func() bool {
-		out, _ := e.inRouter("sh", "-c", `printf 'GET /metrics HTTP/1.0\r\n\r\n' | socat -T2 - TCP:127.0.0.1:9478`).CombinedOutput()
-		text = string(out)
+		text = e.metricsText()
 		return strings.Contains(text, "# TYPE mhbpf_uplink_up ")
 	})
 	exported := map[string]bool{}

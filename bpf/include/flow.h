@@ -115,6 +115,15 @@ static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u16 poli
 	return f;
 }
 
+/* Records a new flow of key k in the family's map of the pair, counted as
+ * a new flow of its uplink. */
+#define flow_record(map4, map6, family, k, uplink, origin, policy, mark)      \
+	({                                                                   \
+		struct flow __nf = flow_new((uplink), (origin), (policy), (mark)); \
+		flow_put(map4, map6, family, k, &__nf);                      \
+		count_new_flow(uplink);                                      \
+	})
+
 static __always_inline void count_packet(__u32 uplink, __u64 len, bool rx)
 {
 	struct uplink_counters *c = bpf_map_lookup_elem(&counters, &uplink);
