@@ -183,25 +183,37 @@ func Load(o Options) (*Datapath, error) {
 // bpf_loop, the *Compat builds of those that walk the policy, and every
 // function verified as a static one.
 func loadSpecs(f Features) (uplink, lan, sock *ebpf.CollectionSpec, err error) {
-	loadLan, loadSock := bpf.LoadLan, bpf.LoadSock
+	loadSock := bpf.LoadSock
 	if !f.BPFLoop {
-		loadLan, loadSock = bpf.LoadLanCompat, bpf.LoadSockCompat
+		loadSock = bpf.LoadSockCompat
 	}
 	if uplink, err = bpf.LoadUplink(); err != nil {
 		return nil, nil, nil, err
 	}
-	if lan, err = loadLan(); err != nil {
+	if lan, err = lanSpecFor(f); err != nil {
 		return nil, nil, nil, err
 	}
 	if sock, err = loadSock(); err != nil {
 		return nil, nil, nil, err
 	}
 	if !f.BPFLoop {
-		for _, s := range []*ebpf.CollectionSpec{uplink, lan, sock} {
-			useStaticFunctions(s)
-		}
+		useStaticFunctions(uplink)
+		useStaticFunctions(sock)
 	}
 	return uplink, lan, sock, nil
+}
+
+// lanSpecFor is the LAN object for a kernel with features f.
+func lanSpecFor(f Features) (*ebpf.CollectionSpec, error) {
+	if f.BPFLoop {
+		return bpf.LoadLan()
+	}
+	lan, err := bpf.LoadLanCompat()
+	if err != nil {
+		return nil, err
+	}
+	useStaticFunctions(lan)
+	return lan, nil
 }
 
 // configuredSpecs are the three objects (uplink, lan, sock) for this
@@ -239,17 +251,14 @@ func setFeatureVariables(specs []*ebpf.CollectionSpec, f Features) error {
 
 // LANSpec is the LAN object this kernel runs (the Compat build where it
 // has no bpf_loop), unconfigured: for test runs of the live program's
-// choice ('mhbpf explain'), which take their constants from it.
+// choice ('mhbpf explain'), which take its constants, feature switches
+// included, from the live program's .rodata.
 func LANSpec() (*ebpf.CollectionSpec, error) {
 	feat, err := ProbeFeatures()
 	if err != nil {
 		return nil, err
 	}
-	uplink, lan, sock, err := loadSpecs(feat)
-	if err != nil {
-		return nil, err
-	}
-	return lan, setFeatureVariables([]*ebpf.CollectionSpec{uplink, lan, sock}, feat)
+	return lanSpecFor(feat)
 }
 
 func loadError(obj string, err error) error {
