@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 GO=${GO:-go}
 ROUNDS=${ROUNDS:-3}
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+parts=$(mktemp -d)
+trap 'rm -rf "$out" "$parts"' EXIT
 
 cmd_pkt="$GO test -run '^\$' -bench . -benchtime 20x -count 1 ./bpf/"
 cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./internal/maps/"
@@ -19,6 +20,15 @@ for r in $(seq "$ROUNDS"); do
 	echo "round $r/$ROUNDS" >&2
 	eval "$cmd_pkt" | grep '^Benchmark' >>"$out"
 	eval "$cmd_fold" | grep '^Benchmark' >>"$out"
+done
+
+# The other benchmarks (end to end through namespaces, the daemon): each
+# bench/parts/NAME.sh writes a Markdown section of the report to the file
+# named by its first argument, runs its own rounds interleaved, and builds
+# and cleans up its own namespaces. BENCH_PARTS picks some (default: all).
+for part in ${BENCH_PARTS:-$(ls bench/parts/*.sh 2>/dev/null | xargs -rn1 basename | sed 's/\.sh$//')}; do
+	echo "part $part" >&2
+	GO=$GO ROUNDS=$ROUNDS bash "bench/parts/$part.sh" "$parts/$part.md"
 done
 
 # name -> the values of one unit over the rounds; the median of each.
@@ -66,5 +76,10 @@ END {
 	echo "same run. Compare within one report, not across machines."
 	echo
 	echo "$report"
+	for f in "$parts"/*.md; do
+		[ -e "$f" ] || continue
+		echo
+		cat "$f"
+	done
 } >bench/REPORT.md
 cat bench/REPORT.md
