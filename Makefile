@@ -66,7 +66,7 @@ testsum:
 test-host: testsum
 	$(GO) vet ./...
 	@# The bench scripts parse (`make bench` runs them; `make test` does not).
-	@for f in bench/run.sh bench/parts/*.sh; do [ -e "$$f" ] && bash -n "$$f" || exit 1; done
+	@for f in bench/run.sh bench/parts/*.sh; do [ ! -e "$$f" ] || bash -n "$$f" || exit 1; done
 	@rm -f $(RESULTS)/host.jsonl
 	$(TESTSUM) -where host -record $(RESULTS)/host.jsonl -jsonfile $(RESULTS)/host.json -- \
 		$(GO) test -json -p 1 -count=1 -timeout 20m ./...
