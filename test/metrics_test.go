@@ -6,6 +6,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -269,5 +270,70 @@ last_resort = "unreachable"
 	}
 	if c1, c2 := changes("isp1"), changes("isp2"); c1 != 2 || c2 != 0 {
 		t.Errorf("state changes: isp1 %g, isp2 %g; want 2 and 0 (out and back in)", c1, c2)
+	}
+}
+
+// The daemon's memory in the metrics and in 'mhbpf status': its resident
+// memory as the kernel accounts it (VmRSS of the daemon's process, read
+// here right after the scrape; the two differ by what the daemon touched
+// in between), and the policy's kernel memory as the install logged it.
+func TestMetricsMemory(t *testing.T) {
+	e := newDaemonEnv(t, "", `
+[[policy]]
+name = "listed"
+destinations = ["198.51.100.0/24", "203.0.113.0/25", "2001:db8:ff::/48"]
+uplinks = ["isp2"]
+`)
+	e.withMetrics()
+	e.start()
+	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	m := e.metrics()
+	proc, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", e.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vmRSS float64
+	for _, line := range strings.Split(string(proc), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseFloat(strings.Fields(v)[0], 64)
+			vmRSS = kb * 1024
+		}
+	}
+	rss, peak := m["mhbpf_daemon_resident_bytes"], m["mhbpf_daemon_resident_peak_bytes"]
+	t.Logf("metrics: resident %.0f, peak %.0f; /proc: VmRSS %.0f", rss, peak, vmRSS)
+	if rss < vmRSS*0.75 || rss > vmRSS*1.25 || peak < rss {
+		t.Errorf("mhbpf_daemon_resident_bytes %.0f, peak %.0f; the daemon's VmRSS is %.0f (want within 25%%, peak at least resident)", rss, peak, vmRSS)
+	}
+	logged := grepLines(e.log.String(), "policy installed")
+	i := strings.Index(logged, "kernel_bytes=")
+	if i < 0 {
+		t.Fatalf("no kernel_bytes in the policy's log line:\n%s", logged)
+	}
+	want, err := strconv.ParseFloat(strings.Fields(logged[i+len("kernel_bytes="):])[0], 64)
+	if err != nil || want <= 0 {
+		t.Fatalf("kernel_bytes in %q: %v", logged, err)
+	}
+	if got := m["mhbpf_policy_kernel_bytes"]; got != want {
+		t.Errorf("mhbpf_policy_kernel_bytes %.0f, the install logged kernel_bytes=%.0f", got, want)
+	}
+
+	out, err := e.mhbpf("status", "--json")
+	if err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	var st struct {
+		Resident uint64 `json:"resident_bytes"`
+		Peak     uint64 `json:"peak_resident_bytes"`
+		Policy   uint64 `json:"policy_kernel_bytes"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	if float64(st.Policy) != want || st.Resident == 0 || st.Peak < st.Resident {
+		t.Errorf("status --json: resident %d, peak %d, policy %d; want policy %.0f, peak at least resident > 0", st.Resident, st.Peak, st.Policy, want)
+	}
+	text, _ := e.mhbpf("status")
+	if !strings.Contains(text, fmt.Sprintf("policy %.1f MB in the kernel", want/1e6)) || !strings.Contains(text, "memory: daemon ") {
+		t.Errorf("text status without the memory line:\n%s", text)
 	}
 }

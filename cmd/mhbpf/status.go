@@ -21,16 +21,20 @@ import (
 // statusJSON is 'mhbpf status --json'; docs/cli.md documents it field by
 // field. Fields are only ever added, never renamed or retyped.
 type statusJSON struct {
-	Health        string             `json:"health"` // healthy, degraded, down, not-running
-	ExitCode      int                `json:"exit_code"`
-	Running       bool               `json:"running"`
-	PID           int                `json:"pid"`
-	State         string             `json:"state"` // converging, running (as the daemon last wrote it)
-	TCMode        string             `json:"tc_mode"`
-	Updated       time.Time          `json:"updated"`
-	AgeSeconds    float64            `json:"age_seconds"`
-	ProbeFallback bool               `json:"probe_fallback"`
-	Uplinks       []uplinkStatusJSON `json:"uplinks"`
+	Health        string    `json:"health"` // healthy, degraded, down, not-running
+	ExitCode      int       `json:"exit_code"`
+	Running       bool      `json:"running"`
+	PID           int       `json:"pid"`
+	State         string    `json:"state"` // converging, running (as the daemon last wrote it)
+	TCMode        string    `json:"tc_mode"`
+	Updated       time.Time `json:"updated"`
+	AgeSeconds    float64   `json:"age_seconds"`
+	ProbeFallback bool      `json:"probe_fallback"`
+	// Memory as of the daemon's last pass (0: not known).
+	ResidentBytes     uint64             `json:"resident_bytes"`
+	PeakResidentBytes uint64             `json:"peak_resident_bytes"`
+	PolicyKernelBytes uint64             `json:"policy_kernel_bytes"`
+	Uplinks           []uplinkStatusJSON `json:"uplinks"`
 }
 
 type uplinkStatusJSON struct {
@@ -139,6 +143,7 @@ is not done, or every probe fails and link state is used), 4 no uplink usable,
 func statusAsJSON(st daemon.Status, alive bool, word string, code int, counters func(int) maps.Counters) statusJSON {
 	out := statusJSON{Health: word, ExitCode: code, Running: alive, PID: st.PID, State: st.State, TCMode: st.TCMode,
 		Updated: st.Updated, AgeSeconds: time.Since(st.Updated).Seconds(), ProbeFallback: st.ProbeFallback,
+		ResidentBytes: st.ResidentBytes, PeakResidentBytes: st.PeakResidentBytes, PolicyKernelBytes: st.PolicyKernelBytes,
 		Uplinks: []uplinkStatusJSON{}}
 	for _, u := range st.Uplinks {
 		c := counters(u.ID)
@@ -175,6 +180,9 @@ func printStatus(st daemon.Status, alive bool, counters func(int) maps.Counters)
 	if st.ProbeFallback {
 		fmt.Println("all probed uplinks failing at once: using link state")
 	}
+	if st.ResidentBytes > 0 {
+		fmt.Println(memoryLine(st))
+	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "UPLINK\tIFACE\tID\tMARK\tSTATE\tWEIGHT\tTABLE\tADDRESSES\tRTT\tLOSS\tRX BYTES\tTX BYTES\tNEW FLOWS\tREASON")
 	for _, u := range st.Uplinks {
@@ -191,6 +199,14 @@ func printStatus(st daemon.Status, alive bool, counters func(int) maps.Counters)
 			strings.Join(u.Addresses, ","), rtt, loss, c.RxBytes, c.TxBytes, c.NewFlows, u.Reason)
 	}
 	return w.Flush()
+}
+
+// memoryLine is the status's memory figures in MB (10^6 bytes, as the
+// policy install logs them).
+func memoryLine(st daemon.Status) string {
+	mb := func(b uint64) string { return fmt.Sprintf("%.1f MB", float64(b)/1e6) }
+	return fmt.Sprintf("memory: daemon %s resident (peak %s), policy %s in the kernel",
+		mb(st.ResidentBytes), mb(st.PeakResidentBytes), mb(st.PolicyKernelBytes))
 }
 
 func printJSON(v any) error {

@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/maps"
 )
 
 func TestHealth(t *testing.T) {
@@ -26,5 +27,17 @@ func TestHealth(t *testing.T) {
 		if w, code := health(c.st, c.alive); w != c.word || code != c.code {
 			t.Errorf("%s: %s %d, want %s %d", c.name, w, code, c.word, c.code)
 		}
+	}
+}
+
+// The daemon's memory, as its status has it, in both forms of the output.
+func TestStatusMemory(t *testing.T) {
+	st := daemon.Status{State: daemon.StateRunning, ResidentBytes: 23_500_000, PeakResidentBytes: 161_200_000, PolicyKernelBytes: 45_600_000}
+	if got, want := memoryLine(st), "memory: daemon 23.5 MB resident (peak 161.2 MB), policy 45.6 MB in the kernel"; got != want {
+		t.Errorf("text: %q, want %q", got, want)
+	}
+	j := statusAsJSON(st, true, "healthy", 0, func(int) maps.Counters { return maps.Counters{} })
+	if j.ResidentBytes != 23_500_000 || j.PeakResidentBytes != 161_200_000 || j.PolicyKernelBytes != 45_600_000 {
+		t.Errorf("json: resident %d, peak %d, policy %d", j.ResidentBytes, j.PeakResidentBytes, j.PolicyKernelBytes)
 	}
 }

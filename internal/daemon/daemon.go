@@ -48,6 +48,9 @@ type Daemon struct {
 	ap      *applier // applies plans, remembers what it made
 	metrics *metrics
 	filter  *eventFilter // which netlink events wake a pass (events.go)
+	// policyBytes: the kernel memory of the installed policy's tries, for
+	// the status and the metrics.
+	policyBytes uint64
 }
 
 // New validates the configuration and loads the datapath. Nothing in the
@@ -226,8 +229,10 @@ func (d *Daemon) applyStatic() error {
 	if err != nil {
 		return fmt.Errorf("policy: %w", err)
 	}
+	d.policyBytes = stats.KernelBytes
+	rss, _ := residentBytes()
 	d.log.Info("policy installed", "rules", len(d.cfg.Policies), "prefixes", stats.Prefixes,
-		"kernel_bytes", stats.KernelBytes, "took", stats.Took.Round(time.Millisecond), "daemon_rss_bytes", residentBytes())
+		"kernel_bytes", stats.KernelBytes, "took", stats.Took.Round(time.Millisecond), "daemon_rss_bytes", rss)
 	// Slots of uplinks an earlier configuration had (the maps are pinned
 	// and outlive the daemon) must not stay up.
 	inUse := map[int]bool{}
@@ -363,6 +368,8 @@ func (d *Daemon) reconcile(wake *<-chan time.Time) {
 	p := plan(d.cfg, s, d.mem)
 	d.mem = p.Memory
 	p.Status.PID = os.Getpid()
+	p.Status.ResidentBytes, p.Status.PeakResidentBytes = residentBytes()
+	p.Status.PolicyKernelBytes = d.policyBytes
 	d.ap.apply(p, s)
 	if p.Wake > 0 {
 		*wake = time.After(p.Wake)

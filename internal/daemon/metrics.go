@@ -42,10 +42,16 @@ type counterMetric struct {
 type collector struct {
 	status   func() *Status
 	counters counterSource
+	// resident is the daemon's memory now and at its peak (residentBytes),
+	// read at scrape time.
+	resident func() (now, peak uint64)
 	up       *prometheus.Desc
 	rtt      *prometheus.Desc
 	loss     *prometheus.Desc
 	changes  *prometheus.Desc
+	rss      *prometheus.Desc
+	rssPeak  *prometheus.Desc
+	policy   *prometheus.Desc
 	perCount []counterMetric
 	// errors: scrapes that could not read a counter (the uplink's series
 	// are left out of that scrape).
@@ -54,13 +60,16 @@ type collector struct {
 
 var _ prometheus.Collector = (*collector)(nil)
 
-func newCollector(status func() *Status, counters counterSource) *collector {
+func newCollector(status func() *Status, counters counterSource, resident func() (now, peak uint64)) *collector {
 	uplink := []string{"uplink"}
-	c := &collector{status: status, counters: counters,
+	c := &collector{status: status, counters: counters, resident: resident,
 		up:      prometheus.NewDesc("mhbpf_uplink_up", "Whether the uplink is in use (link, address, probes, hold-down).", []string{"uplink", "interface"}, nil),
 		rtt:     prometheus.NewDesc("mhbpf_uplink_probe_rtt_seconds", "RTT of the last successful probe.", uplink, nil),
 		loss:    prometheus.NewDesc("mhbpf_uplink_probe_loss_ratio", "Share of the last 20 probes lost.", uplink, nil),
 		changes: prometheus.NewDesc("mhbpf_uplink_state_changes_total", "Times the uplink went in or out of use since the daemon started.", uplink, nil),
+		rss:     prometheus.NewDesc("mhbpf_daemon_resident_bytes", "The daemon's resident memory (VmRSS).", nil, nil),
+		rssPeak: prometheus.NewDesc("mhbpf_daemon_resident_peak_bytes", "The daemon's peak resident memory (VmHWM): a large policy's load is where it peaks.", nil, nil),
+		policy:  prometheus.NewDesc("mhbpf_policy_kernel_bytes", "Kernel memory of the installed policy's prefix tries.", nil, nil),
 		errors: prometheus.NewCounter(prometheus.CounterOpts{Name: "mhbpf_metrics_collection_errors_total",
 			Help: "Counter reads from the datapath's maps that failed while serving metrics."}),
 	}
@@ -87,6 +96,9 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.rtt
 	ch <- c.loss
 	ch <- c.changes
+	ch <- c.rss
+	ch <- c.rssPeak
+	ch <- c.policy
 	for _, m := range c.perCount {
 		ch <- m.desc
 	}
@@ -94,10 +106,15 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	defer c.errors.Collect(ch) // last: this scrape's errors count
+	if now, peak := c.resident(); now > 0 {
+		ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, float64(now))
+		ch <- prometheus.MustNewConstMetric(c.rssPeak, prometheus.GaugeValue, float64(peak))
+	}
 	st := c.status()
 	if st == nil {
 		return // before the first pass
 	}
+	ch <- prometheus.MustNewConstMetric(c.policy, prometheus.GaugeValue, float64(st.PolicyKernelBytes))
 	for _, u := range st.Uplinks {
 		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, float64(b2i(u.Usable)), u.Name, u.Interface)
 		ch <- prometheus.MustNewConstMetric(c.rtt, prometheus.GaugeValue, u.RTTms/1000, u.Name)
@@ -126,7 +143,7 @@ func (c *collector) handler() (http.Handler, error) {
 
 func startMetrics(addr string, mp *maps.Maps) (*metrics, error) {
 	m := &metrics{}
-	h, err := newCollector(m.status.Load, mp).handler()
+	h, err := newCollector(m.status.Load, mp, residentBytes).handler()
 	if err != nil {
 		return nil, err
 	}

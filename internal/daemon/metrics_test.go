@@ -39,9 +39,10 @@ func TestCollector(t *testing.T) {
 		{Name: "isp1", Interface: "ppp0", ID: 0, Usable: true, RTTms: 12.5, Loss: 0.05},
 		{Name: `we"ird\name`, Interface: "ppp1", ID: 1},
 		{Name: "gone", Interface: "tun0", ID: 7}, // its counters cannot be read
-	}}
+	}, PolicyKernelBytes: 45_600_000}
 	counters := fakeCounters{0: {RxPackets: 10, TxBytes: 3000, NewFlows: 2}, 1: {InboundRefused: 5}}
-	c := newCollector(func() *Status { return st }, counters)
+	rss := uint64(23 << 20)
+	c := newCollector(func() *Status { return st }, counters, func() (uint64, uint64) { return rss, 40 << 20 })
 	got := scrape(t, c)
 	for _, want := range []string{
 		`mhbpf_uplink_up{interface="ppp0",uplink="isp1"} 1`,
@@ -56,6 +57,10 @@ func TestCollector(t *testing.T) {
 		`mhbpf_uplink_inbound_records_total{uplink="isp1"} 0`,
 		`mhbpf_uplink_tx_packets_total{uplink="isp1"} 0`,
 		`mhbpf_metrics_collection_errors_total 1`,
+		`mhbpf_daemon_resident_bytes 2.4117248e+07`,
+		`mhbpf_daemon_resident_peak_bytes 4.194304e+07`,
+		`mhbpf_policy_kernel_bytes 4.56e+07`,
+		"# TYPE mhbpf_daemon_resident_bytes gauge",
 		"# TYPE mhbpf_uplink_rx_packets_total counter",
 		"# TYPE mhbpf_uplink_up gauge",
 	} {
@@ -66,9 +71,31 @@ func TestCollector(t *testing.T) {
 	if strings.Contains(got, `mhbpf_uplink_rx_packets_total{uplink="gone"}`) {
 		t.Errorf("counters of an unreadable slot served:\n%s", got)
 	}
-	// At scrape time: a counter that grew is served grown.
+	// At scrape time: a counter that grew, and memory, are served as they
+	// are now.
 	counters[0] = maps.Counters{RxPackets: 11}
-	if got := scrape(t, c); !strings.Contains(got, `mhbpf_uplink_rx_packets_total{uplink="isp1"} 11`) {
-		t.Errorf("second scrape:\n%s", got)
+	rss = 30 << 20
+	got = scrape(t, c)
+	for _, want := range []string{`mhbpf_uplink_rx_packets_total{uplink="isp1"} 11`, `mhbpf_daemon_resident_bytes 3.145728e+07`} {
+		if !strings.Contains(got, want) {
+			t.Errorf("second scrape: no %s in:\n%s", want, got)
+		}
+	}
+}
+
+// The daemon's memory comes from its own /proc status lines, in bytes.
+func TestStatusBytes(t *testing.T) {
+	status := "Name:\tmhbpf\nVmHWM:\t   41000 kB\nVmRSS:\t   23552 kB\nThreads:\t9\n"
+	if got := statusBytes(status, "VmRSS:"); got != 23552*1024 {
+		t.Errorf("VmRSS %d, want %d", got, 23552*1024)
+	}
+	if got := statusBytes(status, "VmHWM:"); got != 41000*1024 {
+		t.Errorf("VmHWM %d, want %d", got, 41000*1024)
+	}
+	if got := statusBytes(status, "VmSwap:"); got != 0 {
+		t.Errorf("a missing field: %d, want 0", got)
+	}
+	if now, peak := residentBytes(); now == 0 || peak < now {
+		t.Errorf("this process: resident %d, peak %d; want both, peak at least resident", now, peak)
 	}
 }
