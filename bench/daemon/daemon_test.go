@@ -296,4 +296,3 @@ func (e *env) fillFlows4() int {
 	e.b.Logf("flows4: %d puts in %v, %d held (capacity %d)", n, time.Since(start).Round(time.Millisecond), held, n)
 	return held
 }
-
