@@ -34,6 +34,10 @@ type Options struct {
 	StickyTimeout time.Duration
 	// FlowMapSize is the capacity of the flow map (LRU).
 	FlowMapSize uint32
+	// FlowMapFlags are added to the flow maps' (flows4, flows6) flags at
+	// creation. The product leaves it 0; the benchmarks compare
+	// BPF_F_NO_COMMON_LRU (per-CPU LRU lists) with the default.
+	FlowMapFlags uint32
 	// InboundMapSize is the capacity of the map of flows remote peers
 	// started (LRU); InboundRate the new ones each uplink may record per
 	// second (0: no cap).
@@ -298,7 +302,10 @@ func configure(s *ebpf.CollectionSpec, o *Options) error {
 		}
 		m.Pinning = ebpf.PinByName
 		switch name {
-		case "flows4", "flows6", "remotes":
+		case "flows4", "flows6":
+			m.MaxEntries = o.FlowMapSize
+			m.Flags |= o.FlowMapFlags
+		case "remotes":
 			m.MaxEntries = o.FlowMapSize
 		case "inbound4", "inbound6":
 			m.MaxEntries = o.InboundMapSize
