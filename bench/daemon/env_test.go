@@ -63,6 +63,22 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// record notes something this run made in MHBPF_BENCH_LEDGER (if set),
+// one "kind value" a line: bench/parts/daemon.sh removes what is listed
+// there when a run is interrupted or fails before its cleanups ran.
+func record(kind, value string) {
+	path := os.Getenv("MHBPF_BENCH_LEDGER")
+	if path == "" {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, "%s %s\n", kind, value)
+}
+
 // env is the scenario's namespaces, optionally with more uplinks, and one
 // daemon process in the router's namespace.
 type env struct {
@@ -131,13 +147,19 @@ func newEnv(b *testing.B, uplinks int, global, policy string) *env {
 		b.Fatal(err)
 	}
 	b.Cleanup(topo.Close)
+	for _, ns := range []string{topo.Router, topo.ISP1, topo.ISP2, topo.LAN} {
+		record("netns", ns)
+	}
 	e := &env{b: b, topo: topo, bin: mhbpfBinary(b), dir: b.TempDir(),
 		pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-bench-")), cgroup: testutil.Cgroup(b)}
 	e.cfgPath, e.stateDir = filepath.Join(e.dir, "mhbpf.toml"), filepath.Join(e.dir, "state")
+	record("pins", e.pinDir)
+	record("cgroup", e.cgroup)
 	var more strings.Builder
 	if uplinks > 2 {
 		e.extraNS = topo.Router[:len(topo.Router)-len("-rt")] + "-ispn"
 		b.Cleanup(func() { _ = exec.Command("ip", "netns", "del", e.extraNS).Run() })
+		record("netns", e.extraNS)
 		e.ip("netns", "add", e.extraNS)
 		e.ip("-n", e.extraNS, "link", "set", "lo", "up")
 		e.ip("-n", e.extraNS, "addr", "add", topology.Internet.String()+"/32", "dev", "lo")
@@ -188,11 +210,12 @@ func (e *env) logText() string {
 // use.
 func (e *env) start() {
 	e.b.Helper()
-	e.cmd = exec.Command("nsenter", "--net=/run/netns/"+e.topo.Router, e.bin, "run", "--debug", "--config", e.cfgPath)
+	e.cmd = exec.Command("nsenter", "--net=/run/netns/"+e.topo.Router, e.bin, "run", "--config", e.cfgPath)
 	e.cmd.Stdout, e.cmd.Stderr = e, e
 	if err := e.cmd.Start(); err != nil {
 		e.b.Fatal(err)
 	}
+	record("daemon", fmt.Sprintf("%d %s", e.cmd.Process.Pid, e.stateDir))
 	e.exited = make(chan struct{})
 	go func(cmd *exec.Cmd, exited chan struct{}) { _ = cmd.Wait(); close(exited) }(e.cmd, e.exited)
 	e.waitFor("every uplink up", 60*time.Second, e.allUp)

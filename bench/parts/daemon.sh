@@ -11,7 +11,28 @@ GO=${GO:-go}
 ROUNDS=${ROUNDS:-3}
 out=$1
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# What a round makes it lists in the ledger (bench/daemon's record); a
+# round that ends early (a failure, ^C) may leave some of it behind:
+# daemons of this script's binary, namespaces, pins, cgroups.
+export MHBPF_BENCH_LEDGER=$tmp/ledger
+cleanup() {
+	if [ -s "$MHBPF_BENCH_LEDGER" ]; then
+		while read -r kind what _; do
+			[ "$kind" != daemon ] || ! grep -qs "$tmp/mhbpf" "/proc/$what/cmdline" || kill "$what" || true
+		done <"$MHBPF_BENCH_LEDGER"
+		sleep 1
+		while read -r kind what _; do
+			case $kind in
+			netns) ip netns del "$what" 2>/dev/null || true ;;
+			pins) rm -rf "$what" ;;
+			cgroup) rmdir "$what" 2>/dev/null || true ;;
+			esac
+		done <"$MHBPF_BENCH_LEDGER"
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 $GO build -o "$tmp/mhbpf" ./cmd/mhbpf
 $GO test -c -o "$tmp/daemon.test" ./bench/daemon/
@@ -22,6 +43,7 @@ for r in $(seq "$ROUNDS"); do
 		"$tmp/daemon.test" -test.run '^$' -test.bench . -test.benchtime 1x -test.count 1 >"$tmp/round" 2>&1 ||
 		{ cat "$tmp/round" >&2; exit 1; }
 	grep '^Benchmark' "$tmp/round" >>"$tmp/all"
+	: >"$MHBPF_BENCH_LEDGER" # the round's cleanups ran
 done
 
 table=$(awk '
