@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -333,7 +334,8 @@ uplinks = ["isp2"]
 		t.Errorf("status --json: resident %d, peak %d, policy %d; want policy %.0f, peak at least resident > 0", st.Resident, st.Peak, st.Policy, want)
 	}
 	text, _ := e.mhbpf("status")
-	if !strings.Contains(text, fmt.Sprintf("policy %.1f MB in the kernel", want/1e6)) || !strings.Contains(text, "memory: daemon ") {
+	// The figures' formatting is cmd/mhbpf's unit test's; here: the line is there.
+	if !regexp.MustCompile(`memory: daemon [0-9.]+ [kMG]?B resident \(peak [0-9.]+ [kMG]?B\), policy [0-9.]+ [kMG]?B in the kernel`).MatchString(text) {
 		t.Errorf("text status without the memory line:\n%s", text)
 	}
 }

@@ -201,12 +201,23 @@ func printStatus(st daemon.Status, alive bool, counters func(int) maps.Counters)
 	return w.Flush()
 }
 
-// memoryLine is the status's memory figures in MB (10^6 bytes, as the
-// policy install logs them).
+// memoryLine is the status's memory figures in decimal units, as the
+// policy install logs them in bytes.
 func memoryLine(st daemon.Status) string {
-	mb := func(b uint64) string { return fmt.Sprintf("%.1f MB", float64(b)/1e6) }
 	return fmt.Sprintf("memory: daemon %s resident (peak %s), policy %s in the kernel",
-		mb(st.ResidentBytes), mb(st.PeakResidentBytes), mb(st.PolicyKernelBytes))
+		sizeText(st.ResidentBytes), sizeText(st.PeakResidentBytes), sizeText(st.PolicyKernelBytes))
+}
+
+func sizeText(b uint64) string {
+	switch {
+	case b >= 1e9:
+		return fmt.Sprintf("%.1f GB", float64(b)/1e9)
+	case b >= 1e6:
+		return fmt.Sprintf("%.1f MB", float64(b)/1e6)
+	case b >= 1e3:
+		return fmt.Sprintf("%.1f kB", float64(b)/1e3)
+	}
+	return fmt.Sprintf("%d B", b)
 }
 
 func printJSON(v any) error {

@@ -36,6 +36,10 @@ func TestStatusMemory(t *testing.T) {
 	if got, want := memoryLine(st), "memory: daemon 23.5 MB resident (peak 161.2 MB), policy 45.6 MB in the kernel"; got != want {
 		t.Errorf("text: %q, want %q", got, want)
 	}
+	small := daemon.Status{ResidentBytes: 2_000_000_000, PeakResidentBytes: 2_500, PolicyKernelBytes: 120}
+	if got, want := memoryLine(small), "memory: daemon 2.0 GB resident (peak 2.5 kB), policy 120 B in the kernel"; got != want {
+		t.Errorf("text: %q, want %q", got, want)
+	}
 	j := statusAsJSON(st, true, "healthy", 0, func(int) maps.Counters { return maps.Counters{} })
 	if j.ResidentBytes != 23_500_000 || j.PeakResidentBytes != 161_200_000 || j.PolicyKernelBytes != 45_600_000 {
 		t.Errorf("json: resident %d, peak %d, policy %d", j.ResidentBytes, j.PeakResidentBytes, j.PolicyKernelBytes)
