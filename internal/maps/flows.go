@@ -55,8 +55,12 @@ type Flow struct {
 	// config order, daemon.Status.Policies) is i+1. 0: the default
 	// balance, an inbound flow, or not known (a record from before the
 	// datapath stored it).
-	Policy    int
-	Mark      uint32
+	Policy int
+	Mark   uint32
+	// Gen is the uplink's generation the flow was recorded under: once the
+	// uplink's has moved on (it went down), the record is retired
+	// (FlowGenerations.Current).
+	Gen       uint32
 	FirstSeen time.Duration
 	LastSeen  time.Duration
 }
@@ -152,13 +156,14 @@ func decodeFlow(k FlowKey, v *bpf.UplinkFlow) Flow {
 		Origin:    Origin(v.Origin),
 		Policy:    int(v.Policy),
 		Mark:      v.Mark,
+		Gen:       v.Gen,
 		FirstSeen: time.Duration(v.FirstSeen),
 		LastSeen:  time.Duration(v.LastSeen),
 	}
 }
 
 func encodeFlow(f Flow) *bpf.UplinkFlow {
-	return &bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin), Policy: uint16(f.Policy),
+	return &bpf.UplinkFlow{Mark: f.Mark, Uplink: uint8(f.Uplink), Origin: uint8(f.Origin), Policy: uint16(f.Policy), Gen: f.Gen,
 		FirstSeen: uint64(f.FirstSeen), LastSeen: uint64(f.LastSeen)}
 }
 
@@ -227,6 +232,15 @@ func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 		}
 	}
 
+	_, err := m.DeleteRemotesOfUplink(id)
+	return n, err
+}
+
+// DeleteRemotesOfUplink forgets the remote endpoints the LAN reached by
+// uplink id (what tells a UDP answer from an opener on the uplinks), and
+// says how many. A walk of the remotes map: the daemon does it after the
+// routing change of a failure, never before.
+func (m *Maps) DeleteRemotesOfUplink(id int) (int, error) {
 	var rk bpf.UplinkRemoteKey
 	var rv bpf.UplinkRemote
 	var rkeys []bpf.UplinkRemoteKey
@@ -236,8 +250,11 @@ func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 			rkeys = append(rkeys, rk)
 		}
 	}
+	n := 0
 	for i := range rkeys {
-		_ = m.Remotes.Delete(&rkeys[i])
+		if m.Remotes.Delete(&rkeys[i]) == nil {
+			n++
+		}
 	}
 	return n, rit.Err()
 }
