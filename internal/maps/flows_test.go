@@ -89,6 +89,11 @@ func TestWalkFlowsBatchedAndKeyByKey(t *testing.T) {
 		}
 	}
 
+	// Every supported kernel (5.10 on) has batch lookups for LRU hashes
+	// (5.6): the batched walk is the one taken, not the fallback.
+	if _, batched, err := walkBatched(m.Flows4, key4, func(Flow) bool { return false }); !batched || err != nil {
+		t.Fatalf("batch lookup of flows4: batched %v, %v", batched, err)
+	}
 	for _, batched := range []bool{true, false} {
 		batchLookups = batched
 		seen := map[FlowKey]int{}
