@@ -179,10 +179,15 @@ with --limit N, keeps only the N most recent.`,
 	return cmd
 }
 
+// flowWalker is where flows are listed from: *maps.Maps.
+type flowWalker interface {
+	WalkFlows(fn func(maps.Flow) bool) error
+}
+
 // listFlows prints the flows that pass f: as the walk reads them, or
 // sorted (most recently active first: all of them held, or with a limit
 // only the limit most recent). limit 0 is no limit.
-func listFlows(m *maps.Maps, f flowfilter.Filter, sorted bool, limit int, p flowPrinter) error {
+func listFlows(m flowWalker, f flowfilter.Filter, sorted bool, limit int, p flowPrinter) error {
 	var werr error
 	if !sorted {
 		n := 0

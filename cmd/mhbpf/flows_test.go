@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/flowfilter"
 	"github.com/mhbpf/mhbpf/internal/maps"
 )
 
@@ -153,6 +154,67 @@ func TestRecentFlows(t *testing.T) {
 		for i, f := range got {
 			if f.Uplink != 999-i {
 				t.Fatalf("limit %d: flow %d is %d, want %d", limit, i, f.Uplink, 999-i)
+			}
+		}
+	}
+}
+
+// fakeWalker walks flows 0..n-1 (LastSeen i ms, on uplink i%3) and counts
+// the flows it handed out.
+type fakeWalker struct{ n, walked int }
+
+func (w *fakeWalker) WalkFlows(fn func(maps.Flow) bool) error {
+	for i := range w.n {
+		w.walked++
+		if !fn(maps.Flow{Uplink: i % 3, LastSeen: time.Duration(i) * time.Millisecond}) {
+			break
+		}
+	}
+	return nil
+}
+
+type recordingPrinter struct {
+	flows []maps.Flow
+	ended bool
+}
+
+func (p *recordingPrinter) flow(f maps.Flow) error { p.flows = append(p.flows, f); return nil }
+func (p *recordingPrinter) end() error             { p.ended = true; return nil }
+
+// The filter holds while reading; --limit alone stops the walk at the
+// limit; --sort reads everything and prints the most recent first.
+func TestListFlowsFiltersLimitsAndSorts(t *testing.T) {
+	onTwo := flowfilter.Any()
+	onTwo.Uplink = 2
+	for _, c := range []struct {
+		name          string
+		f             flowfilter.Filter
+		sorted        bool
+		limit         int
+		walked, first int // flows the walk handed out; the first printed's uplink-independent index
+		printed       int
+	}{
+		{"all", flowfilter.Any(), false, 0, 1000, 0, 1000},
+		{"uplink 2", onTwo, false, 0, 1000, 2, 333},
+		{"uplink 2, limit 5", onTwo, false, 5, 3*4 + 3, 2, 5},
+		{"sorted", flowfilter.Any(), true, 0, 1000, 999, 1000},
+		{"sorted, uplink 2, limit 5", onTwo, true, 5, 1000, 998, 5},
+	} {
+		w := &fakeWalker{n: 1000}
+		p := &recordingPrinter{}
+		if err := listFlows(w, c.f, c.sorted, c.limit, p); err != nil {
+			t.Fatal(err)
+		}
+		if w.walked != c.walked || len(p.flows) != c.printed || !p.ended {
+			t.Errorf("%s: walked %d, printed %d, ended %v; want %d, %d, true", c.name, w.walked, len(p.flows), p.ended, c.walked, c.printed)
+			continue
+		}
+		if got := int(p.flows[0].LastSeen / time.Millisecond); got != c.first {
+			t.Errorf("%s: first printed is flow %d, want %d", c.name, got, c.first)
+		}
+		for _, f := range p.flows {
+			if !c.f.Match(f) {
+				t.Errorf("%s: printed %+v", c.name, f)
 			}
 		}
 	}
