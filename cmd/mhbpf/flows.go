@@ -136,8 +136,8 @@ or its uplink goes out. Uplinks are named after the daemon's last status.
 The flows are printed as they are read, in the maps' order (as conntrack -L
 does), filters applied while reading: a million flows list in about a
 second, in constant memory. --sort prints the most recently active first:
-it reads every matching flow before printing (about 100 bytes each), or,
-with --limit N, keeps only the N most recent.`,
+it reads every matching flow before printing (a million: about 450 MB),
+or, with --limit N, keeps only the N most recent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if limit < 0 {
