@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/bpf"
 )
@@ -116,25 +117,82 @@ func (t flowTable) delete(k FlowKey) error {
 // walk calls fn for every flow, IPv4 first, until fn returns false (then
 // walk returns false).
 func (t flowTable) walk(fn func(Flow) bool) (bool, error) {
-	var v bpf.UplinkFlow
-	var k4 bpf.UplinkFlow4Key
-	it := t.v4.Iterate()
-	for it.Next(&k4, &v) {
-		if !fn(decodeFlow(key4(&k4), &v)) {
-			return false, nil
-		}
-	}
-	if err := it.Err(); err != nil {
+	if more, err := walkMap(t.v4, key4, fn); err != nil || !more {
 		return false, err
 	}
-	var k6 bpf.UplinkFlow6Key
-	it = t.v6.Iterate()
-	for it.Next(&k6, &v) {
-		if !fn(decodeFlow(key6(&k6), &v)) {
+	return walkMap(t.v6, key6, fn)
+}
+
+// WalkBatch is how many flows one batch lookup reads: one syscall per
+// WalkBatch flows instead of two per flow (about 0.3 MB of buffers for
+// IPv6).
+const WalkBatch = 4096
+
+// batchLookups is false only in tests of the key-by-key walk.
+var batchLookups = true
+
+// walkMap calls fn for every flow of one map (K is its key layout, key
+// its decoder) until fn returns false. It reads WalkBatch entries a
+// syscall (BPF_MAP_LOOKUP_BATCH: hash and LRU maps since 5.6), and key by
+// key where the kernel refuses batch lookups. A batch walk goes bucket by
+// bucket, so flows added or removed meanwhile are missed or seen, the
+// others seen once; a key-by-key walk starts over when the key it stands
+// on is deleted (an LRU eviction), so it may see flows twice.
+func walkMap[K any](mp *ebpf.Map, key func(*K) FlowKey, fn func(Flow) bool) (bool, error) {
+	if batchLookups {
+		if more, batched, err := walkBatched(mp, key, fn); batched {
+			return more, err
+		}
+	}
+	var k K
+	var v bpf.UplinkFlow
+	it := mp.Iterate()
+	for it.Next(&k, &v) {
+		if !fn(decodeFlow(key(&k), &v)) {
 			return false, nil
 		}
 	}
 	return true, it.Err()
+}
+
+// walkBatched is walkMap with batch lookups; batched is false when the
+// kernel refused the first one (nothing was passed to fn then).
+func walkBatched[K any](mp *ebpf.Map, key func(*K) FlowKey, fn func(Flow) bool) (more, batched bool, err error) {
+	keys := make([]K, WalkBatch)
+	vals := make([]bpf.UplinkFlow, WalkBatch)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := mp.BatchLookup(&cursor, keys, vals, nil)
+		end := errors.Is(err, ebpf.ErrKeyNotExist) // the last batch, maybe empty
+		if err != nil && !end {
+			if first && batchRefused(err) {
+				return false, false, nil
+			}
+			return false, true, fmt.Errorf("batch lookup in %s: %w", mapName(mp), err)
+		}
+		for i := range n {
+			if !fn(decodeFlow(key(&keys[i]), &vals[i])) {
+				return false, true, nil
+			}
+		}
+		if end {
+			return true, true, nil
+		}
+	}
+}
+
+// batchRefused: the kernel has no batch lookups for this map (ENOTSUPP:
+// before 5.6, or a map type without them; EINVAL: a kernel that does not
+// know the command's attributes).
+func batchRefused(err error) bool {
+	return errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL)
+}
+
+func mapName(mp *ebpf.Map) string {
+	if info, err := mp.Info(); err == nil && info.Name != "" {
+		return info.Name
+	}
+	return mp.String()
 }
 
 func key4(k *bpf.UplinkFlow4Key) FlowKey {
