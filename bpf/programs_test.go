@@ -1005,6 +1005,17 @@ func TestFailedUplinkRetiresItsFlows(t *testing.T) {
 	if !gens.Current(kept) {
 		t.Fatalf("isp2's flow %+v was retired by isp1's failure", kept)
 	}
+	// What mhbpf flows and top list: isp1's records are left out, not gone.
+	live, all := map[int]int{}, map[int]int{}
+	if err := e.m.WalkLiveFlows(func(f maps.Flow) bool { live[f.Uplink]++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.m.WalkFlows(func(f maps.Flow) bool { all[f.Uplink]++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if live[isp1] != 0 || all[isp1] == 0 || live[isp2] != all[isp2] || live[isp2] == 0 {
+		t.Fatalf("live flows by uplink %v, all %v: want isp1's left out of the live ones, isp2's all there", live, all)
+	}
 
 	// The retired LAN flow chooses again (a mid-stream segment, which a
 	// flow never seen would not get: it has a record, only a stale one).

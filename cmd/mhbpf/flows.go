@@ -181,7 +181,7 @@ or, with --limit N, keeps only the N most recent.`,
 
 // flowWalker is where flows are listed from: *maps.Maps.
 type flowWalker interface {
-	WalkFlows(fn func(maps.Flow) bool) error
+	WalkLiveFlows(fn func(maps.Flow) bool) error
 }
 
 // listFlows prints the flows that pass f: as the walk reads them, or
@@ -191,7 +191,7 @@ func listFlows(m flowWalker, f flowfilter.Filter, sorted bool, limit int, p flow
 	var werr error
 	if !sorted {
 		n := 0
-		err := m.WalkFlows(func(fl maps.Flow) bool {
+		err := m.WalkLiveFlows(func(fl maps.Flow) bool {
 			if !f.Match(fl) {
 				return true
 			}
@@ -207,7 +207,7 @@ func listFlows(m flowWalker, f flowfilter.Filter, sorted bool, limit int, p flow
 		return p.end()
 	}
 	recent := newRecentFlows(limit)
-	if err := m.WalkFlows(func(fl maps.Flow) bool {
+	if err := m.WalkLiveFlows(func(fl maps.Flow) bool {
 		if f.Match(fl) {
 			recent.add(fl)
 		}
@@ -441,20 +441,10 @@ packets follow main's routes.`,
 				return err
 			}
 			defer m.Close()
-			ids := []int{id}
-			if id < 0 {
-				ids = ids[:0]
-				for i := 0; i < maps.MaxUplinks; i++ {
-					ids = append(ids, i)
-				}
-			}
-			total := 0
-			for _, i := range ids {
-				n, err := m.DeleteFlowsOfUplink(i)
-				total += n
-				if err != nil {
-					return fmt.Errorf("flushing uplink %s: %w (%d flows forgotten so far)", slots.name(i), err, total)
-				}
+			// One walk, whichever uplinks: --uplink or all of them.
+			total, err := m.DeleteFlowsOf(func(u int) bool { return id < 0 || u == id })
+			if err != nil {
+				return fmt.Errorf("flushing flows: %w (%d flows forgotten so far)", err, total)
 			}
 			what := "all uplinks"
 			if id >= 0 {

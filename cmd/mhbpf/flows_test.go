@@ -163,7 +163,7 @@ func TestRecentFlows(t *testing.T) {
 // the flows it handed out.
 type fakeWalker struct{ n, walked int }
 
-func (w *fakeWalker) WalkFlows(fn func(maps.Flow) bool) error {
+func (w *fakeWalker) WalkLiveFlows(fn func(maps.Flow) bool) error {
 	for i := range w.n {
 		w.walked++
 		if !fn(maps.Flow{Uplink: i % 3, LastSeen: time.Duration(i) * time.Millisecond}) {

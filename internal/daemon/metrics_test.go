@@ -82,8 +82,9 @@ type walkingCounters struct {
 	walks int
 }
 
-func (w *walkingCounters) WalkFlows(func(maps.Flow) bool) error    { w.walks++; return nil }
-func (w *walkingCounters) WalkLANFlows(func(maps.Flow) bool) error { w.walks++; return nil }
+func (w *walkingCounters) WalkFlows(func(maps.Flow) bool) error     { w.walks++; return nil }
+func (w *walkingCounters) WalkLANFlows(func(maps.Flow) bool) error  { w.walks++; return nil }
+func (w *walkingCounters) WalkLiveFlows(func(maps.Flow) bool) error { w.walks++; return nil }
 func (w *walkingCounters) LookupFlow(maps.FlowKey) (maps.Flow, bool, error) {
 	w.walks++
 	return maps.Flow{}, false, nil

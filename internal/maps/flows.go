@@ -259,6 +259,17 @@ func (m *Maps) WalkFlows(fn func(Flow) bool) error {
 	return nil
 }
 
+// WalkLiveFlows is WalkFlows without the records an uplink's failure
+// retired (FlowGenerations.Current): what a user asks about when asking
+// which flows there are. The generations are read once, before the walk.
+func (m *Maps) WalkLiveFlows(fn func(Flow) bool) error {
+	gens, err := m.FlowGenerations()
+	if err != nil {
+		return err
+	}
+	return m.WalkFlows(func(f Flow) bool { return !gens.Current(f) || fn(f) })
+}
+
 // WalkLANFlows is WalkFlows over the LAN's flows only (not the inbound
 // records).
 func (m *Maps) WalkLANFlows(fn func(Flow) bool) error {
@@ -270,11 +281,18 @@ func (m *Maps) WalkLANFlows(fn func(Flow) bool) error {
 // endpoints that point to it, so their next packet chooses again. It returns
 // how many flows it deleted.
 func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
+	return m.DeleteFlowsOf(func(u int) bool { return u == id })
+}
+
+// DeleteFlowsOf is DeleteFlowsOfUplink for every uplink of that says so,
+// in one walk of each map (flushing all uplinks walks once, not once per
+// slot).
+func (m *Maps) DeleteFlowsOf(of func(uplink int) bool) (int, error) {
 	n := 0
 	for _, t := range m.flowTables() {
 		var keys []FlowKey
 		if _, err := t.walk(func(f Flow) bool {
-			if f.Uplink == id {
+			if of(f.Uplink) {
 				keys = append(keys, f.Key)
 			}
 			return true
@@ -289,8 +307,7 @@ func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 			}
 		}
 	}
-
-	_, err := m.DeleteRemotesOfUplink(id)
+	_, err := m.deleteRemotesOf(of)
 	return n, err
 }
 
@@ -299,12 +316,16 @@ func (m *Maps) DeleteFlowsOfUplink(id int) (int, error) {
 // says how many. A walk of the remotes map: the daemon does it after the
 // routing change of a failure, never before.
 func (m *Maps) DeleteRemotesOfUplink(id int) (int, error) {
+	return m.deleteRemotesOf(func(u int) bool { return u == id })
+}
+
+func (m *Maps) deleteRemotesOf(of func(uplink int) bool) (int, error) {
 	var rk bpf.UplinkRemoteKey
 	var rv bpf.UplinkRemote
 	var rkeys []bpf.UplinkRemoteKey
 	rit := m.Remotes.Iterate()
 	for rit.Next(&rk, &rv) {
-		if int(rv.Uplink) == id {
+		if of(int(rv.Uplink)) {
 			rkeys = append(rkeys, rk)
 		}
 	}

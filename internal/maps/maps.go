@@ -156,9 +156,26 @@ func (m *Maps) ForgetFlowsOfUplink(id int) (uint32, error) {
 // a current flow record from a retired one (Current).
 type FlowGenerations [MaxUplinks]uint32
 
-// FlowGenerations reads every uplink's generation.
+// FlowGenerations reads every uplink's generation: one batch lookup (a
+// listing of the flows costs a handful of bpf calls), key by key where the
+// kernel has no batch lookups.
 func (m *Maps) FlowGenerations() (FlowGenerations, error) {
 	var g FlowGenerations
+	keys := make([]uint32, MaxUplinks)
+	vals := make([]bpf.UplinkUplink, MaxUplinks)
+	var cursor ebpf.MapBatchCursor
+	n, err := m.Uplinks.BatchLookup(&cursor, keys, vals, nil)
+	if errors.Is(err, ebpf.ErrKeyNotExist) || (err == nil && n == MaxUplinks) {
+		for i := 0; i < n; i++ {
+			if int(keys[i]) < MaxUplinks {
+				g[keys[i]] = vals[i].Gen
+			}
+		}
+		return g, nil
+	}
+	if err != nil && !batchRefused(err) {
+		return g, fmt.Errorf("uplinks: %w", err)
+	}
 	var v bpf.UplinkUplink
 	for id := range g {
 		if err := m.Uplinks.Lookup(uint32(id), &v); err != nil {

@@ -51,7 +51,7 @@ type Frame struct {
 
 // Source is what a Sampler reads: *maps.Maps.
 type Source interface {
-	WalkFlows(fn func(maps.Flow) bool) error
+	WalkLiveFlows(fn func(maps.Flow) bool) error
 	UplinkCounters(id int) (maps.Counters, error)
 }
 
@@ -91,7 +91,7 @@ func (s *Sampler) countFlows(now time.Time) error {
 		return nil
 	}
 	c := flowCount{all: map[int]int{}, v6: map[int]int{}, at: now}
-	if err := s.m.WalkFlows(func(f maps.Flow) bool {
+	if err := s.m.WalkLiveFlows(func(f maps.Flow) bool {
 		c.all[f.Uplink]++
 		if f.Key.Dst.Addr().Is6() {
 			c.v6[f.Uplink]++

@@ -35,7 +35,7 @@ type fakeMaps struct {
 	walks     int
 }
 
-func (f *fakeMaps) WalkFlows(fn func(maps.Flow) bool) error {
+func (f *fakeMaps) WalkLiveFlows(fn func(maps.Flow) bool) error {
 	f.walks++
 	*f.now = f.now.Add(f.walkTakes)
 	for range f.flows {
