@@ -80,9 +80,12 @@ type benchCase struct {
 	prefixes int
 }
 
+// prefixFree are the setups without a policy: measured once a round.
+var prefixFree = map[string]bool{"plain": true, "rules": true}
+
 func (c benchCase) String() string {
-	if c.setup == "plain" {
-		return "plain"
+	if prefixFree[c.setup] {
+		return c.setup
 	}
 	return fmt.Sprintf("%s/%d", c.setup, c.prefixes)
 }
@@ -95,6 +98,7 @@ type sample struct {
 	udpSent            float64 // datagrams a second the client sent
 	isp1Share          float64 // of the window's connections
 	drops              int     // BCP 38 drops at the ISPs over the whole case
+	daemonCPU          float64 // seconds of CPU the daemon used while measured (mhbpf only)
 	setupSeconds       float64 // from a fresh bed to the setup in place (the daemon: running, both uplinks usable)
 }
 
@@ -105,8 +109,8 @@ func drive(args []string) error {
 	fs.StringVar(&o.bin, "bin", "bin/mhbpf", "the mhbpf binary")
 	fs.IntVar(&o.rounds, "rounds", 3, "interleaved rounds")
 	fs.StringVar(&prefixes, "prefixes", "10,100000", "policy prefix counts, comma-separated")
-	fs.StringVar(&setups, "setups", "plain,mhbpf,nft,iptables", "setups to run, in round order")
-	fs.DurationVar(&o.window, "window", 2*time.Second, "each measurement's window")
+	fs.StringVar(&setups, "setups", "plain,rules,mhbpf,nft,iptables", "setups to run, in round order")
+	fs.DurationVar(&o.window, "window", 3*time.Second, "each measurement's window")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "traffic before each window")
 	fs.IntVar(&o.dests, "dests", 254, "destinations: the first addresses of "+Servers.String())
 	fs.IntVar(&o.conns, "conns", 16, "connections in parallel (conn/s)")
@@ -153,13 +157,13 @@ func drive(args []string) error {
 
 	var cases []benchCase
 	for _, s := range o.setups {
-		if s == "plain" {
+		if prefixFree[s] {
 			cases = append(cases, benchCase{setup: s})
 		}
 	}
 	for _, n := range o.prefixes {
 		for _, s := range o.setups {
-			if s != "plain" {
+			if !prefixFree[s] {
 				cases = append(cases, benchCase{setup: s, prefixes: n})
 			}
 		}
@@ -196,8 +200,8 @@ func drive(args []string) error {
 			if err != nil {
 				return fmt.Errorf("round %d, %s: %w", r, c, err)
 			}
-			fmt.Fprintf(os.Stderr, "e2e:   %.0f conn/s (%d failed, isp1 %.0f%%), %.0f pps (of %.0f sent), %.0f Mbit/s, %d BCP 38 drops, setup %.2fs\n",
-				s.conns, s.connErrors, 100*s.isp1Share, s.udp, s.udpSent, s.stream, s.drops, s.setupSeconds)
+			fmt.Fprintf(os.Stderr, "e2e:   %.0f conn/s (%d failed, isp1 %.0f%%), %.0f pps (of %.0f sent), %.0f Mbit/s, %d BCP 38 drops, setup %.2fs, daemon CPU %.2fs\n",
+				s.conns, s.connErrors, 100*s.isp1Share, s.udp, s.udpSent, s.stream, s.drops, s.setupSeconds, s.daemonCPU)
 			results[c] = append(results[c], s)
 		}
 	}
@@ -215,6 +219,8 @@ func newSetup(name string, o *options) setup {
 		return plain{}
 	case "mhbpf":
 		return &mhbpfDaemon{bin: o.bin, track: o.track}
+	case "rules":
+		return policyRules{}
 	case "nft":
 		return nftSet{}
 	case "iptables":
@@ -253,6 +259,11 @@ func runCase(o *options, c benchCase, prefixes []netip.Prefix, setUndo func(func
 		return s, err
 	}
 	s.setupSeconds = time.Since(t0).Seconds()
+	type cpuUser interface{ cpuSeconds() float64 }
+	if d, ok := st.(cpuUser); ok {
+		cpu0 := d.cpuSeconds()
+		defer func() { s.daemonCPU = d.cpuSeconds() - cpu0 }()
+	}
 
 	measure := func(kind string, workers int) (loadResult, error) {
 		var r loadResult

@@ -102,9 +102,10 @@ func writeReport(o *options, cases []benchCase, results map[benchCase][]sample, 
 	pc, pu, ps := median(of(plain, func(s sample) float64 { return s.conns })),
 		median(of(plain, func(s sample) float64 { return s.udp })),
 		median(of(plain, func(s sample) float64 { return s.stream }))
-	w("Medians over the rounds; × plain divides by plain routing's median.\n\n")
-	w("| setup | prefixes | new TCP conn/s | × plain | UDP pps received | × plain | TCP Mbit/s | × plain | isp1 share | failed conns | BCP 38 drops | setup s |\n")
-	w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	w("Medians over the rounds; × plain divides by plain routing's median. setup s: from fresh namespaces to the setup in place (mhbpf: the daemon running, both uplinks usable); daemon CPU s: what the daemon used over the three measurements (%s).\n\n",
+		time.Duration(3*int64(o.warmup+o.window)).Round(time.Second))
+	w("| setup | prefixes | new TCP conn/s | × plain | UDP pps received | × plain | TCP Mbit/s | × plain | isp1 share | failed conns | BCP 38 drops | setup s | daemon CPU s |\n")
+	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, c := range cases {
 		ss := results[c]
 		cn, u, st := median(of(ss, func(s sample) float64 { return s.conns })),
@@ -116,14 +117,17 @@ func writeReport(o *options, cases []benchCase, results map[benchCase][]sample, 
 			failed += s.connErrors
 			drops += s.drops
 		}
-		prefixes := "—"
-		if c.setup != "plain" {
+		prefixes, cpu := "—", ""
+		if !prefixFree[c.setup] {
 			prefixes = fmt.Sprint(c.prefixes)
 		}
-		w("| %s | %s | %.0f | %s | %.0f | %s | %.0f | %s | %.0f%% | %d | %d | %.2f |\n", c.setup, prefixes,
+		if c.setup == "mhbpf" {
+			cpu = fmt.Sprintf("%.2f", median(of(ss, func(s sample) float64 { return s.daemonCPU })))
+		}
+		w("| %s | %s | %.0f | %s | %.0f | %s | %.0f | %s | %.0f%% | %d | %d | %.2f | %s |\n", c.setup, prefixes,
 			cn, ratio(cn, pc), u, ratio(u, pu), st, ratio(st, ps),
 			100*median(of(ss, func(s sample) float64 { return s.isp1Share })), failed, drops,
-			median(of(ss, func(s sample) float64 { return s.setupSeconds })))
+			median(of(ss, func(s sample) float64 { return s.setupSeconds })), cpu)
 	}
 	w("\nEach round's figures (conn/s; UDP pps received, of pps sent; Mbit/s):\n\n")
 	w("| case | conn/s | UDP pps | UDP pps sent | Mbit/s |\n|---|---|---|---|---|\n")

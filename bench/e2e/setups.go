@@ -92,6 +92,15 @@ func markRouting(b *bed) error {
 	return plainRouting(b)
 }
 
+// policyRules: plain routing plus the fib rules and tables the
+// hand-written setups use, and no marking: what turning policy routing on
+// costs by itself (the kernel leaves its fast path of main and default
+// lookups once any rule of one's own exists), apart from the marking.
+type policyRules struct{}
+
+func (policyRules) start(b *bed, _ []netip.Prefix) error { return markRouting(b) }
+func (policyRules) stop() error                          { return nil }
+
 // nftSet: what a careful administrator writes today: the prefixes in an
 // interval set, looked up once per new connection, the choice kept in the
 // conntrack mark and copied to every packet's mark.
@@ -278,6 +287,20 @@ func (m *mhbpfDaemon) logErrors() error {
 		return fmt.Errorf("the daemon logged errors:\n%s", strings.Join(bad, "\n"))
 	}
 	return nil
+}
+
+// cpuSeconds is the CPU time the daemon has used so far (user + system).
+func (m *mhbpfDaemon) cpuSeconds() float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", m.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name, which is in parentheses.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	var utime, stime float64
+	fmt.Sscan(f[11], &utime)
+	fmt.Sscan(f[12], &stime)
+	return (utime + stime) / 100 // USER_HZ
 }
 
 // stop ends the daemon (SIGTERM), removes what it left with 'mhbpf down'
