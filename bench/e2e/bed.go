@@ -118,7 +118,7 @@ func newBed(self string, track *tracker) (b *bed, err error) {
 		return b, err
 	}
 	b.server = exec.Command("ip", "netns", "exec", b.Srv, self, "serve", "-ctl", b.ctl())
-	b.server.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	b.server.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	b.server.Stderr = os.Stderr
 	out, err := b.server.StdoutPipe()
 	if err != nil {

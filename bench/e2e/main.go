@@ -267,9 +267,13 @@ func runCase(o *options, c benchCase, prefixes []netip.Prefix, setUndo func(func
 
 	measure := func(kind string, workers int) (loadResult, error) {
 		var r loadResult
-		out, err := exec.Command("ip", "netns", "exec", b.LAN, o.self, "load", "-kind", kind,
+		cmd := exec.Command("ip", "netns", "exec", b.LAN, o.self, "load", "-kind", kind,
 			"-dests", strconv.Itoa(o.dests), "-ctl", b.ctl(), "-warmup", o.warmup.String(), "-window", o.window.String(),
-			"-workers", strconv.Itoa(workers), "-payload", strconv.Itoa(o.payload)).Output()
+			"-workers", strconv.Itoa(workers), "-payload", strconv.Itoa(o.payload))
+		// Killed with this driver, whatever kills it (ip netns exec execs
+		// the client: the same process).
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		out, err := cmd.Output()
 		if err != nil {
 			if ee, ok := err.(*exec.ExitError); ok {
 				return r, fmt.Errorf("load %s: %v: %s", kind, err, ee.Stderr)

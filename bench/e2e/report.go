@@ -75,6 +75,7 @@ func cpuModel() string {
 
 var setupText = map[string]string{
 	"plain":    "routing only: a weighted multipath default route (8:2, `fib_multipath_hash_policy=1`: hashed on the five-tuple) and masquerade",
+	"rules":    "plain, plus the fib rules and tables of the hand-written setups (`to LAN lookup main`, `fwmark 0x1/0x1` and `0x2/0x2` to a table per uplink) and no marking: what policy routing costs by itself (with a rule of one's own the kernel no longer looks up one merged local+main table but walks the rules, local, then main)",
 	"mhbpf":    "the real daemon (`bin/mhbpf run`): default balance 8:2, a `[[policy]]` of the prefixes (`destination_files`) to isp1, `masquerade = true` and `clamp_mss = false` on both uplinks",
 	"nft":      "nftables: the prefixes in an interval set, `ct state new ip daddr @set ct mark set 0x1`, `meta mark set ct mark` on every packet, `ip rule fwmark` to a table per uplink; the rest by the multipath route",
 	"iptables": "the seed's setup in legacy iptables (mangle PREROUTING): `CONNMARK --restore-mark`, marked packets `ACCEPT`, uplink arrivals stamped, one `-d PREFIX -j MARK` rule per prefix for a new LAN connection, else the LAN's \"main\" mark 0x8, `CONNMARK --save-mark`; fwmark rules as nftables'; the rest by the multipath route",
