@@ -208,9 +208,28 @@ func drive(args []string) error {
 	report := writeReport(&o, cases, results, time.Since(start))
 	if o.out == "" {
 		_, err = os.Stdout.WriteString(report)
+	} else {
+		err = os.WriteFile(o.out, []byte(report), 0o644)
+	}
+	if err != nil {
 		return err
 	}
-	return os.WriteFile(o.out, []byte(report), 0o644)
+	// A failed connection or a packet an ISP dropped for its source means
+	// a setup sent something the wrong way (or not at all): its figures
+	// measure a broken router. The section is written, and the run fails.
+	var broken []string
+	for _, c := range cases {
+		for _, s := range results[c] {
+			if s.connErrors > 0 || s.drops > 0 {
+				broken = append(broken, c.String())
+				break
+			}
+		}
+	}
+	if len(broken) > 0 {
+		return fmt.Errorf("failed connections or BCP 38 drops in %s (see the report)", strings.Join(broken, ", "))
+	}
+	return nil
 }
 
 func newSetup(name string, o *options) setup {
