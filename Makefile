@@ -91,7 +91,7 @@ test-host: testsum
 # package of VM_PACKAGES without tests.
 VM_EXEC = $(CURDIR)/test/vm/vm.sh
 VM_KERNELS = 5.10.0-46-amd64 6.1.0-56-amd64 6.12.117+deb12-amd64
-VM_PACKAGES = ./bpf/ ./internal/loader/ ./internal/routing/
+VM_PACKAGES = ./bpf/ ./internal/loader/ ./internal/maps/ ./internal/routing/
 VM_TESTS = TestPPPUplinks TestOpenVPNOverPPPFollowsPolicy TestDaemonRestoresMainRouteWhenAnUplinkVanishes \
 	TestLANConnectionLeavesByChosenUplink TestLocalUDPAndForeignMarkedSockets TestDaemonRepairsDetachedTC \
 	TestSpoofedPacketCannotRewritePolicy TestHairpinAndAnswersBeatSpecificRoutes \

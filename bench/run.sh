@@ -12,7 +12,8 @@ out=$(mktemp)
 parts=$(mktemp -d)
 trap 'rm -rf "$out" "$parts"' EXIT
 
-cmd_pkt="$GO test -run '^\$' -bench . -benchtime 20x -count 1 ./bpf/"
+cmd_pkt="$GO test -run '^\$' -bench '^Benchmark[^U]|^BenchmarkUplink[^D]' -benchtime 20x -count 1 ./bpf/"
+cmd_down="$GO test -run '^\$' -bench '^BenchmarkUplinkDown' -benchtime 3x -count 1 ./bpf/"
 cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./internal/maps/"
 # Rounds interleaved: a noisy neighbour skews one round of every
 # benchmark, not every round of one.
@@ -22,6 +23,7 @@ for r in $(seq "$ROUNDS"); do
 	# the other suites' namespace tests (the parts take it themselves).
 	eval "flock -o /tmp/mhbpf-net.lock $cmd_pkt" | grep '^Benchmark' >>"$out"
 	eval "$cmd_fold" | grep '^Benchmark' >>"$out"
+	eval "$cmd_down" | grep '^Benchmark' >>"$out"
 done
 
 # The other benchmarks (end to end through namespaces, the daemon): each
@@ -72,6 +74,7 @@ END {
 	echo "- commands, each round:"
 	echo "  - \`$cmd_pkt\`"
 	echo "  - \`$cmd_fold\`"
+	echo "  - \`$cmd_down\`"
 	echo
 	echo "Per-packet figures (ns/pkt) are BPF_PROG_TEST_RUN over 100,000 repeats;"
 	echo "\"× floor\" divides by BaselinePass, a program that only returns, in the"

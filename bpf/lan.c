@@ -12,12 +12,6 @@
 #include "include/policy.h"
 #include "include/flow.h"
 
-static __always_inline bool uplink_is_up(__u32 id)
-{
-	struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
-	return l && l->up;
-}
-
 SEC("tc")
 int lan_ingress(struct __sk_buff *skb)
 {
@@ -37,7 +31,8 @@ int lan_ingress(struct __sk_buff *skb)
 	struct flow *f = flow_find(flows4, flows6, p.family, &k);
 	if (!f) /* the answer of a port forward (lan_egress recorded it) */
 		f = flow_find(inbound4, inbound6, p.family, &k);
-	if (f && uplink_is_up(f->uplink)) {
+	struct uplink *l = f ? flow_uplink(f) : 0;
+	if (l && l->up) {
 		flow_seen(f);
 		count_packet(f->uplink, skb->len, false);
 		skb->mark = apply_mark(skb->mark, f->mark);
@@ -130,12 +125,13 @@ int lan_egress(struct __sk_buff *skb)
 	}
 	union flow_key k;
 	flow_key_of(&p, &k, true);
-	if (flow_find(flows4, flows6, p.family, &k))
+	struct flow *own = flow_find(flows4, flows6, p.family, &k);
+	if (own && flow_uplink(own))
 		return TC_ACT_OK; /* the LAN's own flow */
 	/* With the inbound records: what remote peers start, however many,
 	 * never evicts the LAN's own flows. */
 	struct flow *f = flow_find(inbound4, inbound6, p.family, &k);
-	if (f && f->uplink == from->uplink)
+	if (f && f->uplink == from->uplink && flow_uplink(f))
 		return TC_ACT_OK;
 	flow_record(inbound4, inbound6, p.family, &k, from->uplink, ORIGIN_INBOUND, 0,
 		    (uplink_mark(from->uplink) | mark_reply) & mark_mask);

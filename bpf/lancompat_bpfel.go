@@ -20,7 +20,7 @@ type LanCompatFlow struct {
 	Origin      uint8
 	Policy      uint16
 	SeenJiffies uint32
-	Pad2        uint32
+	Gen         uint32
 	FirstSeen   uint64
 	LastSeen    uint64
 }
@@ -162,6 +162,7 @@ type LanCompatUplink struct {
 	Up      uint8
 	Addr4   uint32
 	Addr6   [4]uint32
+	Gen     uint32
 }
 
 type LanCompatUplinkCounters struct {

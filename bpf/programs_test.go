@@ -949,3 +949,106 @@ func TestHeadersBeyondDirectReachParse(t *testing.T) {
 		t.Fatalf("no flow for %v -> %v behind a %d-byte extension header", p.Src, p.Dst, extra+8)
 	}
 }
+
+// An uplink that fails retires its flows in one map write (its generation
+// moves on): a LAN flow's next packet chooses again, even after the uplink
+// is back up, and an inbound record no longer marks the remote's packets,
+// as if the records had been deleted; the other uplink's flows stay.
+func TestFailedUplinkRetiresItsFlows(t *testing.T) {
+	e := newEnv(t)
+	var onISP1, onISP2 packet.Packet
+	for i := 0; i < 256 && (onISP1.Proto == 0 || onISP2.Proto == 0); i++ {
+		p := syn(ap(lanHost, uint16(1000+i)), ap(netip.AddrFrom4([4]byte{100, 96, 1, byte(i)}), 80))
+		switch uplinkOf(e.lanRun(p, 0)) {
+		case isp1:
+			onISP1 = p
+		case isp2:
+			onISP2 = p
+		}
+	}
+	if onISP1.Proto == 0 || onISP2.Proto == 0 {
+		t.Fatal("256 destinations did not use both uplinks")
+	}
+	visitor := ap(netip.MustParseAddr("198.51.100.50"), 51000)
+	in := syn(visitor, ap(netip.MustParseAddr("100.64.0.2"), 80))
+	in.L3 = true
+	e.arrivesOn(isp1, true)
+	if m := e.uplinkRun(in, 0); m != markISP1|markReply {
+		t.Fatalf("inbound SYN on isp1: mark %#x", m)
+	}
+	in.TCPFlags = packet.TCPAck
+	e.lan(false)
+
+	// isp1 fails and comes back: down, generation moved on, up again.
+	if err := e.m.SetUplinkUp(isp1, false); err != nil {
+		t.Fatal(err)
+	}
+	gen, err := e.m.ForgetFlowsOfUplink(isp1)
+	if err != nil || gen != 1 {
+		t.Fatalf("ForgetFlowsOfUplink: generation %d, %v; want 1", gen, err)
+	}
+	if err := e.m.SetUplinkUp(isp1, true); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := e.m.LookupUplink(isp1); err != nil || u.Gen != 1 || !u.Up {
+		t.Fatalf("isp1 after SetUplinkUp: %+v, %v; want up, generation 1 kept", u, err)
+	}
+	gens, err := e.m.FlowGenerations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, _ := e.flow(onISP1)
+	if gens.Current(old) {
+		t.Fatalf("isp1's flow %+v is current after the failure", old)
+	}
+	kept, _ := e.flow(onISP2)
+	if !gens.Current(kept) {
+		t.Fatalf("isp2's flow %+v was retired by isp1's failure", kept)
+	}
+	// What mhbpf flows and top list: isp1's records are left out, not gone.
+	live, all := map[int]int{}, map[int]int{}
+	if err := e.m.WalkLiveFlows(func(f maps.Flow) bool { live[f.Uplink]++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.m.WalkFlows(func(f maps.Flow) bool { all[f.Uplink]++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if live[isp1] != 0 || all[isp1] == 0 || live[isp2] != all[isp2] || live[isp2] == 0 {
+		t.Fatalf("live flows by uplink %v, all %v: want isp1's left out of the live ones, isp2's all there", live, all)
+	}
+
+	// The retired LAN flow chooses again (a mid-stream segment, which a
+	// flow never seen would not get: it has a record, only a stale one).
+	// isp2 down for the choice, so that a new choice shows.
+	if err := e.m.SetUplinkUp(isp2, false); err != nil {
+		t.Fatal(err)
+	}
+	ack := onISP2
+	ack.TCPFlags = packet.TCPAck
+	if m := e.lanRun(ack, 0); uplinkOf(m) != isp1 {
+		t.Fatalf("flow of down isp2: mark %#x, want a new choice, isp1", m)
+	}
+	if err := e.m.SetUplinkUp(isp2, true); err != nil {
+		t.Fatal(err)
+	}
+	onISP1.TCPFlags = packet.TCPAck
+	e.lanRun(onISP1, 0)
+	if f, ok := e.flow(onISP1); !ok || f.Gen != 1 || !gens.Current(f) {
+		t.Fatalf("retired flow after its next packet: %+v (found %v), want a record of generation 1", f, ok)
+	}
+
+	// The inbound record of isp1 marks nothing any more: the remote's
+	// mid-stream packet is not an opener, so it passes unmarked.
+	e.arrivesOn(isp1, true)
+	if m := e.uplinkRun(in, 0); m != 0 {
+		t.Fatalf("packet of a retired inbound flow: mark %#x, want none", m)
+	}
+	// A new connection from the remote is recorded under the new generation.
+	in.TCPFlags = packet.TCPSyn
+	if m := e.uplinkRun(in, 0); m != markISP1|markReply {
+		t.Fatalf("new inbound SYN on isp1: mark %#x", m)
+	}
+	if f, ok := e.flow(in); !ok || f.Gen != 1 {
+		t.Fatalf("new inbound record %+v (found %v), want generation 1", f, ok)
+	}
+}

@@ -69,7 +69,9 @@ int uplink_ingress(struct __sk_buff *skb)
 	union flow_key k;
 	flow_key_of(&p, &k, false);
 	struct flow *f = flow_find(inbound4, inbound6, p.family, &k);
-	if (f) {
+	/* Not whether the uplink is up: what arrives on it is answered by it
+	 * (probes may have failed while inbound traffic still flows). */
+	if (f && flow_uplink(f)) {
 		flow_seen(f);
 		skb->mark = apply_mark(skb->mark, f->mark);
 		return TC_ACT_OK;

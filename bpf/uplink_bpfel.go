@@ -27,7 +27,7 @@ type UplinkFlow struct {
 	Origin      uint8
 	Policy      uint16
 	SeenJiffies uint32
-	Pad2        uint32
+	Gen         uint32
 	FirstSeen   uint64
 	LastSeen    uint64
 }
@@ -196,6 +196,7 @@ type UplinkUplink struct {
 	Up      uint8
 	Addr4   uint32
 	Addr6   [4]uint32
+	Gen     uint32
 }
 
 type UplinkUplinkCounters struct {

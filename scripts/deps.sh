@@ -8,10 +8,13 @@ packages=(
 	clang-19 llvm-19      # the pinned BPF compiler (make generate) and its llvm-strip
 	iproute2              # ip netns / ip link / tc for the test topology
 	nftables              # masquerade in the scenario tests
+	iptables              # make bench (bench/parts/e2e.sh): the seed's CONNMARK setup, in legacy iptables
 	openvpn               # the real tun0 of the scenario
 	socat procps          # real servers and clients; sysctl
 	iputils-ping util-linux # ping for ICMP tests, nsenter to run the daemon in a namespace, setpriv for the unit's capabilities
 	systemd               # systemd-analyze verify of dist/mhbpf.service (TestUnitFileVerifies)
+	strace                # counts the CLI's bpf(2) calls (TestStatusSkipsAndFlowsBatchesTheFlowMaps)
+	time                  # /usr/bin/time: max RSS in bench/parts/flows.sh
 	ppp                   # real pppd (runs in the VM suite: the host kernel has no PPP)
 	qemu-system-x86 busybox-static cpio xz-utils  # the VM suite (test/vm)
 	git make ca-certificates

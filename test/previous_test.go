@@ -93,7 +93,7 @@ func upgradeFromPrevious(t *testing.T, startOld, stopOld func(*daemonEnv)) {
 	}
 	e.start()
 	t.Logf("the new daemon:\n%s", grepLines(e.log.String(), "pinned map"))
-	for _, want := range []string{"map=flows action=split", "map=inbound action=split"} {
+	for _, want := range []string{"map=flows action=split", "map=inbound action=split", "map=uplinks action=convert"} {
 		if !strings.Contains(e.log.String(), want) {
 			t.Fatalf("the log does not say %q:\n%s", want, e.log.String())
 		}
@@ -270,4 +270,29 @@ func (e *daemonEnv) rewriteToPreviousLayout(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "iface_slots")); err != nil {
 		t.Fatal(err)
 	}
+
+	// struct uplink had no flow generation: 4 bytes shorter.
+	up, err := ebpf.LoadPinnedMap(filepath.Join(dir, "uplinks"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short := up.ValueSize() - 4
+	om, err := ebpf.NewMap(&ebpf.MapSpec{Name: "uplinks", Type: ebpf.Array, KeySize: 4, ValueSize: short, MaxEntries: up.MaxEntries()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uv []byte
+	for it := up.Iterate(); it.Next(&idx, &uv); {
+		if err := om.Put(idx, uv[:short]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	up.Close()
+	if err := os.Remove(filepath.Join(dir, "uplinks")); err != nil {
+		t.Fatal(err)
+	}
+	if err := om.Pin(filepath.Join(dir, "uplinks")); err != nil {
+		t.Fatal(err)
+	}
+	om.Close()
 }

@@ -119,6 +119,12 @@ func TestProbeDetectionTime(t *testing.T) {
 	}
 	e.start()
 	e.waitFor("multipath", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
+	// The probes start once the first pass made the uplink's table: none
+	// is lost to a route that does not exist yet.
+	time.Sleep(3 * interval)
+	if u := e.uplinkStatus("isp1"); u.Loss != 0 {
+		t.Fatalf("isp1 lost %.0f%% of its first probe rounds on a working uplink: %+v", 100*u.Loss, u)
+	}
 	var worst time.Duration
 	for i := 0; i < 5; i++ {
 		// Let the probes settle into their rhythm, at a different phase

@@ -87,6 +87,23 @@ static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *
 	__builtin_memcpy(k->addr, addr, 16);
 }
 
+/* f's uplink if f is of its current generation, else NULL: the uplink has
+ * been down since f was recorded, and f is as good as deleted. (A retired
+ * record is left for the LRU to reclaim, or for the flow's next packet to
+ * overwrite.) */
+static __always_inline struct uplink *flow_uplink(const struct flow *f)
+{
+	__u32 id = f->uplink;
+	struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
+	return l && l->gen == f->gen ? l : 0;
+}
+
+static __always_inline __u32 uplink_gen(__u32 id)
+{
+	struct uplink *l = bpf_map_lookup_elem(&uplinks, &id);
+	return l ? l->gen : 0;
+}
+
 /* A packet of a known flow. The record is written about once a second at
  * most: a steady flow only reads it. */
 static __always_inline void flow_seen(struct flow *f)
@@ -109,6 +126,7 @@ static __always_inline struct flow flow_new(__u8 uplink, __u8 origin, __u16 poli
 		.origin = origin,
 		.policy = policy,
 		.seen_jiffies = bpf_jiffies64(),
+		.gen = uplink_gen(uplink),
 		.first_seen = now,
 		.last_seen = now,
 	};

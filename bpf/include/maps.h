@@ -118,7 +118,12 @@ struct flow {
 	 * it with jiffies, which the verifier inlines (one load), and reads
 	 * the clock only when a second has passed. */
 	__u32 seen_jiffies;
-	__u32 pad2;
+	/* Its uplink's generation when the record was made: an uplink that
+	 * goes down gets a new one (struct uplink), which retires all its
+	 * flows at once, however many there are. 0 in a record converted from
+	 * a layout that had padding here, as in every uplink until its first
+	 * failure. */
+	__u32 gen;
 	__u64 first_seen; /* CLOCK_MONOTONIC ns, coarse (a tick) */
 	__u64 last_seen;  /* the same clock, refreshed about once a second at most */
 };
@@ -168,6 +173,9 @@ struct uplink {
 	 * the uplink's "from" rule routes by. */
 	__u32 addr4;
 	__u32 addr6[4];
+	/* Bumped by the daemon when the uplink goes down (or leaves its
+	 * slot): a flow record of an older generation is as good as none. */
+	__u32 gen;
 };
 
 struct iface {

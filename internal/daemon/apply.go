@@ -22,7 +22,10 @@ import (
 // Datapath is the BPF maps the plan writes (*maps.Maps).
 type Datapath interface {
 	SetUplink(id int, u maps.Uplink) error
-	DeleteFlowsOfUplink(id int) (int, error)
+	// ForgetFlowsOfUplink retires an uplink's flows at once (O(1)).
+	ForgetFlowsOfUplink(id int) (uint32, error)
+	// DeleteRemotesOfUplink walks the remote endpoints: after routing.
+	DeleteRemotesOfUplink(id int) (int, error)
 	DeleteIface(ifindex int) error
 	SetBypass(prefixes []netip.Prefix) error
 }
@@ -143,13 +146,15 @@ func (a *applier) apply(p Plan, s Snapshot) {
 	for _, u := range p.Up {
 		a.log.Info("uplink up", "uplink", u)
 	}
-	flows := map[int]int{}
+	// One map write per uplink however many flows it had: the routing
+	// change below must not wait for the flow count.
+	gens := map[int]uint32{}
 	for _, w := range p.Down {
-		n, err := a.sys.Datapath.DeleteFlowsOfUplink(w.Ref.Slot)
+		g, err := a.sys.Datapath.ForgetFlowsOfUplink(w.Ref.Slot)
 		if err != nil {
-			a.fail("flows of "+w.Ref.Name, err, "deleting the flows of an uplink that went down", "uplink", w.Ref)
+			a.fail("flows of "+w.Ref.Name, err, "retiring the flows of an uplink that went down", "uplink", w.Ref)
 		}
-		flows[w.Ref.Slot] = n
+		gens[w.Ref.Slot] = g
 	}
 	if len(p.ReattachCgroup) > 0 {
 		if cg, err := a.sys.Attacher.ReattachCgroup(); err != nil {
@@ -164,14 +169,17 @@ func (a *applier) apply(p Plan, s Snapshot) {
 		a.fail("sysctls", err, "sysctls")
 	}
 	a.applyNAT(p)
-	// Conntrack after routing: a large table is walked whole, and the
-	// routes must not wait for it.
+	// Conntrack and the remote endpoints after routing: they are walked
+	// whole, and the routes must not wait for them.
 	for _, w := range p.Down {
 		n, err := a.sys.Conntrack.Forget(w.Addrs)
 		if err != nil {
 			a.fail("conntrack "+w.Ref.Name, err, "conntrack", "uplink", w.Ref, "addresses", fmt.Sprint(w.Addrs))
 		}
-		a.log.Warn("uplink down", "uplink", w.Ref, "reason", w.Reason, "flows_moved", flows[w.Ref.Slot], "conntrack_forgotten", n)
+		if _, err := a.sys.Datapath.DeleteRemotesOfUplink(w.Ref.Slot); err != nil {
+			a.fail("remotes of "+w.Ref.Name, err, "deleting the remote endpoints of an uplink that went down", "uplink", w.Ref)
+		}
+		a.log.Warn("uplink down", "uplink", w.Ref, "reason", w.Reason, "flow_generation", gens[w.Ref.Slot], "conntrack_forgotten", n)
 	}
 	st := p.Status
 	st.TCMode = string(a.tcMode) // after this pass's attachments

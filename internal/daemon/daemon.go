@@ -43,6 +43,9 @@ type Daemon struct {
 	probers  map[int]*prober       // running, by uplink id (probes.go)
 	probes   map[int]health.Result // their latest results
 	probeGen uint64
+	// probersDue: a reload may have changed the health checks; the
+	// missing probers start after the next pass.
+	probersDue bool
 
 	mem     Memory   // what plan remembers between passes
 	ap      *applier // applies plans, remembers what it made
@@ -143,13 +146,13 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		return err
 	}
 	d.keepPinned()
-	d.syncHealth(ctx)
 	defer d.stopHealth()
 
 	resync := time.NewTicker(g.ResyncEvery)
 	defer resync.Stop()
 	var wake <-chan time.Time
 	d.reconcile(&wake)
+	d.startProbers(ctx) // once this pass made their uplinks' tables
 	// The first pass swapped the programs in place: what the old ones
 	// recorded in maps an upgrade replaced comes over now.
 	if n, err := dp.FinishUpgrade(); err != nil {
@@ -192,6 +195,10 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 		case <-resync.C:
 		}
 		d.reconcile(&wake)
+		if d.probersDue {
+			d.probersDue = false
+			d.startProbers(d.ctx)
+		}
 	}
 }
 
@@ -333,8 +340,10 @@ func (d *Daemon) reload() {
 	// slots went in applyStatic).
 	d.detachRemoved(prev)
 	// Probers of unchanged health checks keep running, and their verdicts
-	// stand; changed ones start again without a verdict (probes.go).
-	d.syncHealth(d.ctx)
+	// stand; changed ones start again without a verdict (probes.go), once
+	// the pass that follows made the tables of new uplinks.
+	d.stopStaleProbers()
+	d.probersDue = true
 	d.filter.set(d.cfg)
 	d.log.Info("configuration reloaded")
 }

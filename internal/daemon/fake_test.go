@@ -35,6 +35,7 @@ type fakeOS struct {
 	rules      map[string]netlink.Rule  // by routing.RuleKey
 	routes     map[string]netlink.Route // by routing.RouteSlot
 	uplinks    map[int]maps.Uplink
+	gens       map[int]uint32 // flow generations ForgetFlowsOfUplink moved on
 	sysctls    routing.Sysctls
 	nat        *nat.Table // nil: no table
 	tcGone     map[string]string
@@ -68,8 +69,17 @@ func addrText(a netip.Addr) string {
 	return a.String()
 }
 
-func (f *fakeOS) DeleteFlowsOfUplink(id int) (int, error) {
-	f.op("flows of slot %d deleted", id)
+func (f *fakeOS) ForgetFlowsOfUplink(id int) (uint32, error) {
+	if f.gens == nil {
+		f.gens = map[int]uint32{}
+	}
+	f.gens[id]++
+	f.op("flows of slot %d retired (generation %d)", id, f.gens[id])
+	return f.gens[id], nil
+}
+
+func (f *fakeOS) DeleteRemotesOfUplink(id int) (int, error) {
+	f.op("remotes of slot %d deleted", id)
 	return 0, nil
 }
 

@@ -37,19 +37,23 @@ type prober struct {
 	cancel context.CancelFunc
 }
 
-// syncHealth runs one prober per uplink with a health check: a prober whose
-// spec is unchanged keeps running (and its verdict stands); a changed one is
-// started anew, without a verdict; one of an uplink no longer probed stops.
-func (d *Daemon) syncHealth(parent context.Context) {
-	if d.probers == nil {
-		d.probers = map[int]*prober{}
-	}
+// healthSpecs are the health checks the configuration asks for, by uplink.
+func (d *Daemon) healthSpecs() map[int]health.Spec {
 	want := map[int]health.Spec{}
 	for _, u := range d.cfg.Uplinks {
 		if u.Health != nil {
 			want[u.ID] = health.Spec{Uplink: u.ID, Interface: u.Interface, Mark: u.Mark, Health: *u.Health}
 		}
 	}
+	return want
+}
+
+// stopStaleProbers stops the probers of uplinks no longer probed or whose
+// check changed, and forgets their verdicts: a changed check starts again
+// without one. A prober whose spec is unchanged keeps running, and its
+// verdict stands. Before the pass that follows a reload.
+func (d *Daemon) stopStaleProbers() {
+	want := d.healthSpecs()
 	for id, p := range d.probers {
 		if s, ok := want[id]; ok && sameSpec(s, p.spec) {
 			continue
@@ -61,7 +65,17 @@ func (d *Daemon) syncHealth(parent context.Context) {
 		um.Kept = false
 		d.mem.Uplinks[id] = um
 	}
-	for id, s := range want {
+}
+
+// startProbers runs one prober per probed uplink that has none. After a
+// pass: a probe goes out with its uplink's mark, and before the pass made
+// the uplink's table the first round would fail for nothing (a loss in the
+// status, and a verdict one round late).
+func (d *Daemon) startProbers(parent context.Context) {
+	if d.probers == nil {
+		d.probers = map[int]*prober{}
+	}
+	for id, s := range d.healthSpecs() {
 		if _, ok := d.probers[id]; ok {
 			continue
 		}

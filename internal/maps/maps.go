@@ -86,6 +86,10 @@ type Uplink struct {
 	// Addr4 and Addr6 are the uplink's own addresses (invalid: none). The
 	// socket hooks use them as the source of unconnected UDP.
 	Addr4, Addr6 netip.Addr
+	// Gen is the uplink's flow generation (read only: SetUplink keeps the
+	// slot's, ForgetFlowsOfUplink and ClearUplink move it on). A flow
+	// recorded under another generation is retired.
+	Gen uint32
 }
 
 // SetUplink writes uplink id (0..MaxUplinks-1): the uplink's slot, which
@@ -111,12 +115,81 @@ func (m *Maps) SetUplink(id int, u Uplink) error {
 		}
 		v.Addr6 = addr16(u.Addr6)
 	}
+	// The generation is the slot's, not the caller's: only the daemon
+	// writes this map, so reading it back here races with nothing.
+	var old bpf.UplinkUplink
+	if err := m.Uplinks.Lookup(uint32(id), &old); err != nil {
+		return fmt.Errorf("uplink %d: %w", id, err)
+	}
+	v.Gen = old.Gen
 	return m.Uplinks.Put(uint32(id), &v)
 }
 
-// ClearUplink makes id unused: not up, no mark.
+// ClearUplink makes id unused: not up, no mark, and its flows retired (a
+// later uplink in the slot starts with none).
 func (m *Maps) ClearUplink(id int) error {
-	return m.Uplinks.Put(uint32(id), &bpf.UplinkUplink{})
+	var old bpf.UplinkUplink
+	if err := m.Uplinks.Lookup(uint32(id), &old); err != nil {
+		return fmt.Errorf("uplink %d: %w", id, err)
+	}
+	return m.Uplinks.Put(uint32(id), &bpf.UplinkUplink{Gen: old.Gen + 1})
+}
+
+// ForgetFlowsOfUplink retires every flow recorded on uplink id, in one map
+// write however many flows there are: the uplink's generation moves on,
+// and the programs take a record of an older generation for none (its next
+// packet chooses again, and overwrites it; the LRU reclaims the others).
+// It returns the new generation.
+func (m *Maps) ForgetFlowsOfUplink(id int) (uint32, error) {
+	if id < 0 || id >= MaxUplinks {
+		return 0, fmt.Errorf("uplink id %d out of range 0..%d", id, MaxUplinks-1)
+	}
+	var v bpf.UplinkUplink
+	if err := m.Uplinks.Lookup(uint32(id), &v); err != nil {
+		return 0, fmt.Errorf("uplink %d: %w", id, err)
+	}
+	v.Gen++
+	return v.Gen, m.Uplinks.Put(uint32(id), &v)
+}
+
+// FlowGenerations are the uplinks' flow generations, read once: what tells
+// a current flow record from a retired one (Current).
+type FlowGenerations [MaxUplinks]uint32
+
+// FlowGenerations reads every uplink's generation: one batch lookup (a
+// listing of the flows costs a handful of bpf calls), key by key where the
+// kernel has no batch lookups.
+func (m *Maps) FlowGenerations() (FlowGenerations, error) {
+	var g FlowGenerations
+	keys := make([]uint32, MaxUplinks)
+	vals := make([]bpf.UplinkUplink, MaxUplinks)
+	var cursor ebpf.MapBatchCursor
+	n, err := m.Uplinks.BatchLookup(&cursor, keys, vals, nil)
+	if errors.Is(err, ebpf.ErrKeyNotExist) || (err == nil && n == MaxUplinks) {
+		for i := 0; i < n; i++ {
+			if int(keys[i]) < MaxUplinks {
+				g[keys[i]] = vals[i].Gen
+			}
+		}
+		return g, nil
+	}
+	if err != nil && !batchRefused(err) {
+		return g, fmt.Errorf("uplinks: %w", err)
+	}
+	var v bpf.UplinkUplink
+	for id := range g {
+		if err := m.Uplinks.Lookup(uint32(id), &v); err != nil {
+			return g, fmt.Errorf("uplink %d: %w", id, err)
+		}
+		g[id] = v.Gen
+	}
+	return g, nil
+}
+
+// Current says whether f is a live record, not one its uplink's failure
+// retired (the programs' flow_uplink).
+func (g *FlowGenerations) Current(f Flow) bool {
+	return f.Uplink >= 0 && f.Uplink < MaxUplinks && g[f.Uplink] == f.Gen
 }
 
 // LookupUplink reads uplink id.
@@ -125,7 +198,7 @@ func (m *Maps) LookupUplink(id int) (Uplink, error) {
 	if err := m.Uplinks.Lookup(uint32(id), &v); err != nil {
 		return Uplink{}, err
 	}
-	u := Uplink{Mark: v.Mark, Ifindex: v.Ifindex, Weight: v.Weight, Tier: v.Tier, Up: v.Up != 0}
+	u := Uplink{Mark: v.Mark, Ifindex: v.Ifindex, Weight: v.Weight, Tier: v.Tier, Up: v.Up != 0, Gen: v.Gen}
 	if v.Addr4 != 0 {
 		u.Addr4 = addrFrom(4, [4]uint32{v.Addr4})
 	}

@@ -2,7 +2,11 @@
 // and reason, down and up rate, flows, new flows per second, probe RTT and
 // loss, and a short history per uplink, so that a failover and a recovery
 // show at a glance. It reads the daemon's status and the pinned maps; the
-// rates are differences between two samples.
+// rates are differences between two samples. The flows per uplink are
+// counted by walking the flow maps, which takes a while when they are full
+// (about 0.2 s a million flows): a frame reuses the last count while
+// walking again would take more than FlowWalkShare of the time, and says
+// how old its count is.
 package top
 
 import (
@@ -37,23 +41,68 @@ type Uplink struct {
 
 // Frame is one sample of every uplink, in preference order.
 type Frame struct {
-	At      time.Duration // since the first sample
-	State   string        // the daemon's: running, converging
-	Uplinks []Uplink
+	At    time.Duration // since the first sample
+	State string        // the daemon's: running, converging
+	// FlowsAge is how old the flow counts are: 0 when the flow maps were
+	// walked for this frame.
+	FlowsAge time.Duration
+	Uplinks  []Uplink
+}
+
+// Source is what a Sampler reads: *maps.Maps.
+type Source interface {
+	WalkLiveFlows(fn func(maps.Flow) bool) error
+	UplinkCounters(id int) (maps.Counters, error)
+}
+
+// FlowWalkShare is the share of the time the view may spend walking the
+// flow maps: after a walk that took d, the next is at least d/FlowWalkShare
+// later (every frame while the maps hold some thousands of flows; about
+// every 2 s at a million).
+const FlowWalkShare = 0.1
+
+// flowCount is the flows per uplink from one walk of the flow maps.
+type flowCount struct {
+	all, v6 map[int]int
+	at      time.Time // when the walk began
+	took    time.Duration
 }
 
 // Sampler turns successive reads of the status and maps into frames.
 type Sampler struct {
-	m      *maps.Maps
+	m      Source
 	status func() (daemon.Status, error)
+	clock  func() time.Time
 	start  time.Time
 	last   time.Time
 	prev   map[string]maps.Counters // by name: slots may move across restarts
 	hist   map[string][]float64
+	flows  flowCount
 }
 
-func NewSampler(m *maps.Maps, status func() (daemon.Status, error)) *Sampler {
-	return &Sampler{m: m, status: status, prev: map[string]maps.Counters{}, hist: map[string][]float64{}}
+func NewSampler(m Source, status func() (daemon.Status, error)) *Sampler {
+	return &Sampler{m: m, status: status, clock: time.Now, prev: map[string]maps.Counters{}, hist: map[string][]float64{}}
+}
+
+// countFlows walks the flow maps unless the last walk is recent compared
+// with how long it took.
+func (s *Sampler) countFlows(now time.Time) error {
+	if !s.flows.at.IsZero() && now.Sub(s.flows.at) < time.Duration(float64(s.flows.took)/FlowWalkShare) {
+		return nil
+	}
+	c := flowCount{all: map[int]int{}, v6: map[int]int{}, at: now}
+	if err := s.m.WalkLiveFlows(func(f maps.Flow) bool {
+		c.all[f.Uplink]++
+		if f.Key.Dst.Addr().Is6() {
+			c.v6[f.Uplink]++
+		}
+		return true
+	}); err != nil {
+		return err
+	}
+	c.took = s.clock().Sub(now)
+	s.flows = c
+	return nil
 }
 
 // Sample reads everything once. The first frame has no rates (nothing to
@@ -63,24 +112,18 @@ func (s *Sampler) Sample() (Frame, error) {
 	if err != nil {
 		return Frame{}, fmt.Errorf("daemon status: %w", err)
 	}
-	now := time.Now()
+	now := s.clock()
 	if s.start.IsZero() {
 		s.start = now
 	}
 	dt := now.Sub(s.last).Seconds()
 	first := s.last.IsZero()
 	s.last = now
-	flows, flows6 := map[int]int{}, map[int]int{}
-	if err := s.m.WalkFlows(func(f maps.Flow) bool {
-		flows[f.Uplink]++
-		if f.Key.Dst.Addr().Is6() {
-			flows6[f.Uplink]++
-		}
-		return true
-	}); err != nil {
+	if err := s.countFlows(now); err != nil {
 		return Frame{}, err
 	}
-	fr := Frame{At: now.Sub(s.start), State: st.State}
+	flows, flows6 := s.flows.all, s.flows.v6
+	fr := Frame{At: now.Sub(s.start), State: st.State, FlowsAge: now.Sub(s.flows.at)}
 	for _, u := range st.Uplinks {
 		c, err := s.m.UplinkCounters(u.ID)
 		if err != nil {
@@ -139,7 +182,11 @@ func Sparkline(h []float64) string {
 // Write prints the frame as a table.
 func (f Frame) Write(out io.Writer) error {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\tFLOWS\tIPv6\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()))
+	flows := "FLOWS"
+	if f.FlowsAge > 0 {
+		flows = fmt.Sprintf("FLOWS (%v ago)", f.FlowsAge.Round(100*time.Millisecond))
+	}
+	fmt.Fprintf(w, "t=%2ds\tSTATE\tDOWN Mbit/s\tUP Mbit/s\t%s\tIPv6\tNEW/s\tRTT\tLOSS\tDOWN RATE HISTORY\tREASON\n", int(f.At.Seconds()), flows)
 	for _, u := range f.Uplinks {
 		state := "down"
 		if u.Up {
