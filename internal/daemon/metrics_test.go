@@ -120,7 +120,7 @@ func (w *walkingCounters) LookupFlow(maps.FlowKey) (maps.Flow, bool, error) {
 func TestScrapeNeverWalksTheFlowMaps(t *testing.T) {
 	st := &Status{Uplinks: []UplinkStatus{{Name: "isp1", ID: 0, Usable: true}, {Name: "isp2", ID: 1}}}
 	dp := &walkingCounters{fakeCounters: fakeCounters{0: {RxPackets: 1}, 1: {RxPackets: 2}}}
-	c := newCollector(func() *Status { return st }, dp)
+	c := newCollector(func() *Status { return st }, dp, residentBytes)
 	for range 3 {
 		if got := scrape(t, c); !strings.Contains(got, `mhbpf_uplink_rx_packets_total{uplink="isp2"} 2`) {
 			t.Fatalf("scrape:\n%s", got)
