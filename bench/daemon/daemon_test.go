@@ -30,8 +30,17 @@ const namePort = 8080
 // its carrier), and a new TCP connection from the LAN is tried every 5 ms
 // (each given 1 s) until one succeeds through the other ISP (its server
 // answers with its name). Reported: the time from just before the link
-// change to that first success.
+// change to that first success; with the flow map nearly empty (the
+// tries' own flows), and full (flows4 filled to its capacity, half of the
+// flows on each uplink: failover work must not grow with them).
 func BenchmarkFailoverCarrierLoss(b *testing.B) {
+	for _, full := range []bool{false, true} {
+		name := map[bool]string{false: "flows=few", true: "flows=full"}[full]
+		b.Run(name, func(b *testing.B) { benchCarrierLoss(b, full) })
+	}
+}
+
+func benchCarrierLoss(b *testing.B, full bool) {
 	e := newEnv(b, 2, "", "")
 	e.serveName(e.topo.ISP1, "isp1", topology.Internet, namePort)
 	e.serveName(e.topo.ISP2, "isp2", topology.Internet, namePort)
@@ -40,8 +49,11 @@ func BenchmarkFailoverCarrierLoss(b *testing.B) {
 		"isp2": e.line(e.topo.ISP2, topology.ISP2Local, topology.ISP2Local6),
 	}
 	e.start()
-	var took []float64
+	var took, outs []float64
 	for i := 0; i < eventsPerRound; i++ {
+		if full {
+			e.fillFlows4() // again: the last failover retired half of them
+		}
 		from, err := e.dialName(topology.Internet, namePort, time.Second)
 		if err != nil || lines[from] == nil {
 			b.Fatalf("a LAN connection before the failure: %q, %v", from, err)
@@ -52,8 +64,14 @@ func BenchmarkFailoverCarrierLoss(b *testing.B) {
 			b.Fatal(err)
 		}
 		d, tries := e.firstConnVia(other, start, 10*time.Second)
-		b.Logf("%s lost its carrier: first new connection through %s after %v (%d tries)", from, other, d.Round(time.Millisecond), tries)
+		// The pass that took the uplink out ends with the status: what
+		// it did after the routes (the flows' retirement, conntrack)
+		// shows here, not in the connection.
+		out := e.waitFrom(start, from+" out in the status", 30*time.Second, func() bool { return !e.usable(from) })
+		b.Logf("%s lost its carrier: first new connection through %s after %v (%d tries); out in the status after %v",
+			from, other, d.Round(time.Millisecond), tries, out.Round(time.Millisecond))
 		took = append(took, ms(d))
+		outs = append(outs, ms(out))
 		if err := lines[from].set(true); err != nil {
 			b.Fatal(err)
 		}
@@ -63,6 +81,7 @@ func BenchmarkFailoverCarrierLoss(b *testing.B) {
 		e.waitFor("every uplink back", 30*time.Second, e.allUpSince(time.Now()))
 	}
 	b.ReportMetric(median(took), "ms/first-conn")
+	b.ReportMetric(median(outs), "ms/status-out")
 	b.ReportMetric(0, "ns/op")
 }
 

@@ -93,7 +93,11 @@ successes 2), up_delay 1 s, resync_every 10 s, flow_map_size 262,144.
   connections use drops (the ISP's end of its veth goes down: the router's
   interface loses its carrier); new TCP connections from the LAN host are
   tried every 5 ms; the time from the link change to the first one
-  answered through the other ISP (5 ms resolution).
+  answered through the other ISP (5 ms resolution), and \`ms/status-out\`
+  until the daemon's status says the uplink is out (its pass ends with the
+  status: what it does after the routes shows there). \`flows=few\`: the
+  flow map holds the tries' own flows; \`flows=full\`: flows4 filled to its
+  capacity before each event, half on each uplink.
 - **FailoverSilent** \`ms/out\`: isp1's provider drops everything (nftables in
   its namespace; the carrier stays up); the time until the daemon's status
   says isp1 is out. The probes' own bound is interval × failures +
