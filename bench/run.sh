@@ -5,6 +5,7 @@
 # kernel, the CPU and the commands. As root; not part of `make test` (which
 # only builds the benchmarks, through go vet).
 set -euo pipefail
+source "$(dirname "$0")/lock.sh"
 cd "$(dirname "$0")/.."
 GO=${GO:-go}
 ROUNDS=${ROUNDS:-3}
@@ -15,13 +16,15 @@ trap 'rm -rf "$out" "$parts"' EXIT
 cmd_pkt="$GO test -run '^\$' -bench '^Benchmark[^U]|^BenchmarkUplink[^D]' -benchtime 20x -count 1 ./bpf/"
 cmd_down="$GO test -run '^\$' -bench '^BenchmarkUplinkDown' -benchtime 3x -count 1 ./bpf/"
 cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./internal/maps/"
+# BENCH_PARTS picks what runs (default: all): "packet" is the per-packet
+# and control-plane benchmarks below, the others are bench/parts/NAME.sh.
+all_parts="packet $(ls bench/parts/*.sh 2>/dev/null | xargs -rn1 basename | sed 's/\.sh$//' | xargs)"
+selected=" ${BENCH_PARTS:-$all_parts} "
 # Rounds interleaved: a noisy neighbour skews one round of every
 # benchmark, not every round of one.
-for r in $(seq "$ROUNDS"); do
+[[ $selected == *" packet "* ]] && for r in $(seq "$ROUNDS"); do
 	echo "round $r/$ROUNDS" >&2
-	# Under the network lock: the BPF test runs share the machine with
-	# the other suites' namespace tests (the parts take it themselves).
-	eval "flock -o /tmp/mhbpf-net.lock $cmd_pkt" | grep '^Benchmark' >>"$out"
+	eval "$cmd_pkt" | grep '^Benchmark' >>"$out"
 	eval "$cmd_fold" | grep '^Benchmark' >>"$out"
 	eval "$cmd_down" | grep '^Benchmark' >>"$out"
 done
@@ -29,8 +32,10 @@ done
 # The other benchmarks (end to end through namespaces, the daemon): each
 # bench/parts/NAME.sh writes a Markdown section of the report to the file
 # named by its first argument, runs its own rounds interleaved, and builds
-# and cleans up its own namespaces. BENCH_PARTS picks some (default: all).
-for part in ${BENCH_PARTS:-$(ls bench/parts/*.sh 2>/dev/null | xargs -rn1 basename | sed 's/\.sh$//')}; do
+# and cleans up its own namespaces.
+for part in $selected; do
+	[ "$part" != packet ] || continue
+	[ -e "bench/parts/$part.sh" ] || { echo "BENCH_PARTS: no part $part (parts: $all_parts)" >&2; exit 2; }
 	echo "part $part" >&2
 	GO=$GO ROUNDS=$ROUNDS bash "bench/parts/$part.sh" "$parts/$part.md"
 done
@@ -63,6 +68,7 @@ END {
 		printf "| %s | %s | %s | %s | %s |\n", p[1], m, p[2], ratio, vals[order[i]]
 	}
 }' "$out")
+[[ $selected == *" packet "* ]] || report="The per-packet benchmarks were not in this run (BENCH_PARTS=${BENCH_PARTS:-})."
 
 {
 	echo "# Benchmark report"

@@ -6,6 +6,7 @@
 # rounds, each one run of every benchmark (fresh namespaces and daemon
 # each), under the network lock; the medians over the rounds. As root.
 set -euo pipefail
+source "$(dirname "$0")/../lock.sh"
 cd "$(dirname "$0")/../.."
 GO=${GO:-go}
 ROUNDS=${ROUNDS:-3}
@@ -36,10 +37,10 @@ trap 'exit 130' INT TERM
 
 $GO build -o "$tmp/mhbpf" ./cmd/mhbpf
 $GO test -c -o "$tmp/daemon.test" ./bench/daemon/
-cmd="flock -o /tmp/mhbpf-net.lock $GO test -run '^\$' -bench . -benchtime 1x -count 1 ./bench/daemon/"
+cmd="$GO test -run '^\$' -bench . -benchtime 1x -count 1 ./bench/daemon/"
 for r in $(seq "$ROUNDS"); do
 	echo "daemon round $r/$ROUNDS" >&2
-	MHBPF_BIN="$tmp/mhbpf" flock -o /tmp/mhbpf-net.lock \
+	MHBPF_BIN="$tmp/mhbpf" \
 		"$tmp/daemon.test" -test.run '^$' -test.bench . -test.benchtime 1x -test.count 1 >"$tmp/round" 2>&1 ||
 		{ cat "$tmp/round" >&2; exit 1; }
 	grep '^Benchmark' "$tmp/round" >>"$tmp/all"

@@ -9,6 +9,7 @@
 # `bash bench/parts/e2e.sh OUT.md`. E2E_FLAGS are passed on (e.g.
 # E2E_FLAGS='-window 1s -prefixes 10'). About 5 minutes at ROUNDS=3.
 set -euo pipefail
+source "$(dirname "$0")/../lock.sh"
 out=${1:?usage: e2e.sh OUTPUT.md}
 cd "$(dirname "$0")/../.."
 GO=${GO:-go}

@@ -7,6 +7,7 @@
 # Writes a Markdown section to $1. As root; unmounts and removes what it
 # made, also when interrupted.
 set -euo pipefail
+source "$(dirname "$0")/../lock.sh"
 cd "$(dirname "$0")/../.."
 GO=${GO:-go}
 ROUNDS=${ROUNDS:-3}
@@ -69,6 +70,5 @@ row() { # label file
 	row '`mhbpf flows --json \| wc -c`' json
 	row '`mhbpf flows --sort --limit 20`' sorted
 	echo
-	echo "Reproduce: \`ROUNDS=$ROUNDS bash bench/parts/flows.sh OUT.md\` (as root; under"
-	echo "\`flock -o /tmp/mhbpf-net.lock\` where other BPF tests run), or \`BENCH_PARTS=flows make bench\`."
+	echo "Reproduce: \`ROUNDS=$ROUNDS bash bench/parts/flows.sh OUT.md\` (as root), or \`BENCH_PARTS=flows make bench\`."
 } >"$out"
