@@ -29,9 +29,18 @@ int lan_ingress(struct __sk_buff *skb)
 	union flow_key k;
 	flow_key_of(&p, &k, false);
 	struct flow *f = flow_find(flows4, flows6, p.family, &k);
-	if (!f) /* the answer of a port forward (lan_egress recorded it) */
-		f = flow_find(inbound4, inbound6, p.family, &k);
 	struct uplink *l = f ? flow_uplink(f) : 0;
+	if (!l) {
+		/* No live flow of the LAN's: the answer of a port forward
+		 * (lan_egress recorded it), also where the LAN once had a flow
+		 * of the same tuple by an uplink that failed since. */
+		struct flow *in = flow_find(inbound4, inbound6, p.family, &k);
+		struct uplink *il = in ? flow_uplink(in) : 0;
+		if (il || !f) {
+			f = in;
+			l = il;
+		}
+	}
 	if (l && l->up) {
 		flow_seen(f);
 		count_packet(f->uplink, skb->len, false);
@@ -43,7 +52,10 @@ int lan_ingress(struct __sk_buff *skb)
 
 	/* A TCP segment of a connection we never saw open (it predates mhbpf,
 	 * or its record was evicted) already has a NAT binding on some uplink;
-	 * choosing one now could send it out with another uplink's address. */
+	 * choosing one now could send it out with another uplink's address.
+	 * One whose record its uplink's failure retired chooses again: that
+	 * binding is gone with the uplink (the daemon makes conntrack forget
+	 * it). */
 	if (!f && p.proto == IPPROTO_TCP && !(p.tcp_flags & TCP_FLAG_SYN))
 		return TC_ACT_OK;
 

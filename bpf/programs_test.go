@@ -1017,9 +1017,11 @@ func TestFailedUplinkRetiresItsFlows(t *testing.T) {
 		t.Fatalf("live flows by uplink %v, all %v: want isp1's left out of the live ones, isp2's all there", live, all)
 	}
 
-	// The retired LAN flow chooses again (a mid-stream segment, which a
-	// flow never seen would not get: it has a record, only a stale one).
-	// isp2 down for the choice, so that a new choice shows.
+	// A flow of a down uplink chooses again (isp2 down, so that a new
+	// choice shows: isp1), and the retired one of isp1 does too, with a
+	// mid-stream segment (a flow never seen passes untouched): its record
+	// is rewritten under isp1's new generation (isp1 again, by the
+	// destination's stickiness).
 	if err := e.m.SetUplinkUp(isp2, false); err != nil {
 		t.Fatal(err)
 	}
@@ -1050,5 +1052,29 @@ func TestFailedUplinkRetiresItsFlows(t *testing.T) {
 	}
 	if f, ok := e.flow(in); !ok || f.Gen != 1 {
 		t.Fatalf("new inbound record %+v (found %v), want generation 1", f, ok)
+	}
+}
+
+// A LAN flow retired by its uplink's failure hides no port forward of the
+// same tuple (UDP peers that use one port both ways: WireGuard, SIP): the
+// forwarded host's answer leaves by the uplink the forward came in on.
+func TestRetiredLANFlowHidesNoPortForward(t *testing.T) {
+	e := newEnv(t)
+	requireTestRunIngressIfindex(t, e.d.LANEgressProgram())
+	peer := ap(remote, 51820)
+	out := packet.Packet{Src: ap(lanHost, 51820), Dst: peer, Proto: packet.ProtoUDP}
+	if err := e.m.PutFlow(maps.Flow{Key: maps.FlowKey{Proto: out.Proto, Src: out.Src, Dst: out.Dst},
+		Uplink: isp1, Origin: maps.OriginBalanced, Mark: markISP1}); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.lanRun(out, 0); m != markISP1 {
+		t.Fatalf("the LAN's flow on isp1: mark %#x", m)
+	}
+	if _, err := e.m.ForgetFlowsOfUplink(isp1); err != nil { // isp1 failed (and is back)
+		t.Fatal(err)
+	}
+	e.forwardToLAN(packet.Packet{Src: peer, Dst: out.Src, Proto: packet.ProtoUDP}, isp2, markISP2|markReply)
+	if m := e.lanRun(out, 0); m != markISP2|markReply {
+		t.Fatalf("answer of the port forward on isp2: mark %#x, want %#x", m, markISP2|markReply)
 	}
 }

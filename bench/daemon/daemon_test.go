@@ -292,13 +292,19 @@ func (e *env) fillFlows4() int {
 		e.b.Fatal(err)
 	}
 	now := time.Duration(ts.Nano())
+	// Live records: of each uplink's generation now (after a failover the
+	// failed one's has moved on, and a record of the old one is retired).
+	gens, err := m.FlowGenerations()
+	if err != nil {
+		e.b.Fatal(err)
+	}
 	n := int(m.Flows4.MaxEntries())
 	start := time.Now()
 	for i := 0; i < n; i++ {
 		u := st.Uplinks[i%2]
 		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, 64, 2, byte(10 + i%200)}), uint16(1024+i/200))
 		dst := netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, 113, byte(1 + i%250)}), 443)
-		f := maps.Flow{Key: maps.FlowKey{Proto: packet.ProtoTCP, Src: src, Dst: dst}, Uplink: u.ID, Mark: u.Mark, FirstSeen: now, LastSeen: now}
+		f := maps.Flow{Key: maps.FlowKey{Proto: packet.ProtoTCP, Src: src, Dst: dst}, Uplink: u.ID, Mark: u.Mark, Gen: gens[u.ID], FirstSeen: now, LastSeen: now}
 		if err := m.PutFlow(f); err != nil {
 			e.b.Fatalf("flow %d of %d: %v", i, n, err)
 		}

@@ -88,9 +88,11 @@ static __always_inline void remote_key_of(__u8 family, __u8 proto, const __u32 *
 }
 
 /* f's uplink if f is of its current generation, else NULL: the uplink has
- * been down since f was recorded, and f is as good as deleted. (A retired
- * record is left for the LRU to reclaim, or for the flow's next packet to
- * overwrite.) */
+ * been down since f was recorded, and f is retired. A retired record steers
+ * nothing and hides nothing (lan_ingress looks further, among the inbound
+ * records); what it still says is that the flow was seen, so that its next
+ * packet, even a mid-stream TCP segment, chooses an uplink again and
+ * overwrites it. The LRU reclaims the others. */
 static __always_inline struct uplink *flow_uplink(const struct flow *f)
 {
 	__u32 id = f->uplink;

@@ -188,8 +188,8 @@ type flowWalker interface {
 // sorted (most recently active first: all of them held, or with a limit
 // only the limit most recent). limit 0 is no limit.
 func listFlows(m flowWalker, f flowfilter.Filter, sorted bool, limit int, p flowPrinter) error {
-	var werr error
 	if !sorted {
+		var werr error
 		n := 0
 		err := m.WalkLiveFlows(func(fl maps.Flow) bool {
 			if !f.Match(fl) {
@@ -201,26 +201,27 @@ func listFlows(m flowWalker, f flowfilter.Filter, sorted bool, limit int, p flow
 			n++
 			return limit == 0 || n < limit
 		})
-		if err := errors.Join(err, werr); err != nil {
-			return err
+		if werr != nil {
+			return werr // the output is gone (a closed pipe): nothing to end
 		}
-		return p.end()
+		// A walk that failed part-way still ends what it printed (a
+		// valid JSON array, the table's held rows); the error says the
+		// listing is short, and the exit status too.
+		return errors.Join(err, p.end())
 	}
 	recent := newRecentFlows(limit)
-	if err := m.WalkLiveFlows(func(fl maps.Flow) bool {
+	err := m.WalkLiveFlows(func(fl maps.Flow) bool {
 		if f.Match(fl) {
 			recent.add(fl)
 		}
 		return true
-	}); err != nil {
-		return err
-	}
+	})
 	for _, fl := range recent.sorted() {
-		if err := p.flow(fl); err != nil {
-			return err
+		if werr := p.flow(fl); werr != nil {
+			return werr
 		}
 	}
-	return p.end()
+	return errors.Join(err, p.end())
 }
 
 // recentFlows keeps flows to print most recently active first: all of

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -161,7 +162,10 @@ func TestRecentFlows(t *testing.T) {
 
 // fakeWalker walks flows 0..n-1 (LastSeen i ms, on uplink i%3) and counts
 // the flows it handed out.
-type fakeWalker struct{ n, walked int }
+type fakeWalker struct {
+	n, walked int
+	err       error // what the walk ends with after its n flows
+}
 
 func (w *fakeWalker) WalkLiveFlows(fn func(maps.Flow) bool) error {
 	for i := range w.n {
@@ -170,7 +174,24 @@ func (w *fakeWalker) WalkLiveFlows(fn func(maps.Flow) bool) error {
 			break
 		}
 	}
-	return nil
+	return w.err
+}
+
+// A walk that fails part-way (a map read error) still ends the JSON array
+// it began, and says it failed.
+func TestFlowsJSONEndsWhenTheWalkFails(t *testing.T) {
+	for _, sorted := range []bool{false, true} {
+		var out bytes.Buffer
+		w := &fakeWalker{n: 3, err: errors.New("batch lookup in flows4: bad address")}
+		err := listFlows(w, flowfilter.Any(), sorted, 0, newJSONFlows(&out, newFlowNames(uplinkSlots{}, nil), 0))
+		if err == nil || !strings.Contains(err.Error(), "bad address") {
+			t.Fatalf("sorted %v: error %v, want the walk's", sorted, err)
+		}
+		var flows []flowJSON
+		if jerr := json.Unmarshal(out.Bytes(), &flows); jerr != nil || len(flows) != 3 {
+			t.Fatalf("sorted %v: %d flows, %v, in:\n%s", sorted, len(flows), jerr, out.String())
+		}
+	}
 }
 
 type recordingPrinter struct {

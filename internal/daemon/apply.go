@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -93,10 +94,13 @@ type applier struct {
 	// pass it repeats.
 	failing map[string]string
 	seen    map[string]bool // the failures of this pass
+	// unretired: uplinks that went down whose flows are not retired yet
+	// (ForgetFlowsOfUplink failed), by slot.
+	unretired map[int]UplinkRef
 }
 
 func newApplier(sys System, log *slog.Logger) *applier {
-	return &applier{sys: sys, log: log, attached: map[string]int{}, failing: map[string]string{}}
+	return &applier{sys: sys, log: log, attached: map[string]int{}, failing: map[string]string{}, unretired: map[int]UplinkRef{}}
 }
 
 // fail logs err under key once, until it changes or stops.
@@ -148,13 +152,27 @@ func (a *applier) apply(p Plan, s Snapshot) {
 	}
 	// One map write per uplink however many flows it had: the routing
 	// change below must not wait for the flow count.
-	gens := map[int]uint32{}
+	// One that failed is tried again each pass until it takes: the records
+	// would keep steering (an inbound one does not ask whether its uplink
+	// is up).
 	for _, w := range p.Down {
-		g, err := a.sys.Datapath.ForgetFlowsOfUplink(w.Ref.Slot)
+		a.unretired[w.Ref.Slot] = w.Ref
+	}
+	gens := map[int]uint32{}
+	slots := make([]int, 0, len(a.unretired))
+	for slot := range a.unretired {
+		slots = append(slots, slot)
+	}
+	slices.Sort(slots) // the order the logs and the golden tests see
+	for _, slot := range slots {
+		ref := a.unretired[slot]
+		g, err := a.sys.Datapath.ForgetFlowsOfUplink(slot)
 		if err != nil {
-			a.fail("flows of "+w.Ref.Name, err, "retiring the flows of an uplink that went down", "uplink", w.Ref)
+			a.fail("flows of "+ref.Name, err, "retiring the flows of an uplink that went down", "uplink", ref)
+			continue
 		}
-		gens[w.Ref.Slot] = g
+		gens[slot] = g
+		delete(a.unretired, slot)
 	}
 	if len(p.ReattachCgroup) > 0 {
 		if cg, err := a.sys.Attacher.ReattachCgroup(); err != nil {
@@ -179,7 +197,11 @@ func (a *applier) apply(p Plan, s Snapshot) {
 		if _, err := a.sys.Datapath.DeleteRemotesOfUplink(w.Ref.Slot); err != nil {
 			a.fail("remotes of "+w.Ref.Name, err, "deleting the remote endpoints of an uplink that went down", "uplink", w.Ref)
 		}
-		a.log.Warn("uplink down", "uplink", w.Ref, "reason", w.Reason, "flow_generation", gens[w.Ref.Slot], "conntrack_forgotten", n)
+		attrs := []any{"uplink", w.Ref, "reason", w.Reason, "conntrack_forgotten", n}
+		if g, ok := gens[w.Ref.Slot]; ok {
+			attrs = append(attrs, "flow_generation", g)
+		}
+		a.log.Warn("uplink down", attrs...)
 	}
 	st := p.Status
 	st.TCMode = string(a.tcMode) // after this pass's attachments

@@ -36,6 +36,7 @@ type fakeOS struct {
 	routes     map[string]netlink.Route // by routing.RouteSlot
 	uplinks    map[int]maps.Uplink
 	gens       map[int]uint32 // flow generations ForgetFlowsOfUplink moved on
+	failRetire error          // what ForgetFlowsOfUplink fails with
 	sysctls    routing.Sysctls
 	nat        *nat.Table // nil: no table
 	tcGone     map[string]string
@@ -70,6 +71,9 @@ func addrText(a netip.Addr) string {
 }
 
 func (f *fakeOS) ForgetFlowsOfUplink(id int) (uint32, error) {
+	if f.failRetire != nil {
+		return 0, f.failRetire
+	}
 	if f.gens == nil {
 		f.gens = map[int]uint32{}
 	}

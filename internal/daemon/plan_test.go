@@ -389,3 +389,30 @@ func TestFailingRoutingBacksOff(t *testing.T) {
 		t.Fatalf("%d ERROR lines for the same failure, want 1:\n%s", n, out)
 	}
 }
+
+// A retirement of a failed uplink's flows that fails is tried again each
+// pass until it takes: the plan says "down" once, the records would keep
+// steering otherwise.
+func TestFailedRetirementIsRetried(t *testing.T) {
+	h := startBoth(t, "", "")
+	h.pass("start")
+	h.advance(time.Second)
+	h.os.failRetire = errors.New("bad file descriptor")
+	h.link("ppp0", 2, false)
+	h.pass("isp1 down: retiring its flows fails")
+	if h.os.gens[0] != 0 || !strings.Contains(h.out.String(), "level=ERROR") || strings.Contains(h.out.String(), "flow_generation") {
+		t.Fatalf("generation %d after a failed retirement; log:\n%s", h.os.gens[0], h.out.String())
+	}
+	h.os.failRetire = nil
+	h.advance(time.Second)
+	h.out.Reset()
+	h.pass("nothing changed: the retirement again")
+	if h.os.gens[0] != 1 {
+		t.Fatalf("generation %d after the retry, want 1; log:\n%s", h.os.gens[0], h.out.String())
+	}
+	h.advance(time.Second)
+	h.pass("nothing changed: nothing done")
+	if h.os.gens[0] != 1 {
+		t.Fatalf("retired again once done: generation %d", h.os.gens[0])
+	}
+}
