@@ -22,6 +22,7 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # through the EXIT trap: unmount, remove
 mkdir "$tmp/bpf" "$tmp/state" "$tmp/bin"
 mount -t bpf bpf "$tmp/bpf"
 $GO build -o "$tmp/bin/mhbpf" ./cmd/mhbpf
@@ -66,7 +67,7 @@ row() { # label file
 	echo
 	echo "| command | median s | s (rounds) | median max RSS MB | MB (rounds) |"
 	echo "|---|---|---|---|---|"
-	row '`mhbpf flows >/dev/null`' text
+	row '`mhbpf flows >FILE`' text
 	row '`mhbpf flows --json \| wc -c`' json
 	row '`mhbpf flows --sort --limit 20`' sorted
 	echo

@@ -134,9 +134,9 @@ remote peers started on an uplink. Each keeps its uplink until it is idle
 or its uplink goes out. Uplinks are named after the daemon's last status.
 
 The flows are printed as they are read, in the maps' order (as conntrack -L
-does), filters applied while reading: a million flows list in about a
+does), filters applied while reading: a million flows list in under a
 second, in constant memory. --sort prints the most recently active first:
-it reads every matching flow before printing (a million: about 450 MB),
+it reads every matching flow before printing (a million: about 470 MB),
 or, with --limit N, keeps only the N most recent.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
