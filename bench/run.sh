@@ -20,6 +20,9 @@ cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./inter
 # and control-plane benchmarks below, the others are bench/parts/NAME.sh.
 all_parts="packet $(ls bench/parts/*.sh 2>/dev/null | xargs -rn1 basename | sed 's/\.sh$//' | xargs)"
 selected=" ${BENCH_PARTS:-$all_parts} "
+for part in $selected; do
+	[[ " $all_parts " == *" $part "* ]] || { echo "BENCH_PARTS: no part $part (parts: $all_parts)" >&2; exit 2; }
+done
 # Rounds interleaved: a noisy neighbour skews one round of every
 # benchmark, not every round of one.
 [[ $selected == *" packet "* ]] && for r in $(seq "$ROUNDS"); do
@@ -35,7 +38,6 @@ done
 # and cleans up its own namespaces.
 for part in $selected; do
 	[ "$part" != packet ] || continue
-	[ -e "bench/parts/$part.sh" ] || { echo "BENCH_PARTS: no part $part (parts: $all_parts)" >&2; exit 2; }
 	echo "part $part" >&2
 	GO=$GO ROUNDS=$ROUNDS bash "bench/parts/$part.sh" "$parts/$part.md"
 done

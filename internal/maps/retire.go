@@ -67,17 +67,8 @@ func (m *Maps) RetireUplinks(gone func(id int) bool, remark Remark) (deleted, re
 		}
 	}
 
-	var rk bpf.UplinkRemoteKey
-	var rv bpf.UplinkRemote
-	var rkeys []bpf.UplinkRemoteKey
-	for rit := m.Remotes.Iterate(); rit.Next(&rk, &rv); {
-		if gone(int(rv.Uplink)) {
-			rkeys = append(rkeys, rk)
-		}
-	}
-	for i := range rkeys {
-		errs = append(errs, ignoreNotExist(m.Remotes.Delete(&rkeys[i])))
-	}
+	_, err = m.deleteRemotesOf(gone)
+	errs = append(errs, err)
 
 	var sk bpf.UplinkStickyKey
 	var sv bpf.UplinkStickyEntry
