@@ -169,8 +169,15 @@ func benchLANKnown(b *testing.B, e *env, c pathCase) {
 	if !ok || f.Origin != maps.OriginBalanced {
 		b.Fatalf("no balanced flow recorded for %v (%+v, %v)", p.Src, f, ok)
 	}
+	before := uplinkCounters(b, e, f.Uplink)
 	if m := e.lanRun(p, 0); m != f.Mark || uplinkOf(m) != f.Uplink {
 		b.Fatalf("known flow: mark %#x, want its record's %#x (uplink %d)", m, f.Mark, f.Uplink)
+	}
+	// A re-choice of the same uplink (a retired record) gives the same
+	// mark: what tells a hit is a packet counted and no new flow.
+	if after := uplinkCounters(b, e, f.Uplink); after.TxPackets != before.TxPackets+1 || after.NewFlows != before.NewFlows {
+		b.Fatalf("known flow: uplink %d counted %d packets and %d new flows, want 1 and 0",
+			f.Uplink, after.TxPackets-before.TxPackets, after.NewFlows-before.NewFlows)
 	}
 	benchProgram(b, e.d.LANProgram(), p.Bytes())
 }
@@ -221,11 +228,11 @@ func benchUplinkReply(b *testing.B, e *env, c pathCase) {
 		p.Src = ap(c.remote(), 41000) // the echo's identifier
 	}
 	p.L3 = true
-	before := rxPackets(b, e, f.Uplink)
+	before := uplinkCounters(b, e, f.Uplink)
 	if m := e.uplinkRun(p, 0); m != 0 {
 		b.Fatalf("reply to the LAN's own flow: mark %#x, want none (taken for a new inbound flow)", m)
 	}
-	if got := rxPackets(b, e, f.Uplink) - before; got != 1 {
+	if got := uplinkCounters(b, e, f.Uplink).RxPackets - before.RxPackets; got != 1 {
 		b.Fatalf("uplink %d counted %d packets, want 1: the program did not see the reply as arriving on it", f.Uplink, got)
 	}
 	if g, ok := e.flow(p); ok {
@@ -234,13 +241,13 @@ func benchUplinkReply(b *testing.B, e *env, c pathCase) {
 	benchProgram(b, e.d.UplinkProgram(), p.Bytes())
 }
 
-func rxPackets(b *testing.B, e *env, id int) uint64 {
+func uplinkCounters(b *testing.B, e *env, id int) maps.Counters {
 	b.Helper()
 	c, err := e.m.UplinkCounters(id)
 	if err != nil {
 		b.Fatal(err)
 	}
-	return c.RxPackets
+	return c
 }
 
 // Uplink ingress, a packet of a flow a remote peer started: parse,
@@ -257,8 +264,14 @@ func benchUplinkInboundKnown(b *testing.B, e *env, c pathCase) {
 	}
 	p := c.later(src, dst)
 	p.L3 = true
+	before := uplinkCounters(b, e, isp2)
 	if m := e.uplinkRun(p, 0); m != f.Mark {
 		b.Fatalf("known inbound flow: mark %#x, want its record's %#x", m, f.Mark)
+	}
+	// A UDP datagram recorded anew would get the same mark.
+	if after := uplinkCounters(b, e, isp2); after.RxPackets != before.RxPackets+1 || after.NewFlows != before.NewFlows {
+		b.Fatalf("known inbound flow: isp2 counted %d packets and %d new flows, want 1 and 0",
+			after.RxPackets-before.RxPackets, after.NewFlows-before.NewFlows)
 	}
 	benchProgram(b, e.d.UplinkProgram(), p.Bytes())
 }
