@@ -13,7 +13,9 @@ out=$(mktemp)
 parts=$(mktemp -d)
 trap 'rm -rf "$out" "$parts"' EXIT
 
-cmd_pkt="$GO test -run '^\$' -bench '^Benchmark[^U]|^BenchmarkUplink[^D]' -benchtime 20x -count 1 ./bpf/"
+cmd_pkt="$GO test -run '^\$' -bench '^Benchmark[^UP]|^BenchmarkUplink[^D]' -benchtime 20x -count 1 ./bpf/"
+# Every path x family x protocol at 1k and 1M flows (bpf/paths_bench_test.go).
+cmd_paths="$GO test -run '^\$' -bench '^BenchmarkPath' -benchtime 20x -count 1 ./bpf/"
 cmd_down="$GO test -run '^\$' -bench '^BenchmarkUplinkDown' -benchtime 3x -count 1 ./bpf/"
 cmd_fold="$GO test -run '^\$' -bench FoldPrefixes -benchtime 3x -count 1 ./internal/maps/"
 # BENCH_PARTS picks what runs (default: all): "packet" is the per-packet
@@ -28,6 +30,7 @@ done
 [[ $selected == *" packet "* ]] && for r in $(seq "$ROUNDS"); do
 	echo "round $r/$ROUNDS" >&2
 	eval "$cmd_pkt" | grep '^Benchmark' >>"$out"
+	eval "$cmd_paths" | grep '^Benchmark' >>"$out"
 	eval "$cmd_fold" | grep '^Benchmark' >>"$out"
 	eval "$cmd_down" | grep '^Benchmark' >>"$out"
 done
@@ -81,6 +84,7 @@ END {
 	echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') ($(nproc) cores)"
 	echo "- commands, each round:"
 	echo "  - \`$cmd_pkt\`"
+	echo "  - \`$cmd_paths\`"
 	echo "  - \`$cmd_fold\`"
 	echo "  - \`$cmd_down\`"
 	echo
