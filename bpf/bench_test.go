@@ -62,7 +62,8 @@ func BenchmarkLANNewFlowFullPolicy(b *testing.B) {
 		})
 	}
 	rules = append(rules[:maps.MaxRules-1], maps.Rule{Proto: packet.ProtoTCP, Ports: []maps.PortRange{{Lo: 443, Hi: 443}},
-		Action: maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 1}, {Uplink: isp2, Tier: 1, Weight: 1}}}})
+		Action: maps.Action{Uplinks: []maps.Choice{{Uplink: isp1, Weight: 1}, {Uplink: isp2, Tier: 1, Weight: 1}},
+			Fallback: maps.FallbackUnreachable}})
 	e.policy(maps.Policy{Default: balanced(), Rules: rules})
 	// The flow's uplink is down and so is every uplink of its policy: each
 	// run does the whole policy walk and choice and records nothing.
@@ -72,7 +73,13 @@ func BenchmarkLANNewFlowFullPolicy(b *testing.B) {
 	if err := e.m.SetUplinkUp(isp2, false); err != nil {
 		b.Fatal(err)
 	}
-	benchProgram(b, e.d.LANProgram(), syn(ap(lanHost, 40000), ap(netip.AddrFrom4([4]byte{100, 96, 63, 1}), 443)).Bytes())
+	p := syn(ap(lanHost, 40000), ap(netip.AddrFrom4([4]byte{100, 96, 63, 1}), 443))
+	// The last rule decided (its fail-closed bit alone), and nothing was
+	// recorded: every run takes the same whole path.
+	if m := run(b, e.d.LANProgram(), p.Bytes(), 0); m != markStrict || e.flowCount() != 0 {
+		b.Fatalf("mark %#x, %d flows; want the last rule's fail-closed bit alone and no flow", m, e.flowCount())
+	}
+	benchProgram(b, e.d.LANProgram(), p.Bytes())
 }
 
 func BenchmarkUplinkInboundKnownFlow(b *testing.B) {
