@@ -408,3 +408,48 @@ func TestProbeReloadKeepsOrRestartsVerdicts(t *testing.T) {
 	e.reloadWith(live)
 	e.waitFrom(reloaded, "isp1 back", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 }
+
+// A probe result that changes no verdict changes nothing in the kernel: it
+// updates the status (RTT, loss) without a pass, so a box with many probed
+// uplinks does not read its whole routing state at every probe. Passes
+// come from events, verdicts and resync_every (2 s in these tests) alone,
+// and the status stays as fresh as the probes.
+func TestSteadyProbesUpdateOnlyTheStatus(t *testing.T) {
+	const interval = 200 * time.Millisecond
+	e := newDaemonEnv(t, probeConfig([]string{topology.Internet.String()}, interval, interval, 3, 1), "")
+	e.probeISP2(probeConfig([]string{topology.Internet.String()}, interval, interval, 3, 1))
+	e.start()
+	e.waitFor("both uplinks judged healthy", 3*time.Second, func() bool {
+		return e.uplinkStatus("isp1").Usable && e.uplinkStatus("isp2").Usable
+	})
+	time.Sleep(500 * time.Millisecond) // the passes of the verdicts are done
+	status := func() daemon.Status {
+		st, err := daemon.LoadStatus(e.stateDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	before := status()
+	const window = 4 * time.Second
+	var stalest time.Duration
+	for end := time.Now().Add(window); time.Now().Before(end); time.Sleep(90 * time.Millisecond) {
+		stalest = max(stalest, time.Since(status().Updated))
+	}
+	after := status()
+	results := int(2 * window / interval)
+	passes := after.Passes - before.Passes
+	t.Logf("%d probe results in %v: %d passes; the status at most %v old", results, window, passes, stalest.Round(time.Millisecond))
+	// Two or three resyncs; a pass per result would be about 40.
+	if passes > 4 {
+		t.Fatalf("%d passes in %v of steady probes (about %d results), want only the resyncs (at most 4)\n%s",
+			passes, window, results, e.log.String())
+	}
+	// Without status updates between passes it would be up to 2 s old.
+	if stalest > 3*interval {
+		t.Fatalf("the status was %v old at worst, want at most %v (it follows each probe result)", stalest, 3*interval)
+	}
+	if u := e.uplinkStatus("isp1"); u.RTTms <= 0 || !u.Probed {
+		t.Fatalf("isp1's status has no probe figures: %+v", u)
+	}
+}

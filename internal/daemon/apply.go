@@ -203,6 +203,11 @@ func (a *applier) apply(p Plan, s Snapshot) {
 		}
 		a.log.Warn("uplink down", attrs...)
 	}
+	a.status(p)
+}
+
+// status writes the plan's status (also alone: a status pass).
+func (a *applier) status(p Plan) {
 	st := p.Status
 	st.TCMode = string(a.tcMode) // after this pass's attachments
 	st.Passes = a.passes

@@ -92,6 +92,14 @@ type Plan struct {
 	Wake time.Duration
 }
 
+// touchesKernel tells whether applying p to the world of s would write
+// anything but the status: what a status pass must leave to a full one.
+func (p Plan) touchesKernel(s Snapshot) bool {
+	return len(s.Errors) > 0 || len(p.Up) > 0 || len(p.Down) > 0 || len(p.Attach) > 0 ||
+		len(p.ReattachCgroup) > 0 || p.FallbackChanged || p.NATWrite != "" ||
+		!p.RoutingSet || !p.RoutingDiff.Empty() || len(p.Conflicts) > 0 || len(p.Resolved) > 0
+}
+
 // UplinkPlan is one uplink's state.
 type UplinkPlan struct {
 	Ref    UplinkRef

@@ -100,12 +100,17 @@ func (d *Daemon) stopHealth() {
 }
 
 // probeResult takes a prober's result, unless it comes from a prober that
-// was replaced since (its results may still be queued).
-func (d *Daemon) probeResult(r health.Result) {
+// was replaced since (its results may still be queued), and tells whether
+// it changed the uplink's verdict: only a verdict (none, healthy,
+// unhealthy) can change what the kernel is given; the rest (RTT, loss,
+// the reason so far) is status.
+func (d *Daemon) probeResult(r health.Result) (verdictChanged bool) {
 	if p, ok := d.probers[r.Uplink]; !ok || p.spec.Gen != r.Gen {
-		return
+		return false
 	}
+	prev, had := d.probes[r.Uplink]
 	d.probes[r.Uplink] = r // a verdict ends Kept (plan)
+	return !had || prev.Verdict != r.Verdict || prev.Healthy != r.Healthy
 }
 
 // keepPinned notes, before the first pass writes the uplinks map, which
