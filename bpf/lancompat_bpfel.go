@@ -188,13 +188,13 @@ const (
 	LanCompatMapInbound4          = "inbound4"
 	LanCompatMapInbound6          = "inbound6"
 	LanCompatMapInboundGuards     = "inbound_guards"
-	LanCompatMapPolicyDst4        = "policy_dst4"
-	LanCompatMapPolicyDst6        = "policy_dst6"
-	LanCompatMapPolicyGen         = "policy_gen"
+	LanCompatMapPolicyGeneration  = "policy_generation"
 	LanCompatMapPolicyMeta        = "policy_meta"
+	LanCompatMapPolicyRangesDst4  = "policy_ranges_dst4"
+	LanCompatMapPolicyRangesDst6  = "policy_ranges_dst6"
+	LanCompatMapPolicyRangesSrc4  = "policy_ranges_src4"
+	LanCompatMapPolicyRangesSrc6  = "policy_ranges_src6"
 	LanCompatMapPolicyRules       = "policy_rules"
-	LanCompatMapPolicySrc4        = "policy_src4"
-	LanCompatMapPolicySrc6        = "policy_src6"
 	LanCompatMapRemotes           = "remotes"
 	LanCompatMapSticky            = "sticky"
 	LanCompatMapUplinks           = "uplinks"
@@ -260,26 +260,26 @@ type LanCompatProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LanCompatMapSpecs struct {
-	Bypass4       *ebpf.MapSpec `ebpf:"bypass4"`
-	Bypass6       *ebpf.MapSpec `ebpf:"bypass6"`
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows4        *ebpf.MapSpec `ebpf:"flows4"`
-	Flows6        *ebpf.MapSpec `ebpf:"flows6"`
-	IfaceSlots    *ebpf.MapSpec `ebpf:"iface_slots"`
-	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
-	Inbound4      *ebpf.MapSpec `ebpf:"inbound4"`
-	Inbound6      *ebpf.MapSpec `ebpf:"inbound6"`
-	InboundGuards *ebpf.MapSpec `ebpf:"inbound_guards"`
-	PolicyDst4    *ebpf.MapSpec `ebpf:"policy_dst4"`
-	PolicyDst6    *ebpf.MapSpec `ebpf:"policy_dst6"`
-	PolicyGen     *ebpf.MapSpec `ebpf:"policy_gen"`
-	PolicyMeta    *ebpf.MapSpec `ebpf:"policy_meta"`
-	PolicyRules   *ebpf.MapSpec `ebpf:"policy_rules"`
-	PolicySrc4    *ebpf.MapSpec `ebpf:"policy_src4"`
-	PolicySrc6    *ebpf.MapSpec `ebpf:"policy_src6"`
-	Remotes       *ebpf.MapSpec `ebpf:"remotes"`
-	Sticky        *ebpf.MapSpec `ebpf:"sticky"`
-	Uplinks       *ebpf.MapSpec `ebpf:"uplinks"`
+	Bypass4          *ebpf.MapSpec `ebpf:"bypass4"`
+	Bypass6          *ebpf.MapSpec `ebpf:"bypass6"`
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	Flows4           *ebpf.MapSpec `ebpf:"flows4"`
+	Flows6           *ebpf.MapSpec `ebpf:"flows6"`
+	IfaceSlots       *ebpf.MapSpec `ebpf:"iface_slots"`
+	Ifaces           *ebpf.MapSpec `ebpf:"ifaces"`
+	Inbound4         *ebpf.MapSpec `ebpf:"inbound4"`
+	Inbound6         *ebpf.MapSpec `ebpf:"inbound6"`
+	InboundGuards    *ebpf.MapSpec `ebpf:"inbound_guards"`
+	PolicyGeneration *ebpf.MapSpec `ebpf:"policy_generation"`
+	PolicyMeta       *ebpf.MapSpec `ebpf:"policy_meta"`
+	PolicyRangesDst4 *ebpf.MapSpec `ebpf:"policy_ranges_dst4"`
+	PolicyRangesDst6 *ebpf.MapSpec `ebpf:"policy_ranges_dst6"`
+	PolicyRangesSrc4 *ebpf.MapSpec `ebpf:"policy_ranges_src4"`
+	PolicyRangesSrc6 *ebpf.MapSpec `ebpf:"policy_ranges_src6"`
+	PolicyRules      *ebpf.MapSpec `ebpf:"policy_rules"`
+	Remotes          *ebpf.MapSpec `ebpf:"remotes"`
+	Sticky           *ebpf.MapSpec `ebpf:"sticky"`
+	Uplinks          *ebpf.MapSpec `ebpf:"uplinks"`
 }
 
 // LanCompatVariableSpecs contains global variables before they are loaded into the kernel.
@@ -316,26 +316,26 @@ func (o *LanCompatObjects) Close() error {
 //
 // It can be passed to LoadLanCompatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LanCompatMaps struct {
-	Bypass4       *ebpf.Map `ebpf:"bypass4"`
-	Bypass6       *ebpf.Map `ebpf:"bypass6"`
-	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows4        *ebpf.Map `ebpf:"flows4"`
-	Flows6        *ebpf.Map `ebpf:"flows6"`
-	IfaceSlots    *ebpf.Map `ebpf:"iface_slots"`
-	Ifaces        *ebpf.Map `ebpf:"ifaces"`
-	Inbound4      *ebpf.Map `ebpf:"inbound4"`
-	Inbound6      *ebpf.Map `ebpf:"inbound6"`
-	InboundGuards *ebpf.Map `ebpf:"inbound_guards"`
-	PolicyDst4    *ebpf.Map `ebpf:"policy_dst4"`
-	PolicyDst6    *ebpf.Map `ebpf:"policy_dst6"`
-	PolicyGen     *ebpf.Map `ebpf:"policy_gen"`
-	PolicyMeta    *ebpf.Map `ebpf:"policy_meta"`
-	PolicyRules   *ebpf.Map `ebpf:"policy_rules"`
-	PolicySrc4    *ebpf.Map `ebpf:"policy_src4"`
-	PolicySrc6    *ebpf.Map `ebpf:"policy_src6"`
-	Remotes       *ebpf.Map `ebpf:"remotes"`
-	Sticky        *ebpf.Map `ebpf:"sticky"`
-	Uplinks       *ebpf.Map `ebpf:"uplinks"`
+	Bypass4          *ebpf.Map `ebpf:"bypass4"`
+	Bypass6          *ebpf.Map `ebpf:"bypass6"`
+	Counters         *ebpf.Map `ebpf:"counters"`
+	Flows4           *ebpf.Map `ebpf:"flows4"`
+	Flows6           *ebpf.Map `ebpf:"flows6"`
+	IfaceSlots       *ebpf.Map `ebpf:"iface_slots"`
+	Ifaces           *ebpf.Map `ebpf:"ifaces"`
+	Inbound4         *ebpf.Map `ebpf:"inbound4"`
+	Inbound6         *ebpf.Map `ebpf:"inbound6"`
+	InboundGuards    *ebpf.Map `ebpf:"inbound_guards"`
+	PolicyGeneration *ebpf.Map `ebpf:"policy_generation"`
+	PolicyMeta       *ebpf.Map `ebpf:"policy_meta"`
+	PolicyRangesDst4 *ebpf.Map `ebpf:"policy_ranges_dst4"`
+	PolicyRangesDst6 *ebpf.Map `ebpf:"policy_ranges_dst6"`
+	PolicyRangesSrc4 *ebpf.Map `ebpf:"policy_ranges_src4"`
+	PolicyRangesSrc6 *ebpf.Map `ebpf:"policy_ranges_src6"`
+	PolicyRules      *ebpf.Map `ebpf:"policy_rules"`
+	Remotes          *ebpf.Map `ebpf:"remotes"`
+	Sticky           *ebpf.Map `ebpf:"sticky"`
+	Uplinks          *ebpf.Map `ebpf:"uplinks"`
 }
 
 func (m *LanCompatMaps) Close() error {
@@ -350,13 +350,13 @@ func (m *LanCompatMaps) Close() error {
 		m.Inbound4,
 		m.Inbound6,
 		m.InboundGuards,
-		m.PolicyDst4,
-		m.PolicyDst6,
-		m.PolicyGen,
+		m.PolicyGeneration,
 		m.PolicyMeta,
+		m.PolicyRangesDst4,
+		m.PolicyRangesDst6,
+		m.PolicyRangesSrc4,
+		m.PolicyRangesSrc6,
 		m.PolicyRules,
-		m.PolicySrc4,
-		m.PolicySrc6,
 		m.Remotes,
 		m.Sticky,
 		m.Uplinks,

@@ -1,7 +1,9 @@
 package bpf_test
 
 import (
+	"encoding/binary"
 	"fmt"
+	"math/bits"
 	"math/rand/v2"
 	"net/netip"
 	"testing"
@@ -38,6 +40,38 @@ func tablePrefixes(seed uint64, n4, n6 int) []netip.Prefix {
 		}
 	}
 	return out
+}
+
+// spreadPrefixes are n4 IPv4 prefixes spread over the whole IPv4 space and
+// n6 IPv6 ones over 2000::/3, each alone in its slot of the space (none
+// touches another, so nothing merges: 2n+1 ranges, the most n prefixes
+// make), of random lengths that fit the slot; rule i%2 owns prefix i,
+// e.g. a policy's two lists interleaved, the same for the same seed.
+func spreadPrefixes(seed uint64, n4, n6 int) (lists [2][]netip.Prefix) {
+	rng := rand.New(rand.NewPCG(seed, 2))
+	if n4 > 0 {
+		slot := uint64(1) << 32 / uint64(2*n4) // the slot's free half keeps neighbours apart
+		minBits := 32 - (bits.Len64(slot) - 1)
+		for i := 0; i < n4; i++ {
+			bitsN := minBits + rng.IntN(33-minBits)
+			a := uint32(uint64(i) * 2 * slot)
+			var b [4]byte
+			binary.BigEndian.PutUint32(b[:], a)
+			lists[i%2] = append(lists[i%2], netip.PrefixFrom(netip.AddrFrom4(b), bitsN).Masked())
+		}
+	}
+	if n6 > 0 {
+		// 2000::/3: the slots are spread over its top 64 bits.
+		slot := (uint64(1) << 61) / uint64(2*n6)
+		minBits := 3 + 61 - (bits.Len64(slot) - 1)
+		for i := 0; i < n6; i++ {
+			bitsN := minBits + rng.IntN(min(64, 128-minBits))
+			var b [16]byte
+			binary.BigEndian.PutUint64(b[:8], 1<<61|uint64(i)*2*slot)
+			lists[i%2] = append(lists[i%2], netip.PrefixFrom(netip.AddrFrom16(b), bitsN).Masked())
+		}
+	}
+	return lists
 }
 
 // A policy of 100,000 IPv4 and 20,000 IPv6 prefixes (a country's list,
@@ -79,7 +113,7 @@ func TestPolicyOfManyPrefixes(t *testing.T) {
 				t.Fatalf("round %d: %v is in no list: mark %#x, want the default balance", round, dst, m)
 			}
 		}
-		for _, gens := range []*ebpf.Map{e.m.PolicyDst4, e.m.PolicyDst6, e.m.PolicySrc4, e.m.PolicySrc6} {
+		for _, gens := range []*ebpf.Map{e.m.PolicyRangesDst4, e.m.PolicyRangesDst6, e.m.PolicyRangesSrc4, e.m.PolicyRangesSrc6} {
 			n := 0
 			var inner *ebpf.Map
 			for g := uint32(0); g < 2; g++ {
@@ -101,14 +135,14 @@ func TestPolicyOfManyPrefixes(t *testing.T) {
 //	go test -run '^$' -bench InstallPolicyFullTable -benchtime 3x ./bpf/
 func BenchmarkInstallPolicyFullTable(b *testing.B) {
 	e := benchEnv(b)
-	list := tablePrefixes(7, 1_000_000, 200_000)
+	lists := spreadPrefixes(7, 1_000_000, 200_000)
 	var total time.Duration
 	var stats maps.PolicyStats
 	for i := 0; i < b.N; i++ {
 		var err error
 		start := time.Now()
-		stats, err = e.m.InstallPolicy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: list,
-			Action: maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}}}}})
+		via := maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}}
+		stats, err = e.m.InstallPolicy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: lists[0], Action: via}, {Dst: lists[1], Action: via}}})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -120,19 +154,30 @@ func BenchmarkInstallPolicyFullTable(b *testing.B) {
 	b.ReportMetric(0, "ns/op")
 }
 
-// A new flow's cost with policies of 10, 10,000 and 1,000,000 prefixes
-// (the goal: within 10% of each other): a destination inside a listed
-// prefix, its policy's uplink down so that nothing is recorded and every
-// run does the lookup and the choice.
+// A new flow's cost with policies of 10, 10,000 and 1,000,000 IPv4
+// prefixes, and of 10, 10,000 and 200,000 IPv6 ones (the goal: within 10%
+// of the 10-prefix policy): a destination inside a listed prefix, its
+// policy's uplink down so that nothing is recorded and every run does the
+// lookup and the choice.
 func BenchmarkLANNewFlowPolicyPrefixes(b *testing.B) {
-	for _, n := range []int{10, 10_000, 1_000_000} {
-		b.Run(fmt.Sprintf("prefixes=%d", n), func(b *testing.B) {
+	for _, c := range []struct {
+		family string
+		n      int
+	}{{"ipv4", 10}, {"ipv4", 10_000}, {"ipv4", 1_000_000}, {"ipv6", 10}, {"ipv6", 10_000}, {"ipv6", 200_000}} {
+		b.Run(fmt.Sprintf("%s/prefixes=%d", c.family, c.n), func(b *testing.B) {
 			e := benchEnv(b)
-			list := tablePrefixes(9, n, 0)
-			e.policy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: list,
-				Action: maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}, Fallback: maps.FallbackUnreachable}}}})
+			var lists [2][]netip.Prefix
+			src := lanHost
+			if c.family == "ipv4" {
+				lists = spreadPrefixes(9, c.n, 0)
+			} else {
+				lists, src = spreadPrefixes(9, 0, c.n), lanHost6
+			}
+			vpnOnly := maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}, Fallback: maps.FallbackUnreachable}
+			e.policy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: lists[0], Action: vpnOnly}, {Dst: lists[1], Action: vpnOnly}}})
 			e.uplink(vpn, markVPN, 1, false)
-			p := syn(ap(lanHost, 40000), ap(list[len(list)/2].Addr(), 443))
+			// a third of the way: the middle of the IPv4 space is 127/8
+			p := syn(ap(src, 40000), ap(lists[0][len(lists[0])/3].Addr(), 443))
 			if m := run(b, e.d.LANProgram(), p.Bytes(), 0); m != markStrict {
 				b.Fatalf("mark %#x, want the policy's fail-closed bit alone", m)
 			}

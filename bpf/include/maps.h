@@ -213,7 +213,7 @@ struct policy_rule {
 	struct policy policy;
 };
 
-/* One generation of the policy. The programs read policy_gen once per packet
+/* One generation of the policy. The programs read policy_generation once per packet
  * and then only that generation's entries, so replacing the whole policy is
  * one 4-byte write after the new generation is complete. */
 struct policy_set {
@@ -235,12 +235,32 @@ struct lpm6_key {
 	__u32 addr[4];
 };
 
-/* The policy's prefixes: one LPM trie per generation, direction and family,
- * which the daemon creates at the size of the policy, fills, and puts into
- * its generation's slot of the outer array (policy_dst4 and so on) before
- * it switches policy_gen over. A prefix's value is the set of rules whose
- * prefixes contain it (Go folds shorter prefixes into longer ones, because
- * an LPM lookup returns only the longest match). */
+/* The policy's prefixes as address ranges: one table per generation,
+ * direction and family, which the daemon creates at the size of the policy,
+ * fills, and puts into its generation's slot of the outer array
+ * (policy_ranges_dst4 and so on) before it switches policy_generation over.
+ * A lookup costs the same few array reads whatever the policy's size (an
+ * LPM trie walks deeper the more prefixes it holds):
+ *
+ *   [0]  header: skip (bits 0-7), index bits (8-15), sets (16-63): where
+ *        the rule sets start
+ *   [1]  base: the first skip bits every prefix shares (outside them no
+ *        prefix holds)
+ *   [2 + c]  chunk c of the 2^index bits that follow skip: its ranges
+ *        (first, count); count 0: one rule set covers it all (first is it)
+ *   ranges: sorted by start within a chunk, the first at the chunk's
+ *        start; a range's rule set holds up to the next one's start
+ *   sets: the rule sets (bit i: rule i), 1-based (0: no rule)
+ *
+ * Go (internal/maps/ranges.go) builds it; a set is every rule whose prefix
+ * contains the range (the longest match carries the shorter ones' rules).
+ * IPv4 entries are one __u64: a range is start (host order) << 32 | set, a
+ * chunk count << 32 | first. IPv6 entries are struct range6. */
+struct range6 {
+	__u64 hi; /* address, host order: bits 0-63 */
+	__u64 lo; /* bits 64-127 */
+	__u64 v;  /* set, chunk (count << 32 | first), header or sets' bits */
+};
 
 struct sticky_key {
 	__u32 policy;
@@ -318,7 +338,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32);
-} policy_gen SEC(".maps");
+} policy_generation SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -334,28 +354,28 @@ struct {
 	__type(value, struct policy_rule);
 } policy_rules SEC(".maps");
 
-/* The inner tries' template: the daemon's tries have the policy's size
- * (max_entries of an inner trie may differ from the template's). Sizes,
- * not types: clang emits a key type reached only through such a template
- * as a forward declaration, which has no size. */
-#define LPM_GENERATIONS(name, keytype)                                 \
+/* The inner tables' template: the daemon's tables have the policy's size
+ * (BPF_F_INNER_MAP: an inner array's max_entries may differ from the
+ * template's). Sizes, not types: clang emits a type reached only through
+ * such a template as a forward declaration, which has no size. */
+#define RANGE_GENERATIONS(name, valuetype)                             \
 	struct {                                                       \
 		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);              \
 		__uint(max_entries, POLICY_GENERATIONS);               \
 		__type(key, __u32);                                    \
 		__array(values, struct {                               \
-			__uint(type, BPF_MAP_TYPE_LPM_TRIE);           \
+			__uint(type, BPF_MAP_TYPE_ARRAY);              \
 			__uint(max_entries, 1);                        \
-			__uint(map_flags, BPF_F_NO_PREALLOC);          \
-			__uint(key_size, sizeof(struct keytype));      \
-			__uint(value_size, sizeof(__u64));             \
+			__uint(map_flags, BPF_F_INNER_MAP);            \
+			__uint(key_size, sizeof(__u32));               \
+			__uint(value_size, sizeof(valuetype));         \
 		});                                                    \
 	} name SEC(".maps")
 
-LPM_GENERATIONS(policy_dst4, lpm4_key);
-LPM_GENERATIONS(policy_src4, lpm4_key);
-LPM_GENERATIONS(policy_dst6, lpm6_key);
-LPM_GENERATIONS(policy_src6, lpm6_key);
+RANGE_GENERATIONS(policy_ranges_dst4, __u64);
+RANGE_GENERATIONS(policy_ranges_src4, __u64);
+RANGE_GENERATIONS(policy_ranges_dst6, struct range6);
+RANGE_GENERATIONS(policy_ranges_src6, struct range6);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

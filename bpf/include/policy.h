@@ -67,28 +67,136 @@ static __always_inline bool is_bypassed(__u8 family, const __u32 *daddr)
 	return bpf_map_lookup_elem(&bypass6, &k) != NULL;
 }
 
-/* The rules whose prefixes contain addr, from generation gen's trie (none
- * while that generation has no trie: a policy without such prefixes). */
-static __always_inline __u64 lpm_rules(void *gens4, void *gens6, __u32 gen, __u8 family, const __u32 *addr)
-{
-	__u64 *bits;
-	void *trie;
+/* The ranges (maps.h) have at most 2^32 entries: a binary search ends
+ * within 32 halvings. */
+#define RANGE_SEARCH_STEPS 32
 
-	if (family == 4) {
-		struct lpm4_key k = { .prefixlen = 32, .addr = addr[0] };
-		trie = bpf_map_lookup_elem(gens4, &gen);
-		if (!trie)
+/* The rules whose prefixes contain a (host order), from the IPv4 table
+ * tbl (maps.h has its layout). */
+static __always_inline __u64 range_rules4(void *tbl, __u64 a)
+{
+	__u32 k = 0;
+	__u64 *h = bpf_map_lookup_elem(tbl, &k);
+	if (!h)
+		return 0;
+	__u32 skip = *h & 0xff, ibits = (*h >> 8) & 0xff;
+	__u32 sets = *h >> 16;
+	if (skip) {
+		k = 1;
+		__u64 *base = bpf_map_lookup_elem(tbl, &k);
+		/* skip < 32, so the shift is defined */
+		if (!base || ((a ^ *base) >> (32 - skip)))
 			return 0;
-		bits = bpf_map_lookup_elem(trie, &k);
-	} else {
-		struct lpm6_key k = { .prefixlen = 128 };
-		__builtin_memcpy(k.addr, addr, 16);
-		trie = bpf_map_lookup_elem(gens6, &gen);
-		if (!trie)
-			return 0;
-		bits = bpf_map_lookup_elem(trie, &k);
 	}
+	/* skip + ibits <= 32 and ibits >= 1 (Go sees to both) */
+	k = 2 + ((((a << skip) & 0xffffffff)) >> ((32 - ibits) & 63));
+	__u64 *c = bpf_map_lookup_elem(tbl, &k);
+	if (!c)
+		return 0;
+	__u32 set = (__u32)*c, count = *c >> 32;
+	if (count) {
+		__u32 lo = set, hi = set + count - 1;
+		for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
+			__u32 mid = lo + (hi - lo + 1) / 2;
+			__u64 *r = bpf_map_lookup_elem(tbl, &mid);
+			if (!r)
+				return 0;
+			if ((*r >> 32) <= a)
+				lo = mid;
+			else
+				hi = mid - 1;
+		}
+		__u64 *r = bpf_map_lookup_elem(tbl, &lo);
+		if (!r)
+			return 0;
+		set = (__u32)*r;
+	}
+	if (!set)
+		return 0;
+	k = sets + set - 1;
+	__u64 *bits = bpf_map_lookup_elem(tbl, &k);
 	return bits ? *bits : 0;
+}
+
+/* bits [from, from + n) of the 128-bit hi:lo, 1 <= n <= 32 and
+ * from + n <= 128: no shift by 64 or more (the JIT masks shift counts). */
+static __always_inline __u64 bits128(__u64 hi, __u64 lo, __u32 from, __u32 n)
+{
+	__u64 x;
+	if (from >= 64)
+		x = lo << ((from - 64) & 63);
+	else if (from == 0)
+		x = hi;
+	else
+		x = (hi << (from & 63)) | (lo >> ((64 - from) & 63));
+	return x >> ((64 - n) & 63);
+}
+
+/* The IPv6 counterpart of range_rules4: a is the address, host order. */
+static __always_inline __u64 range_rules6(void *tbl, __u64 ahi, __u64 alo)
+{
+	__u32 k = 0;
+	struct range6 *h = bpf_map_lookup_elem(tbl, &k);
+	if (!h)
+		return 0;
+	__u32 skip = h->v & 0xff, ibits = (h->v >> 8) & 0xff;
+	__u32 sets = h->v >> 16;
+	if (skip) {
+		k = 1;
+		struct range6 *base = bpf_map_lookup_elem(tbl, &k);
+		if (!base)
+			return 0;
+		/* 0 < skip < 128: every shift below is 1-63 */
+		if (skip < 64) {
+			if ((ahi ^ base->hi) >> ((64 - skip) & 63))
+				return 0;
+		} else if (ahi != base->hi || (skip > 64 && ((alo ^ base->lo) >> ((128 - skip) & 63))))
+			return 0;
+	}
+	k = 2 + bits128(ahi, alo, skip, ibits);
+	struct range6 *c = bpf_map_lookup_elem(tbl, &k);
+	if (!c)
+		return 0;
+	__u32 set = (__u32)c->v, count = c->v >> 32;
+	if (count) {
+		__u32 lo = set, hi = set + count - 1;
+		for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
+			__u32 mid = lo + (hi - lo + 1) / 2;
+			struct range6 *r = bpf_map_lookup_elem(tbl, &mid);
+			if (!r)
+				return 0;
+			if (r->hi < ahi || (r->hi == ahi && r->lo <= alo))
+				lo = mid;
+			else
+				hi = mid - 1;
+		}
+		struct range6 *r = bpf_map_lookup_elem(tbl, &lo);
+		if (!r)
+			return 0;
+		set = (__u32)r->v;
+	}
+	if (!set)
+		return 0;
+	k = sets + set - 1;
+	struct range6 *bits = bpf_map_lookup_elem(tbl, &k);
+	return bits ? bits->v : 0;
+}
+
+/* The rules whose prefixes contain addr, from generation gen's table
+ * (none while that generation has no table: a policy without such
+ * prefixes). */
+static __always_inline __u64 policy_rules_of(void *gens4, void *gens6, __u32 gen, __u8 family, const __u32 *addr)
+{
+	if (family == 4) {
+		void *tbl = bpf_map_lookup_elem(gens4, &gen);
+		return tbl ? range_rules4(tbl, bpf_ntohl(addr[0])) : 0;
+	}
+	void *tbl = bpf_map_lookup_elem(gens6, &gen);
+	if (!tbl)
+		return 0;
+	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
+	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
+	return range_rules6(tbl, hi, lo);
 }
 
 struct match_ctx {
@@ -135,7 +243,7 @@ static long match_rule(__u32 i, void *data)
 static __always_inline struct policy *policy_lookup(const struct target *t, __u8 *origin)
 {
 	__u32 zero = 0;
-	__u32 *genp = bpf_map_lookup_elem(&policy_gen, &zero);
+	__u32 *genp = bpf_map_lookup_elem(&policy_generation, &zero);
 	if (!genp)
 		return NULL;
 	__u32 gen = *genp & 1;
@@ -148,10 +256,10 @@ static __always_inline struct policy *policy_lookup(const struct target *t, __u8
 		return &meta->dflt;
 
 	struct match_ctx m = { .t = t, .gen = gen, .found = -1 };
-	__u64 dst = lpm_rules(&policy_dst4, &policy_dst6, gen, t->family, t->daddr) | meta->any_dst;
+	__u64 dst = policy_rules_of(&policy_ranges_dst4, &policy_ranges_dst6, gen, t->family, t->daddr) | meta->any_dst;
 	__u64 src = meta->any_src;
 	if (t->has_saddr)
-		src |= lpm_rules(&policy_src4, &policy_src6, gen, t->family, t->saddr);
+		src |= policy_rules_of(&policy_ranges_src4, &policy_ranges_src6, gen, t->family, t->saddr);
 	m.candidates = dst & src;
 	if (!m.candidates)
 		return &meta->dflt;

@@ -223,7 +223,7 @@ func (n names) uplink(id int) string {
 // eligible one gets of new choices.
 func (r *Result) describePolicy(live *maps.Maps, st daemon.Status, n names, id int) error {
 	var gen uint32
-	if err := live.PolicyGen.Lookup(uint32(0), &gen); err != nil {
+	if err := live.PolicyGeneration.Lookup(uint32(0), &gen); err != nil {
 		return fmt.Errorf("policy generation: %w", err)
 	}
 	gen &= 1

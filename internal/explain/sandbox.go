@@ -57,7 +57,7 @@ type sandbox struct {
 // new connection has no flow yet, and counters are not an input.
 func copied(live *maps.Maps) map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		"uplinks": live.Uplinks, "policy_gen": live.PolicyGen, "policy_meta": live.PolicyMeta,
+		"uplinks": live.Uplinks, "policy_generation": live.PolicyGeneration, "policy_meta": live.PolicyMeta,
 		"policy_rules": live.PolicyRules, "bypass4": live.Bypass4,
 		"bypass6": live.Bypass6, "sticky": live.Sticky,
 	}
@@ -67,8 +67,8 @@ func copied(live *maps.Maps) map[string]*ebpf.Map {
 // to copy (the policy's prefix tries, arrays of tries sized from the
 // policy): the sandbox uses them as they are.
 func shared(live *maps.Maps) map[string]*ebpf.Map {
-	return map[string]*ebpf.Map{"policy_dst4": live.PolicyDst4, "policy_src4": live.PolicySrc4,
-		"policy_dst6": live.PolicyDst6, "policy_src6": live.PolicySrc6}
+	return map[string]*ebpf.Map{"policy_ranges_dst4": live.PolicyRangesDst4, "policy_ranges_src4": live.PolicyRangesSrc4,
+		"policy_ranges_dst6": live.PolicyRangesDst6, "policy_ranges_src6": live.PolicyRangesSrc6}
 }
 
 // liveRodata finds the attached LAN program that uses these maps (the

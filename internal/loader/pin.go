@@ -91,9 +91,9 @@ func OpenPinned(pinDir string) (*maps.Maps, error) {
 	m := &maps.Maps{}
 	for name, dst := range map[string]**ebpf.Map{
 		"flows4": &m.Flows4, "flows6": &m.Flows6, "remotes": &m.Remotes, "uplinks": &m.Uplinks, "iface_slots": &m.IfaceSlots, "ifaces": &m.Ifaces,
-		"policy_gen": &m.PolicyGen, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
-		"policy_dst4": &m.PolicyDst4, "policy_src4": &m.PolicySrc4, "policy_dst6": &m.PolicyDst6,
-		"policy_src6": &m.PolicySrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,
+		"policy_generation": &m.PolicyGeneration, "policy_meta": &m.PolicyMeta, "policy_rules": &m.PolicyRules,
+		"policy_ranges_dst4": &m.PolicyRangesDst4, "policy_ranges_src4": &m.PolicyRangesSrc4, "policy_ranges_dst6": &m.PolicyRangesDst6,
+		"policy_ranges_src6": &m.PolicyRangesSrc6, "bypass4": &m.Bypass4, "bypass6": &m.Bypass6,
 		"sticky": &m.Sticky, "counters": &m.Counters, "inbound4": &m.Inbound4, "inbound6": &m.Inbound6, "inbound_guards": &m.InboundGuards,
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(pinDir), name), nil)

@@ -152,7 +152,7 @@ func TestUpgradeFromSingleFlowMaps(t *testing.T) {
 	for _, u := range plan {
 		said = append(said, fmt.Sprintf("%s %s %s", u.Map, u.Action, strings.Join(u.Into, "+")))
 	}
-	want := "policy_dst4 rebuild |flows split flows4+flows6|inbound split inbound4+inbound6|ifaces split iface_slots"
+	want := "flows split flows4+flows6|inbound split inbound4+inbound6|ifaces split iface_slots|policy_dst4 rebuild policy_ranges_dst4"
 	if got := strings.Join(said, "|"); got != want {
 		t.Fatalf("plan:\n%s\nwant\n%s", got, want)
 	}
@@ -171,8 +171,8 @@ func TestUpgradeFromSingleFlowMaps(t *testing.T) {
 	if u := upgradeOf(t, d, "policy_dst4"); u.Action != loader.ActionRebuild || u.Dropped != 1 {
 		t.Fatalf("policy_dst4: %+v, want rebuilt with 1 dropped", u)
 	}
-	if d.Maps.PolicyDst4.Type() != ebpf.ArrayOfMaps {
-		t.Fatalf("policy_dst4 is a %s", d.Maps.PolicyDst4.Type())
+	if d.Maps.PolicyRangesDst4.Type() != ebpf.ArrayOfMaps {
+		t.Fatalf("policy_ranges_dst4 is a %s", d.Maps.PolicyRangesDst4.Type())
 	}
 	check := func(kind string, flows []maps.Flow, v4, v6 *ebpf.Map) {
 		t.Helper()
@@ -323,5 +323,90 @@ func TestUpgradeMovesIfacesWithoutOldFlowMaps(t *testing.T) {
 	}
 	if err := ifaces.Lookup(uint32(9), &slot); err == nil {
 		t.Fatal("ifaces still has ifindex 9 after the upgrade")
+	}
+}
+
+// An install of the version before the range tables (up to 3b49b68): the
+// policy in LPM tries, policy_dst4 and so on, read by the generation in
+// policy_gen. The generation moves to policy_generation, the tries stay
+// behind, so that the old programs, until the new ones take their place,
+// keep their generation and tries while the new policy is installed
+// (which switches policy_generation only); FinishUpgrade removes the old
+// pins.
+func TestUpgradeFromPolicyTries(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := testutil.PinDir(t, loader.Remove)
+	if err := os.MkdirAll(filepath.Join(dir, "maps"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	const cur = 1 // the generation the old programs read
+	oldGen := pinOld(t, dir, &ebpf.MapSpec{Name: "policy_gen", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err := oldGen.Put(uint32(0), uint32(cur)); err != nil {
+		t.Fatal(err)
+	}
+	trie := &ebpf.MapSpec{Type: ebpf.LPMTrie, KeySize: 8, ValueSize: 8, MaxEntries: 1, Flags: 1 /* BPF_F_NO_PREALLOC */}
+	var oldTries []*ebpf.Map
+	for _, name := range []string{"policy_dst4", "policy_src4", "policy_dst6", "policy_src6"} {
+		inner := trie.Copy()
+		if strings.HasSuffix(name, "6") {
+			inner.KeySize = 20
+		}
+		gens := pinOld(t, dir, &ebpf.MapSpec{Name: name, Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4, MaxEntries: 2, InnerMap: inner})
+		m, err := ebpf.NewMap(inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		if err := gens.Put(uint32(cur), m); err != nil {
+			t.Fatal(err)
+		}
+		oldTries = append(oldTries, gens)
+	}
+
+	plan, err := loader.PlanUpgrade(loader.Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var said []string
+	for _, u := range plan {
+		said = append(said, fmt.Sprintf("%s %s %s", u.Map, u.Action, strings.Join(u.Into, "+")))
+	}
+	want := "policy_gen split policy_generation|policy_dst4 split policy_ranges_dst4|policy_src4 split policy_ranges_src4|" +
+		"policy_dst6 split policy_ranges_dst6|policy_src6 split policy_ranges_src6"
+	if got := strings.Join(said, "|"); got != want {
+		t.Fatalf("plan:\n%s\nwant\n%s", got, want)
+	}
+
+	d := loadWith(t, dir, 0)
+	defer d.Close()
+	var g uint32
+	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != cur {
+		t.Fatalf("policy_generation %d (%v), want the old programs' %d carried over", g, err, cur)
+	}
+	// The daemon installs its policy before the swap: into the other
+	// generation, switching policy_generation alone.
+	if err := d.Maps.ReplacePolicy(maps.Policy{Rules: []maps.Rule{{Dst: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")},
+		Action: maps.Action{Uplinks: []maps.Choice{{Uplink: 1, Weight: 1}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != 1-cur {
+		t.Fatalf("policy_generation %d after the install, want %d", g, 1-cur)
+	}
+	if err := oldGen.Lookup(uint32(0), &g); err != nil || g != cur {
+		t.Fatalf("the old programs' policy_gen is %d now (%v), want still %d", g, err, cur)
+	}
+	for _, gens := range oldTries {
+		var id uint32
+		if err := gens.Lookup(uint32(cur), &id); err != nil || id == 0 {
+			t.Fatalf("an old trie of generation %d is gone before the swap (%v)", cur, err)
+		}
+	}
+	if _, err := d.FinishUpgrade(); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"policy_gen", "policy_dst4", "policy_src4", "policy_dst6", "policy_src6"} {
+		if exists(filepath.Join(dir, "maps", name)) {
+			t.Fatalf("the pin of %s outlived FinishUpgrade", name)
+		}
 	}
 }

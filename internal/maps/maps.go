@@ -35,13 +35,13 @@ type Maps struct {
 	// IfaceSlots holds the interfaces with an ifindex below IfaceSlots,
 	// Ifaces the others.
 	IfaceSlots, Ifaces *ebpf.Map
-	PolicyGen          *ebpf.Map
+	PolicyGeneration   *ebpf.Map
 	PolicyMeta         *ebpf.Map
 	PolicyRules        *ebpf.Map
-	PolicyDst4         *ebpf.Map
-	PolicySrc4         *ebpf.Map
-	PolicyDst6         *ebpf.Map
-	PolicySrc6         *ebpf.Map
+	PolicyRangesDst4   *ebpf.Map
+	PolicyRangesSrc4   *ebpf.Map
+	PolicyRangesDst6   *ebpf.Map
+	PolicyRangesSrc6   *ebpf.Map
 	Bypass4            *ebpf.Map
 	Bypass6            *ebpf.Map
 	Sticky             *ebpf.Map
@@ -56,8 +56,8 @@ type Maps struct {
 func FromObjects(m *bpf.UplinkMaps) *Maps {
 	return &Maps{
 		Flows4: m.Flows4, Flows6: m.Flows6, Remotes: m.Remotes, Uplinks: m.Uplinks, IfaceSlots: m.IfaceSlots, Ifaces: m.Ifaces,
-		PolicyGen: m.PolicyGen, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
-		PolicyDst4: m.PolicyDst4, PolicySrc4: m.PolicySrc4, PolicyDst6: m.PolicyDst6, PolicySrc6: m.PolicySrc6,
+		PolicyGeneration: m.PolicyGeneration, PolicyMeta: m.PolicyMeta, PolicyRules: m.PolicyRules,
+		PolicyRangesDst4: m.PolicyRangesDst4, PolicyRangesSrc4: m.PolicyRangesSrc4, PolicyRangesDst6: m.PolicyRangesDst6, PolicyRangesSrc6: m.PolicyRangesSrc6,
 		Bypass4: m.Bypass4, Bypass6: m.Bypass6, Sticky: m.Sticky, Counters: m.Counters,
 		Inbound4: m.Inbound4, Inbound6: m.Inbound6, InboundGuards: m.InboundGuards,
 	}
@@ -66,8 +66,8 @@ func FromObjects(m *bpf.UplinkMaps) *Maps {
 // Close releases the file descriptors; pinned maps stay in the kernel.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.IfaceSlots, m.Ifaces, m.PolicyGen, m.PolicyMeta,
-		m.PolicyRules, m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6, m.Bypass4, m.Bypass6,
+	for _, x := range []*ebpf.Map{m.Flows4, m.Flows6, m.Remotes, m.Uplinks, m.IfaceSlots, m.Ifaces, m.PolicyGeneration, m.PolicyMeta,
+		m.PolicyRules, m.PolicyRangesDst4, m.PolicyRangesSrc4, m.PolicyRangesDst6, m.PolicyRangesSrc6, m.Bypass4, m.Bypass6,
 		m.Sticky, m.Counters, m.Inbound4, m.Inbound6, m.InboundGuards} {
 		if x != nil {
 			errs = append(errs, x.Close())

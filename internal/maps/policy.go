@@ -1,7 +1,6 @@
 package maps
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -9,7 +8,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/bpf"
 )
@@ -98,10 +96,10 @@ func anyMask(rules []Rule, sel func(Rule) []netip.Prefix) uint64 {
 
 // PolicyStats says what installing a policy took.
 type PolicyStats struct {
-	// Prefixes are the entries of the new generation's tries (distinct
+	// Prefixes are the entries of the new generation's tables (distinct
 	// prefixes, destinations and sources).
 	Prefixes int
-	// KernelBytes is the memory the kernel accounts to those tries.
+	// KernelBytes is the memory the kernel accounts to those tables.
 	KernelBytes uint64
 	Took        time.Duration
 }
@@ -113,10 +111,10 @@ func (m *Maps) ReplacePolicy(p Policy) error {
 }
 
 // InstallPolicy installs p as a whole. It fills the generation the programs
-// are not reading (its prefixes in tries made at their size, loaded in
+// are not reading (its prefixes in tables made at their size, loaded in
 // batches), then switches the programs over with one write: a packet sees
 // either the old policy or the new one, never a mix. The old generation's
-// tries are freed once no program can be reading them.
+// tables are freed once no program can be reading them.
 func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 	start := time.Now()
 	var stats PolicyStats
@@ -156,12 +154,12 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 	}
 	next := 1 - cur
 
-	var wait func() error // rewrites a slot of next with its trie
+	var wait func() error // rewrites a slot of next with its table
 	for _, d := range []struct {
 		what         string
 		sel          func(Rule) []netip.Prefix
 		gens4, gens6 *ebpf.Map
-	}{{"destination", dst, m.PolicyDst4, m.PolicyDst6}, {"source", src, m.PolicySrc4, m.PolicySrc6}} {
+	}{{"destination", dst, m.PolicyRangesDst4, m.PolicyRangesDst6}, {"source", src, m.PolicyRangesSrc4, m.PolicyRangesSrc6}} {
 		folded := foldPrefixes(p.Rules, d.sel)
 		split := sort.Search(len(folded), func(i int) bool { return !folded[i].Prefix.Addr().Is4() })
 		for _, f := range []struct {
@@ -169,15 +167,15 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 			prefixes []prefixRules
 			v6       bool
 		}{{d.gens4, folded[:split], false}, {d.gens6, folded[split:], true}} {
-			trie, n, err := putTrie(f.gens, next, f.prefixes, f.v6)
+			tbl, n, err := putRanges(f.gens, next, f.prefixes, f.v6)
 			if err != nil {
 				return stats, fmt.Errorf("%s prefixes: %w", d.what, err)
 			}
 			// Kept open for dropGeneration: reading it back from the
 			// array would need CAP_SYS_ADMIN (a map by its id).
-			defer trie.Close()
+			defer tbl.Close()
 			if wait == nil {
-				wait = func() error { return f.gens.Put(next, trie) }
+				wait = func() error { return f.gens.Put(next, tbl) }
 			}
 			stats.Prefixes += len(f.prefixes)
 			stats.KernelBytes += n
@@ -191,7 +189,7 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 	if err := m.PolicyMeta.Put(next, &set); err != nil {
 		return stats, fmt.Errorf("policy set: %w", err)
 	}
-	if err := m.PolicyGen.Put(uint32(0), next); err != nil {
+	if err := m.PolicyGeneration.Put(uint32(0), next); err != nil {
 		return stats, fmt.Errorf("policy generation: %w", err)
 	}
 	stats.Took = time.Since(start)
@@ -200,7 +198,7 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 
 func (m *Maps) policyGeneration() (uint32, error) {
 	var g uint32
-	if err := m.PolicyGen.Lookup(uint32(0), &g); err != nil {
+	if err := m.PolicyGeneration.Lookup(uint32(0), &g); err != nil {
 		return 0, fmt.Errorf("policy generation: %w", err)
 	}
 	return g & 1, nil
@@ -209,83 +207,18 @@ func (m *Maps) policyGeneration() (uint32, error) {
 // batchSize bounds the work of one BPF_MAP_UPDATE_BATCH call.
 const batchSize = 1 << 16
 
-// putTrie makes generation gen of gens a trie of exactly these prefixes
-// (also none: every generation has its tries, which dropGeneration relies
-// on) and returns it, open, with the memory the kernel accounts to it.
-func putTrie(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*ebpf.Map, uint64, error) {
-	keySize := uint32(binary.Size(bpf.UplinkLpm4Key{}))
-	if v6 {
-		keySize = uint32(binary.Size(bpf.UplinkLpm6Key{}))
-	}
-	trie, err := ebpf.NewMap(&ebpf.MapSpec{Name: "policy_trie", Type: ebpf.LPMTrie, KeySize: keySize, ValueSize: 8,
-		MaxEntries: uint32(max(len(prefixes), 1)), Flags: unix.BPF_F_NO_PREALLOC})
-	if err != nil {
-		return nil, 0, fmt.Errorf("create a trie of %d prefixes: %w", len(prefixes), err)
-	}
-	values := make([]uint64, len(prefixes))
-	for i, pr := range prefixes {
-		values[i] = pr.Rules
-	}
-	if v6 {
-		keys := make([]bpf.UplinkLpm6Key, len(prefixes))
-		for i, pr := range prefixes {
-			keys[i] = bpf.UplinkLpm6Key{Prefixlen: uint32(pr.Prefix.Bits()), Addr: addr16(pr.Prefix.Addr())}
-		}
-		err = fill(trie, keys, values)
-	} else {
-		keys := make([]bpf.UplinkLpm4Key, len(prefixes))
-		for i, pr := range prefixes {
-			keys[i] = bpf.UplinkLpm4Key{Prefixlen: uint32(pr.Prefix.Bits()), Addr: addr4(pr.Prefix.Addr())}
-		}
-		err = fill(trie, keys, values)
-	}
-	if err == nil {
-		err = gens.Put(gen, trie)
-	}
-	if err != nil {
-		trie.Close()
-		return nil, 0, err
-	}
-	var bytes uint64
-	if info, err := trie.Info(); err == nil {
-		bytes, _ = info.Memlock()
-	}
-	return trie, bytes, nil
-}
-
-// fill writes keys and values in batches, one by one where the kernel has
-// no batch updates for tries.
-func fill[K any](trie *ebpf.Map, keys []K, values []uint64) error {
-	for i := 0; i < len(keys); i += batchSize {
-		j := min(i+batchSize, len(keys))
-		_, err := trie.BatchUpdate(keys[i:j], values[i:j], nil)
-		if errors.Is(err, ebpf.ErrNotSupported) {
-			for k := i; k < j; k++ {
-				if err := trie.Put(&keys[k], values[k]); err != nil {
-					return fmt.Errorf("prefix %d: %w", k, err)
-				}
-			}
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("prefixes %d-%d: %w", i, j-1, err)
-		}
-	}
-	return nil
-}
-
-// dropGeneration frees generation old's tries after the switch. Updating
+// dropGeneration frees generation old's tables after the switch. Updating
 // an array of maps makes the kernel wait until every program running
 // meanwhile is done (synchronize_rcu), so rewriting a slot of the new
-// generation with the trie it holds (wait) waits out the packets that read
-// the old generation number before the switch; only then do the old tries
+// generation with the table it holds (wait) waits out the packets that read
+// the old generation number before the switch; only then do the old tables
 // go.
 func (m *Maps) dropGeneration(old uint32, wait func() error) error {
 	if err := wait(); err != nil {
 		return fmt.Errorf("policy generation switch: %w", err)
 	}
 	var errs []error
-	for _, gens := range []*ebpf.Map{m.PolicyDst4, m.PolicySrc4, m.PolicyDst6, m.PolicySrc6} {
+	for _, gens := range []*ebpf.Map{m.PolicyRangesDst4, m.PolicyRangesSrc4, m.PolicyRangesDst6, m.PolicyRangesSrc6} {
 		errs = append(errs, ignoreNotExist(gens.Delete(old)))
 	}
 	return errors.Join(errs...)

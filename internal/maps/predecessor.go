@@ -122,4 +122,27 @@ func init() {
 	ifaceSize := uint32(unsafe.Sizeof(bpf.UplinkIface{}))
 	RegisterSplit(Split{From: "ifaces", Layout: Layout{Type: ebpf.Hash, KeySize: 4, ValueSize: ifaceSize},
 		To: []string{"iface_slots"}, Keep: true, Convert: ifaceSlot})
+
+	// The policy's prefixes up to 3b49b68: LPM tries in policy_dst4,
+	// policy_src4, policy_dst6 and policy_src6, their generation in
+	// policy_gen. Range tables took their place under new names, and the
+	// generation moved to policy_generation, so that the old programs,
+	// which run until the new ones take their place, keep reading their
+	// own generation and tries: the new policy is installed before the
+	// swap, and switches policy_generation only. The tries themselves do
+	// not move (the new tables are built from the configuration).
+	RegisterSplit(Split{From: "policy_gen", Layout: Layout{Type: ebpf.Array, KeySize: 4, ValueSize: 4},
+		To: []string{"policy_generation"}, Convert: sameEntry("policy_generation")})
+	for _, d := range []string{"dst4", "src4", "dst6", "src6"} {
+		RegisterSplit(Split{From: "policy_" + d, Layout: Layout{Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4},
+			To: []string{"policy_ranges_" + d}, Convert: dropEntry})
+	}
 }
+
+// sameEntry moves an entry as it is into map to.
+func sameEntry(to string) func(key, value []byte) (string, []byte, []byte, bool, error) {
+	return func(key, value []byte) (string, []byte, []byte, bool, error) { return to, key, value, true, nil }
+}
+
+// dropEntry moves nothing.
+func dropEntry(key, value []byte) (string, []byte, []byte, bool, error) { return "", nil, nil, false, nil }
