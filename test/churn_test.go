@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 )
 
 // churn changes routes in the router's namespace as fast as a routing
@@ -213,7 +214,7 @@ func TestDaemonBacksOffWhenARepairKeepsBeingUndone(t *testing.T) {
 	time.Sleep(5 * time.Second)
 	passes := e.passes() - passes0
 	stop()
-	conflicts := grepLines(e.log.String(), "conflict: a repair")
+	conflicts := daemontest.Lines(e.log.String(), "conflict: a repair")
 	t.Logf("over about 5 s of fighting: %d replacements of mhbpf's route by the other, %d passes\n%s", fights.Load(), passes, conflicts)
 	if n := len(strings.Split(strings.TrimSpace(conflicts), "\n")); conflicts == "" || n != 1 || !strings.Contains(conflicts, "proto bird dev ppp1") {
 		t.Fatalf("%d conflict lines, want 1 naming proto bird dev ppp1:\n%s", n, conflicts)

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"fmt"
 	"net/netip"
 	"os"
@@ -10,24 +9,17 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
-)
-
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
 )
 
 func TestMain(m *testing.M) {
@@ -40,35 +32,8 @@ func TestMain(m *testing.M) {
 		os.Exit(helperMarkedDial(target))
 	}
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	daemontest.RemoveBinary()
 	os.Exit(code)
-}
-
-// mhbpfBinary builds cmd/mhbpf once per test run: the daemon runs as a real
-// process, so that signals, crashes and restarts are real.
-func mhbpfBinary(t *testing.T) string {
-	t.Helper()
-	if bin := os.Getenv("MHBPF_BIN"); bin != "" {
-		return bin // built outside, as for the VM suite (no compiler run under emulation)
-	}
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "mhbpf-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "mhbpf")
-		out, err := exec.Command("go", "build", "-o", binPath, "../cmd/mhbpf").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
 }
 
 type daemonEnv struct {
@@ -80,30 +45,13 @@ type daemonEnv struct {
 	pinDir   string
 	cgroup   string
 	cmd      *exec.Cmd
-	log      *syncBuffer
+	log      *daemontest.Log
 	wrap     []string // runs the daemon through this (e.g. setpriv)
 	env      []string // added to the daemon's environment
 	// expectErrors: the test provokes errors the daemon must log; any
 	// other test fails on an ERROR line in the daemon's log.
 	expectErrors bool
 	logs         []string // logs of earlier daemon processes of this test
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 const daemonConfig = `
@@ -146,7 +94,7 @@ func newDaemonEnv(t *testing.T, isp1Extra, extra string) *daemonEnv {
 	}
 	t.Cleanup(topo.Close)
 	dir := t.TempDir()
-	e := &daemonEnv{t: t, topo: topo, bin: mhbpfBinary(t), cfgPath: filepath.Join(dir, "mhbpf.toml"),
+	e := &daemonEnv{t: t, topo: topo, bin: daemontest.Binary(t), cfgPath: filepath.Join(dir, "mhbpf.toml"),
 		stateDir: filepath.Join(dir, "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
 		cgroup: testutil.Cgroup(t)}
 	e.writeConfig(fmt.Sprintf(daemonConfig, e.pinDir, e.stateDir, e.cgroup, isp1Extra, extra))
@@ -161,16 +109,16 @@ func (e *daemonEnv) checkAtEnd() {
 	t := e.t
 	t.Cleanup(func() {
 		e.stop()
-		all := strings.Join(append(e.logs, logOf(e.log)), "\n")
-		if !e.expectErrors && strings.Contains(all, "level=ERROR") {
-			t.Errorf("the daemon logged errors:\n%s", grepLines(all, "level=ERROR"))
+		if !e.expectErrors {
+			daemontest.CheckNoErrors(t, strings.Join(append(e.logs, logOf(e.log)), "\n"))
 		}
-		// Whatever a test left, 'mhbpf down' removes; a failure here is a bug.
-		if out, err := e.mhbpf("down"); err != nil {
-			t.Errorf("mhbpf down: %v\n%s", err, out)
-		}
-		_ = os.RemoveAll(e.pinDir)
+		e.daemon().Down(t)
 	})
+}
+
+// daemon is where the daemon runs, for the harness's commands.
+func (e *daemonEnv) daemon() daemontest.Daemon {
+	return daemontest.Daemon{Bin: e.bin, Netns: e.topo.Router, StateDir: e.stateDir, PinDir: e.pinDir}
 }
 
 func (e *daemonEnv) writeConfig(text string) {
@@ -180,19 +128,16 @@ func (e *daemonEnv) writeConfig(text string) {
 	}
 }
 
-// inRouter runs a command in the router's network namespace without a new
-// mount namespace (ip netns exec would hide the host's bpffs).
+// inRouter runs a command in the router's network namespace.
 func (e *daemonEnv) inRouter(args ...string) *exec.Cmd {
-	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + e.topo.Router}, args...)...)
+	return daemontest.InNetns(e.topo.Router, args...)
 }
 
 func (e *daemonEnv) mhbpf(args ...string) (string, error) {
-	args = append([]string{e.bin, "--state-dir", e.stateDir, "--pin-dir", e.pinDir}, args...)
-	out, err := e.inRouter(args...).CombinedOutput()
-	return string(out), err
+	return e.daemon().CLI(args...)
 }
 
-func logOf(b *syncBuffer) string {
+func logOf(b *daemontest.Log) string {
 	if b == nil {
 		return ""
 	}
@@ -204,7 +149,7 @@ func (e *daemonEnv) start() {
 	if e.log != nil {
 		e.logs = append(e.logs, e.log.String())
 	}
-	e.log = &syncBuffer{}
+	e.log = &daemontest.Log{}
 	e.cmd = e.inRouter(append(append([]string{}, e.wrap...), e.bin, "run", "--debug", "--config", e.cfgPath)...)
 	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
 	if len(e.env) > 0 {
@@ -216,8 +161,8 @@ func (e *daemonEnv) start() {
 	// nsenter and setpriv exec the daemon: its pid is the command's.
 	pid := e.cmd.Process.Pid
 	e.waitFor("the daemon's first pass", 10*time.Second, func() bool {
-		st, err := daemon.LoadStatus(e.stateDir)
-		return err == nil && st.State == daemon.StateRunning && st.PID == pid
+		_, running := e.daemon().Running(pid)
+		return running
 	})
 }
 
@@ -243,20 +188,12 @@ func (e *daemonEnv) waitFor(what string, limit time.Duration, ok func() bool) ti
 // command itself took counts against the limit.
 func (e *daemonEnv) waitFrom(start time.Time, what string, limit time.Duration, ok func() bool) time.Duration {
 	e.t.Helper()
-	limit = testutil.Deadline(limit)
-	for time.Since(start) < limit {
-		if ok() {
-			return time.Since(start)
-		}
-		time.Sleep(10 * time.Millisecond)
+	took, err := daemontest.Until(start, testutil.Deadline(limit), 10*time.Millisecond, nil, ok)
+	if err != nil {
+		e.t.Fatalf("%s: %v\nrules:\n%s\nroutes:\n%s\ndaemon log:\n%s", what, err,
+			e.ip("rule"), e.ip("route", "show", "table", "all"), logOf(e.log))
 	}
-	log := ""
-	if e.log != nil {
-		log = e.log.String()
-	}
-	e.t.Fatalf("%s: not within %v\nrules:\n%s\nroutes:\n%s\ndaemon log:\n%s", what, limit,
-		e.ip("rule"), e.ip("route", "show", "table", "all"), log)
-	return 0
+	return took
 }
 
 func (e *daemonEnv) ip(args ...string) string {
@@ -350,10 +287,10 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 10061:	from all fwmark 0x20000/0x20000 lookup 101 proto 77
 10080:	from all fwmark 0x800000/0x800000 unreachable proto 77
 `
-	if got := grepLines(e.ip("rule"), "proto 77") + "\n"; got != wantRules {
+	if got := daemontest.Lines(e.ip("rule"), "proto 77") + "\n"; got != wantRules {
 		t.Errorf("IPv4 rules:\n%s\nwant:\n%s", got, wantRules)
 	}
-	if got := grepLines(e.ip("-6", "rule"), "proto 77") + "\n"; got != wantRules6 {
+	if got := daemontest.Lines(e.ip("-6", "rule"), "proto 77") + "\n"; got != wantRules6 {
 		t.Errorf("IPv6 rules:\n%s\nwant:\n%s", got, wantRules6)
 	}
 	for table, dev := range map[string]string{"100": "ppp0", "101": "ppp1"} {
@@ -849,7 +786,7 @@ func TestDaemonTCPHealthAndMetrics(t *testing.T) {
 }
 
 func TestCheckCommand(t *testing.T) {
-	bin := mhbpfBinary(t)
+	bin := daemontest.Binary(t)
 	out, err := exec.Command(bin, "check", "../internal/config/scenario.toml").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "ok: 3 uplinks, 1 LAN interfaces, 4 policies") {
 		t.Fatalf("check of the scenario: %v\n%s", err, out)
@@ -1119,23 +1056,13 @@ func TestDaemonSurvivesNetlinkOverflow(t *testing.T) {
 	e.waitFor("the daemon noticing the overflow", 10*time.Second, func() bool {
 		return strings.Contains(e.log.String(), "netlink subscription failed; resubscribing")
 	})
-	t.Logf("%s", grepLines(e.log.String(), "netlink"))
+	t.Logf("%s", daemontest.Lines(e.log.String(), "netlink"))
 	// Still converging: a deleted route comes back.
 	deleted := time.Now()
 	if err := e.topo.IP(e.topo.Router, "route", "del", "default"); err != nil {
 		t.Fatal(err)
 	}
 	e.waitFrom(deleted, "main's default route back after the resubscription", time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
-}
-
-func grepLines(text, word string) string {
-	var out []string
-	for _, l := range strings.Split(text, "\n") {
-		if strings.Contains(l, word) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }
 
 // The LAN's own subnets are never steered, configured or not.
@@ -1203,7 +1130,7 @@ uplinks = ["isp1"]
 		t.Fatalf("listed destination: by %s, want isp2", h.uplink)
 	}
 	if !strings.Contains(e.log.String(), "policy installed") || !strings.Contains(e.log.String(), "prefixes=2") {
-		t.Fatalf("no 'policy installed' line with the list's 2 prefixes:\n%s", grepLines(e.log.String(), "policy"))
+		t.Fatalf("no 'policy installed' line with the list's 2 prefixes:\n%s", daemontest.Lines(e.log.String(), "policy"))
 	}
 
 	reloads := strings.Count(e.log.String(), "configuration reloaded")

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 )
 
@@ -53,7 +54,7 @@ func TestDebianPackageInstallsAndPurges(t *testing.T) {
 		}
 	}
 	outDir := t.TempDir()
-	deb := strings.TrimSpace(run(t, "../scripts/mkdeb.sh", mhbpfBinary(t), outDir))
+	deb := strings.TrimSpace(run(t, "../scripts/mkdeb.sh", daemontest.Binary(t), outDir))
 	t.Cleanup(func() {
 		// Whatever happened, the machine goes back as it was.
 		_ = exec.Command("dpkg", "--purge", "mhbpf").Run()

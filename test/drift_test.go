@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
@@ -66,7 +67,9 @@ uplinks = ["isp1"]
 
 	// The WARN line of the repair shows that the table was really gone
 	// (a repair can be quicker than a look with nft).
-	repairs := func() int { return strings.Count(grepLines(e.log.String(), "level=WARN"), "nft table inet mhbpf") }
+	repairs := func() int {
+		return strings.Count(daemontest.Lines(e.log.String(), "level=WARN"), "nft table inet mhbpf")
+	}
 	for round, breakIt := range []struct {
 		what string
 		args []string
@@ -84,7 +87,7 @@ uplinks = ["isp1"]
 		t.Logf("round %d: table back %v after %s", round+1, took, breakIt.what)
 		masqueraded("after " + breakIt.what)
 	}
-	t.Logf("%s", grepLines(e.log.String(), "level=WARN"))
+	t.Logf("%s", daemontest.Lines(e.log.String(), "level=WARN"))
 	if n := repairs(); n != 3 {
 		t.Fatalf("%d WARN lines about the nft table, want one per repair (3):\n%s", n, e.log.String())
 	}
@@ -275,7 +278,7 @@ func TestDaemonRepairsDetachedTC(t *testing.T) {
 	}
 	// A repair can be quicker than a look with tc: the WARN line of the
 	// repair is what shows that something was gone.
-	repairs := func() int { return strings.Count(grepLines(e.log.String(), "level=WARN"), "reattached") }
+	repairs := func() int { return strings.Count(daemontest.Lines(e.log.String(), "level=WARN"), "reattached") }
 	for _, r := range rounds {
 		n := repairs()
 		if err := r.do(); err != nil {
@@ -286,7 +289,7 @@ func TestDaemonRepairsDetachedTC(t *testing.T) {
 		t.Logf("programs back %v after %s", took, r.what)
 		e.steered("after " + r.what)
 	}
-	t.Logf("%s", grepLines(e.log.String(), "level=WARN"))
+	t.Logf("%s", daemontest.Lines(e.log.String(), "level=WARN"))
 	if n := repairs(); n != len(rounds) {
 		t.Fatalf("%d WARN lines about reattaching, want one per repair (%d):\n%s", n, len(rounds), e.log.String())
 	}
@@ -340,7 +343,7 @@ func TestDaemonRepairsDetachedSocketHooks(t *testing.T) {
 		t.Fatal("socket hooks not attached at the start")
 	}
 	repairs := func() int {
-		return strings.Count(grepLines(e.log.String(), "level=WARN"), "socket hook links were gone")
+		return strings.Count(daemontest.Lines(e.log.String(), "level=WARN"), "socket hook links were gone")
 	}
 	for _, r := range []struct {
 		what string
@@ -364,7 +367,7 @@ func TestDaemonRepairsDetachedSocketHooks(t *testing.T) {
 		t.Logf("socket hooks back %v after %s", took, r.what)
 		own("after " + r.what)
 	}
-	t.Logf("%s", grepLines(e.log.String(), "level=WARN"))
+	t.Logf("%s", daemontest.Lines(e.log.String(), "level=WARN"))
 	if n := repairs(); n != 2 {
 		t.Fatalf("%d WARN lines about the socket hooks, want one per repair:\n%s", n, e.log.String())
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/topology"
@@ -258,7 +259,7 @@ func TestDaemonReloadKeepsUplinkIdentity(t *testing.T) {
 		}
 	}
 	flowsOut, _ := e.mhbpf("flows")
-	if !strings.Contains(grepLines(flowsOut, ":8020"), " isp2 ") || !strings.Contains(grepLines(flowsOut, ":8023"), " isp3 ") {
+	if !strings.Contains(daemontest.Lines(flowsOut, ":8020"), " isp2 ") || !strings.Contains(daemontest.Lines(flowsOut, ":8023"), " isp3 ") {
 		t.Fatalf("mhbpf flows does not name the uplinks by slot:\n%s", flowsOut)
 	}
 
@@ -280,7 +281,7 @@ func TestDaemonReloadKeepsUplinkIdentity(t *testing.T) {
 10061:	from all fwmark 0x20000/0x20000 lookup 101 proto 77
 10080:	from all fwmark 0x800000/0x800000 unreachable proto 77
 `
-	rules := func() string { return grepLines(e.ip("rule"), "proto 77") + "\n" }
+	rules := func() string { return daemontest.Lines(e.ip("rule"), "proto 77") + "\n" }
 	const newIdentities = "isp2=2/0x40000/102 isp3=1/0x20000/101"
 	e.waitFor("the new preference order in the rules and the status", 3*time.Second, func() bool {
 		return rules() == wantRules && e.mainVia("ppp1") && e.statusIdentities() == newIdentities
@@ -341,7 +342,7 @@ func TestDaemonReloadKeepsUplinkIdentity(t *testing.T) {
 	}
 	check("reloaded")
 	if !strings.Contains(e.log.String(), `msg="uplink slots moved" retired=[0] flows_deleted=1 flows_remarked=1`) {
-		t.Fatalf("the move is not in the log:\n%s", grepLines(e.log.String(), "uplink"))
+		t.Fatalf("the move is not in the log:\n%s", daemontest.Lines(e.log.String(), "uplink"))
 	}
 	// New flows follow the new order: isp2 first, isp3's bit as its
 	// fallback (check looks at its mark).
@@ -361,7 +362,7 @@ func TestDaemonReloadKeepsUplinkIdentity(t *testing.T) {
 	e.start()
 	check("restarted")
 	if strings.Contains(e.log.String(), "new uplink identity") || strings.Contains(e.log.String(), "uplink slots moved") {
-		t.Fatalf("the restarted daemon did not take the remembered identities:\n%s", grepLines(e.log.String(), "uplink"))
+		t.Fatalf("the restarted daemon did not take the remembered identities:\n%s", daemontest.Lines(e.log.String(), "uplink"))
 	}
 }
 

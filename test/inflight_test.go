@@ -24,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -141,7 +142,7 @@ func TestDaemonConnectionRacingCarrierLoss(t *testing.T) {
 
 	r := <-done
 	took := r.at.Sub(start)
-	t.Logf("client: %q, %v, after %v; daemon: %s", r.out, r.err, took.Round(time.Millisecond), grepLines(e.log.String(), "uplink down"))
+	t.Logf("client: %q, %v, after %v; daemon: %s", r.out, r.err, took.Round(time.Millisecond), daemontest.Lines(e.log.String(), "uplink down"))
 	if r.err != nil {
 		t.Fatalf("the connection attempt racing the carrier loss failed after %v: %v", took.Round(time.Millisecond), r.err)
 	}
@@ -412,5 +413,5 @@ func TestDaemonUDPSessionsAcrossCarrierLoss(t *testing.T) {
 		}
 	}
 	t.Logf("%s: datagrams %d to %d all answered, longest wait between answers %v", isp2.name, window[0].seq, window[len(window)-1].seq, gap.Round(time.Millisecond))
-	t.Logf("daemon: %s", grepLines(e.log.String(), "uplink down"))
+	t.Logf("daemon: %s", daemontest.Lines(e.log.String(), "uplink down"))
 }

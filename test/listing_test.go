@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/statefile"
@@ -27,7 +28,7 @@ import (
 func bpfCalls(t *testing.T, args ...string) (int, string) {
 	t.Helper()
 	trace := filepath.Join(t.TempDir(), "strace")
-	cmd := exec.Command("strace", append([]string{"-f", "-c", "-e", "trace=bpf", "-o", trace, mhbpfBinary(t)}, args...)...)
+	cmd := exec.Command("strace", append([]string{"-f", "-c", "-e", "trace=bpf", "-o", trace, daemontest.Binary(t)}, args...)...)
 	out, _ := cmd.Output() // status exits 4: no uplink is up
 	summary, err := os.ReadFile(trace)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -305,7 +306,7 @@ uplinks = ["isp2"]
 	if rss < vmRSS*0.75 || rss > vmRSS*1.25 || peak < rss {
 		t.Errorf("mhbpf_daemon_resident_bytes %.0f, peak %.0f; the daemon's VmRSS is %.0f (want within 25%%, peak at least resident)", rss, peak, vmRSS)
 	}
-	logged := grepLines(e.log.String(), "policy installed")
+	logged := daemontest.Lines(e.log.String(), "policy installed")
 	i := strings.Index(logged, "kernel_bytes=")
 	if i < 0 {
 		t.Fatalf("no kernel_bytes in the policy's log line:\n%s", logged)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
@@ -51,7 +52,7 @@ func TestPPPUplinks(t *testing.T) {
 	topo, isp1, waitDev := pppUplinks(t)
 	rt := topo.Router
 
-	e := &daemonEnv{t: t, topo: topo, bin: mhbpfBinary(t), cfgPath: filepath.Join(t.TempDir(), "mhbpf.toml"),
+	e := &daemonEnv{t: t, topo: topo, bin: daemontest.Binary(t), cfgPath: filepath.Join(t.TempDir(), "mhbpf.toml"),
 		stateDir: filepath.Join(t.TempDir(), "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
 		cgroup: testutil.Cgroup(t)}
 	e.writeConfig(fmt.Sprintf(`

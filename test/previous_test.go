@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/mhbpf/mhbpf/bpf"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -92,7 +93,7 @@ func upgradeFromPrevious(t *testing.T, startOld, stopOld func(*daemonEnv)) {
 		}
 	}
 	e.start()
-	t.Logf("the new daemon:\n%s", grepLines(e.log.String(), "pinned map"))
+	t.Logf("the new daemon:\n%s", daemontest.Lines(e.log.String(), "pinned map"))
 	for _, want := range []string{"map=flows action=split", "map=inbound action=split", "map=uplinks action=convert"} {
 		if !strings.Contains(e.log.String(), want) {
 			t.Fatalf("the log does not say %q:\n%s", want, e.log.String())

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 )
 
 // notifyMsg is one sd_notify datagram and what was in place when it came.
@@ -127,7 +128,7 @@ func TestDaemonNotifiesReadyAfterFirstPass(t *testing.T) {
 // 'mhbpf status' of a daemon that has not finished its first pass says so,
 // and names each uplink's slot and mark.
 func TestStatusSaysConverging(t *testing.T) {
-	bin, dir := mhbpfBinary(t), t.TempDir()
+	bin, dir := daemontest.Binary(t), t.TempDir()
 	// A status as the daemon writes it before its first pass, of a live
 	// process (this test).
 	status := fmt.Sprintf(`{"updated": %q, "pid": %d, "state": "converging", "uplinks": [{"name": "isp1", "interface": "ppp0",
@@ -141,7 +142,7 @@ func TestStatusSaysConverging(t *testing.T) {
 	if exitCode(err) != 3 || !strings.Contains(out, fmt.Sprintf("daemon pid %d converging (first pass not done yet)", os.Getpid())) || strings.Contains(out, "running") {
 		t.Fatalf("status: %v\n%s", err, out)
 	}
-	if f := strings.Fields(grepLines(out, "isp1")); len(f) < 5 || f[1] != "ppp0" || f[2] != "3" || f[3] != "0x10000" || f[4] != "down" {
+	if f := strings.Fields(daemontest.Lines(out, "isp1")); len(f) < 5 || f[1] != "ppp0" || f[2] != "3" || f[3] != "0x10000" || f[4] != "down" {
 		t.Fatalf("status does not show isp1's slot and mark: %q\n%s", f, out)
 	}
 }

@@ -22,16 +22,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/lab"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
-func startLab(t *testing.T) (*lab.Lab, *syncBuffer) {
+func startLab(t *testing.T) (*lab.Lab, *daemontest.Log) {
 	t.Helper()
 	testutil.RequireRoot(t)
-	log := &syncBuffer{}
-	l, err := lab.Start(mhbpfBinary(t), log)
+	log := &daemontest.Log{}
+	l, err := lab.Start(daemontest.Binary(t), log)
 	if err != nil {
 		t.Fatalf("lab: %v\ndaemon log:\n%s", err, log.String())
 	}
@@ -100,9 +101,7 @@ func TestScenario(t *testing.T) {
 	defer func() {
 		// Links went and came all along: the daemon handled it without
 		// a single error.
-		if strings.Contains(log.String(), "level=ERROR") {
-			t.Errorf("the daemon logged errors:\n%s", grepLines(log.String(), "level=ERROR"))
-		}
+		daemontest.CheckNoErrors(t, log.String())
 	}()
 
 	// 1. The server itself and every LAN host reach the internet whenever
@@ -491,7 +490,7 @@ func helperDialMany(spec string) int {
 // ends by itself and leaves nothing behind.
 func TestLabCommand(t *testing.T) {
 	testutil.RequireRoot(t)
-	out, err := exec.Command(mhbpfBinary(t), "lab", "--duration", "9s").CombinedOutput()
+	out, err := exec.Command(daemontest.Binary(t), "lab", "--duration", "9s").CombinedOutput()
 	text := string(out)
 	if err != nil {
 		t.Fatalf("mhbpf lab: %v\n%s", err, text)
@@ -599,8 +598,8 @@ func sum(xs []float64) float64 {
 // Ctrl-C in the middle of the demo removes everything too.
 func TestLabInterrupted(t *testing.T) {
 	testutil.RequireRoot(t)
-	cmd := exec.Command(mhbpfBinary(t), "lab", "--duration", "60s")
-	out := &syncBuffer{}
+	cmd := exec.Command(daemontest.Binary(t), "lab", "--duration", "60s")
+	out := &daemontest.Log{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -79,7 +80,7 @@ func TestDaemonUpgradeResizesFlowMap(t *testing.T) {
 		if got := e.pinnedMaxEntries(t, "flows4"); got != uint32(step.size) {
 			t.Fatalf("after %s and flow_map_size = %d: the pinned flow map has %d entries", step.how, step.size, got)
 		}
-		t.Logf("after %s, flow_map_size = %d:\n%s", step.how, step.size, grepLines(e.log.String(), "pinned map"))
+		t.Logf("after %s, flow_map_size = %d:\n%s", step.how, step.size, daemontest.Lines(e.log.String(), "pinned map"))
 		for _, name := range []string{"flows4", "remotes"} {
 			want := fmt.Sprintf("map=%s action=resize", name)
 			if !strings.Contains(e.log.String(), want) {

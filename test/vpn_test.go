@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
@@ -28,7 +29,7 @@ func TestOpenVPNOverPPPFollowsPolicy(t *testing.T) {
 	if _, err := exec.LookPath("openvpn"); err != nil {
 		t.Fatal("openvpn is not installed (make deps installs it)")
 	}
-	e := &daemonEnv{t: t, topo: topo, bin: mhbpfBinary(t), cfgPath: filepath.Join(t.TempDir(), "mhbpf.toml"),
+	e := &daemonEnv{t: t, topo: topo, bin: daemontest.Binary(t), cfgPath: filepath.Join(t.TempDir(), "mhbpf.toml"),
 		stateDir: filepath.Join(t.TempDir(), "state"), pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-test-")),
 		cgroup: testutil.Cgroup(t)}
 	e.writeConfig(fmt.Sprintf(`

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/loader"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/packet"
@@ -112,7 +113,7 @@ func (e *env) firstConnVia(want string, start time.Time, limit time.Duration) (t
 		case <-tick.C:
 		}
 	}
-	e.b.Fatalf("no connection through %s within %v\ndaemon log:\n%s", want, limit, e.logText())
+	e.b.Fatalf("no connection through %s within %v\ndaemon log:\n%s", want, limit, e.log.String())
 	return 0, 0
 }
 
@@ -235,9 +236,9 @@ func benchIdle(b *testing.B, uplinks int, full bool, idle time.Duration) {
 	p1, passes := e.process(), e.status().Passes-passes0
 	cpu := float64(p1.cpu-p0.cpu) / float64(idle) * 100
 	b.Logf("%d uplinks, %d flows, %s: CPU %.2f%% of a core over %v idle (%d passes), VmRSS %.1f MB, VmHWM %.1f MB",
-		uplinks, flows, strings.TrimSpace(grep(e.logText(), "policy installed")), cpu, idle, passes, float64(p1.rss)/1e6, float64(p1.peak)/1e6)
+		uplinks, flows, strings.TrimSpace(daemontest.Lines(e.log.String(), "policy installed")), cpu, idle, passes, float64(p1.rss)/1e6, float64(p1.peak)/1e6)
 	if !e.allUp() {
-		b.Fatalf("not every uplink up after the idle window:\n%s", e.logText())
+		b.Fatalf("not every uplink up after the idle window:\n%s", e.log.String())
 	}
 	b.ReportMetric(cpu, "%cpu")
 	b.ReportMetric(float64(passes), "passes")

@@ -11,7 +11,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,46 +19,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mhbpf/mhbpf/internal/daemon"
+	"github.com/mhbpf/mhbpf/internal/daemontest"
 	"github.com/mhbpf/mhbpf/internal/maps"
 	"github.com/mhbpf/mhbpf/internal/testutil"
 	"github.com/mhbpf/mhbpf/internal/topology"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
-// mhbpfBinary is MHBPF_BIN, or cmd/mhbpf built once per run.
-func mhbpfBinary(b *testing.B) string {
-	b.Helper()
-	if bin := os.Getenv("MHBPF_BIN"); bin != "" {
-		return bin
-	}
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "mhbpf-bench-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "mhbpf")
-		out, err := exec.Command("go", "build", "-o", binPath, "../../cmd/mhbpf").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		b.Fatal(buildErr)
-	}
-	return binPath
-}
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	daemontest.RemoveBinary()
 	os.Exit(code)
 }
 
@@ -93,8 +61,7 @@ type env struct {
 	extraNS  string // the namespace of uplinks 3..n, if any
 	cmd      *exec.Cmd
 	exited   chan struct{} // closed when cmd has ended
-	log      bytes.Buffer
-	logMu    sync.Mutex
+	log      daemontest.Log
 }
 
 // The config of the benchmarks: the product's defaults (probe interval,
@@ -150,7 +117,7 @@ func newEnv(b *testing.B, uplinks int, global, policy string) *env {
 	for _, ns := range []string{topo.Router, topo.ISP1, topo.ISP2, topo.LAN} {
 		record("netns", ns)
 	}
-	e := &env{b: b, topo: topo, bin: mhbpfBinary(b), dir: b.TempDir(),
+	e := &env{b: b, topo: topo, bin: daemontest.Binary(b), dir: b.TempDir(),
 		pinDir: filepath.Join("/sys/fs/bpf", testutil.UniqueName("mhbpf-bench-")), cgroup: testutil.Cgroup(b)}
 	e.cfgPath, e.stateDir = filepath.Join(e.dir, "mhbpf.toml"), filepath.Join(e.dir, "state")
 	record("pins", e.pinDir)
@@ -194,24 +161,17 @@ func (e *env) ip(args ...string) {
 	}
 }
 
-func (e *env) Write(p []byte) (int, error) {
-	e.logMu.Lock()
-	defer e.logMu.Unlock()
-	return e.log.Write(p)
-}
-
-func (e *env) logText() string {
-	e.logMu.Lock()
-	defer e.logMu.Unlock()
-	return e.log.String()
+// daemon is where the daemon runs, for the harness's commands.
+func (e *env) daemon() daemontest.Daemon {
+	return daemontest.Daemon{Bin: e.bin, Netns: e.topo.Router, StateDir: e.stateDir, PinDir: e.pinDir}
 }
 
 // start runs the daemon and waits for its first pass and every uplink in
 // use.
 func (e *env) start() {
 	e.b.Helper()
-	e.cmd = exec.Command("nsenter", "--net=/run/netns/"+e.topo.Router, e.bin, "run", "--config", e.cfgPath)
-	e.cmd.Stdout, e.cmd.Stderr = e, e
+	e.cmd = daemontest.InNetns(e.topo.Router, e.bin, "run", "--config", e.cfgPath)
+	e.cmd.Stdout, e.cmd.Stderr = &e.log, &e.log
 	if err := e.cmd.Start(); err != nil {
 		e.b.Fatal(err)
 	}
@@ -233,26 +193,9 @@ func (e *env) stop() {
 			<-e.exited
 		}
 		e.cmd = nil
-		if log := e.logText(); strings.Contains(log, "level=ERROR") {
-			e.b.Errorf("the daemon logged errors:\n%s", grep(log, "level=ERROR"))
-		}
+		daemontest.CheckNoErrors(e.b, e.log.String())
 	}
-	out, err := exec.Command("nsenter", "--net=/run/netns/"+e.topo.Router, e.bin,
-		"--state-dir", e.stateDir, "--pin-dir", e.pinDir, "down").CombinedOutput()
-	if err != nil {
-		e.b.Errorf("mhbpf down: %v\n%s", err, out)
-	}
-	_ = os.RemoveAll(e.pinDir)
-}
-
-func grep(text, word string) string {
-	var out []string
-	for _, l := range strings.Split(text, "\n") {
-		if strings.Contains(l, word) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
+	e.daemon().Down(e.b)
 }
 
 func (e *env) status() daemon.Status {
@@ -263,8 +206,11 @@ func (e *env) status() daemon.Status {
 // allUp: a pass of the daemon that runs (this process) says every uplink
 // is in use.
 func (e *env) allUp() bool {
-	st := e.status()
-	if st.State != daemon.StateRunning || e.cmd == nil || st.PID != e.cmd.Process.Pid || len(st.Uplinks) == 0 {
+	if e.cmd == nil {
+		return false
+	}
+	st, running := e.daemon().Running(e.cmd.Process.Pid)
+	if !running || len(st.Uplinks) == 0 {
 		return false
 	}
 	for _, u := range st.Uplinks {
@@ -295,19 +241,11 @@ func (e *env) usable(name string) bool {
 // took from start.
 func (e *env) waitFrom(start time.Time, what string, limit time.Duration, ok func() bool) time.Duration {
 	e.b.Helper()
-	for time.Since(start) < limit {
-		if ok() {
-			return time.Since(start)
-		}
-		select {
-		case <-e.exited:
-			e.b.Fatalf("%s: the daemon ended\ndaemon log:\n%s", what, e.logText())
-		default:
-		}
-		time.Sleep(5 * time.Millisecond)
+	took, err := daemontest.Until(start, limit, 5*time.Millisecond, e.exited, ok)
+	if err != nil {
+		e.b.Fatalf("%s: %v\ndaemon log:\n%s", what, err, e.log.String())
 	}
-	e.b.Fatalf("%s: not within %v\ndaemon log:\n%s", what, limit, e.logText())
-	return 0
+	return took
 }
 
 func (e *env) waitFor(what string, limit time.Duration, ok func() bool) time.Duration {
