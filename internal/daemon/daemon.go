@@ -53,7 +53,7 @@ type Daemon struct {
 	ap      *applier  // applies plans, remembers what it made
 	metrics *metrics
 	filter  *eventFilter // which netlink events wake a pass (events.go)
-	// policyBytes: the kernel memory of the installed policy's tries, for
+	// policyBytes: the kernel memory of the installed policy's tables, for
 	// the status and the metrics.
 	policyBytes uint64
 }
@@ -406,12 +406,15 @@ func (d *Daemon) reconcile(wake *<-chan time.Time) {
 // changed no verdict: the plan of the last pass's snapshot with the
 // current results. It reports false, and does nothing, when that plan
 // would change anything in the kernel (the last pass changed the world
-// since its snapshot, a hold-down ran out, something is to be retried):
-// then a full pass is due. The plan's memory is not kept: only full passes
-// advance it.
+// since its snapshot, a hold-down ran out, something is to be retried),
+// or when the snapshot is older than fullPassEvery: then a full pass is
+// due. The plan's memory is not kept: only full passes advance it.
 func (d *Daemon) statusPass(wake *<-chan time.Time) bool {
 	if d.last == nil || len(d.ap.unretired) > 0 || len(d.ap.failing) > 0 {
 		return false // and what failed is tried again
+	}
+	if time.Since(d.last.Now) >= fullPassEvery {
+		return false
 	}
 	s := *d.last
 	s.Now = time.Now()
@@ -430,6 +433,12 @@ func (d *Daemon) statusPass(wake *<-chan time.Time) bool {
 	}
 	return true
 }
+
+// fullPassEvery: while probes run, the world is read again at least this
+// often, whatever their verdicts: what no event announces (fib rules and
+// sysctls someone changed) is put back as soon as when each probe result
+// was a pass, once a second, however many uplinks are probed.
+const fullPassEvery = time.Second
 
 // fillStatus adds what the plan does not know: the process's own figures.
 func (d *Daemon) fillStatus(st *Status) {

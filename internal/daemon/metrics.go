@@ -69,7 +69,7 @@ func newCollector(status func() *Status, counters counterSource, resident func()
 		changes: prometheus.NewDesc("mhbpf_uplink_state_changes_total", "Times the uplink went in or out of use since the daemon started.", uplink, nil),
 		rss:     prometheus.NewDesc("mhbpf_daemon_resident_bytes", "The daemon's resident memory (VmRSS).", nil, nil),
 		rssPeak: prometheus.NewDesc("mhbpf_daemon_resident_peak_bytes", "The daemon's peak resident memory (VmHWM): a large policy's load is where it peaks.", nil, nil),
-		policy:  prometheus.NewDesc("mhbpf_policy_kernel_bytes", "Kernel memory of the installed policy's prefix tries.", nil, nil),
+		policy:  prometheus.NewDesc("mhbpf_policy_kernel_bytes", "Kernel memory of the installed policy's prefix tables.", nil, nil),
 		errors: prometheus.NewCounter(prometheus.CounterOpts{Name: "mhbpf_metrics_collection_errors_total",
 			Help: "Counter reads from the datapath's maps that failed while serving metrics."}),
 	}

@@ -65,7 +65,7 @@ type Status struct {
 	// rule i as policy id i+1 (0 is the default balance).
 	Policies []string `json:"policies,omitempty"`
 	// The daemon's resident memory (VmRSS) and its peak (VmHWM) at this
-	// pass, and the kernel memory of the installed policy's tries.
+	// pass, and the kernel memory of the installed policy's tables.
 	ResidentBytes     uint64 `json:"resident_bytes,omitempty"`
 	PeakResidentBytes uint64 `json:"peak_resident_bytes,omitempty"`
 	PolicyKernelBytes uint64 `json:"policy_kernel_bytes,omitempty"`

@@ -64,7 +64,7 @@ func copied(live *maps.Maps) map[string]*ebpf.Map {
 }
 
 // shared are the live maps the program only reads and that are too big
-// to copy (the policy's prefix tries, arrays of tries sized from the
+// to copy (the policy's prefix tables, arrays of tables sized from the
 // policy): the sandbox uses them as they are.
 func shared(live *maps.Maps) map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{"policy_ranges_dst4": live.PolicyRangesDst4, "policy_ranges_src4": live.PolicyRangesSrc4,

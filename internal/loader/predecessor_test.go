@@ -331,8 +331,8 @@ func TestUpgradeMovesIfacesWithoutOldFlowMaps(t *testing.T) {
 // policy_gen. The generation moves to policy_generation, the tries stay
 // behind, so that the old programs, until the new ones take their place,
 // keep their generation and tries while the new policy is installed
-// (which switches policy_generation only); FinishUpgrade removes the old
-// pins.
+// (which switches policy_generation only); a restart before FinishUpgrade
+// does not take the generation back; FinishUpgrade removes the old pins.
 func TestUpgradeFromPolicyTries(t *testing.T) {
 	testutil.RequireRoot(t)
 	dir := testutil.PinDir(t, loader.Remove)
@@ -378,10 +378,12 @@ func TestUpgradeFromPolicyTries(t *testing.T) {
 	}
 
 	d := loadWith(t, dir, 0)
-	defer d.Close()
+	defer func() { d.Close() }() // the last one
 	var g uint32
-	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != cur {
-		t.Fatalf("policy_generation %d (%v), want the old programs' %d carried over", g, err, cur)
+	// Bit 1: written (never all zero, which a second run of an interrupted
+	// upgrade would take for not written yet).
+	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != cur|2 {
+		t.Fatalf("policy_generation %#x (%v), want the old programs' %d carried over, with bit 1", g, err, cur)
 	}
 	// The daemon installs its policy before the swap: into the other
 	// generation, switching policy_generation alone.
@@ -389,8 +391,8 @@ func TestUpgradeFromPolicyTries(t *testing.T) {
 		Action: maps.Action{Uplinks: []maps.Choice{{Uplink: 1, Weight: 1}}}}}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != 1-cur {
-		t.Fatalf("policy_generation %d after the install, want %d", g, 1-cur)
+	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != (1-cur)|2 {
+		t.Fatalf("policy_generation %#x after the install, want %d with bit 1", g, 1-cur)
 	}
 	if err := oldGen.Lookup(uint32(0), &g); err != nil || g != cur {
 		t.Fatalf("the old programs' policy_gen is %d now (%v), want still %d", g, err, cur)
@@ -400,6 +402,14 @@ func TestUpgradeFromPolicyTries(t *testing.T) {
 		if err := gens.Lookup(uint32(cur), &id); err != nil || id == 0 {
 			t.Fatalf("an old trie of generation %d is gone before the swap (%v)", cur, err)
 		}
+	}
+	// A crash before FinishUpgrade: the next start finds the old pins
+	// again, and the generation the new programs read (0 now, with bit 1)
+	// must not go back to the old one's.
+	d.Close()
+	d = loadWith(t, dir, 0)
+	if err := d.Maps.PolicyGeneration.Lookup(uint32(0), &g); err != nil || g != (1-cur)|2 {
+		t.Fatalf("policy_generation %#x after a restart midway, want %d with bit 1 as installed", g, 1-cur)
 	}
 	if _, err := d.FinishUpgrade(); err != nil {
 		t.Fatal(err)

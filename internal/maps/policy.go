@@ -189,7 +189,10 @@ func (m *Maps) InstallPolicy(p Policy) (PolicyStats, error) {
 	if err := m.PolicyMeta.Put(next, &set); err != nil {
 		return stats, fmt.Errorf("policy set: %w", err)
 	}
-	if err := m.PolicyGeneration.Put(uint32(0), next); err != nil {
+	// Bit 1 set: a written generation is never all zero, which an
+	// interrupted upgrade's second run takes for a slot not written yet
+	// (the programs read bit 0 alone).
+	if err := m.PolicyGeneration.Put(uint32(0), next|2); err != nil {
 		return stats, fmt.Errorf("policy generation: %w", err)
 	}
 	stats.Took = time.Since(start)

@@ -132,17 +132,27 @@ func init() {
 	// swap, and switches policy_generation only. The tries themselves do
 	// not move (the new tables are built from the configuration).
 	RegisterSplit(Split{From: "policy_gen", Layout: Layout{Type: ebpf.Array, KeySize: 4, ValueSize: 4},
-		To: []string{"policy_generation"}, Convert: sameEntry("policy_generation")})
+		To: []string{"policy_generation"}, Convert: writtenGeneration})
 	for _, d := range []string{"dst4", "src4", "dst6", "src6"} {
 		RegisterSplit(Split{From: "policy_" + d, Layout: Layout{Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4},
 			To: []string{"policy_ranges_" + d}, Convert: dropEntry})
 	}
 }
 
-// sameEntry moves an entry as it is into map to.
-func sameEntry(to string) func(key, value []byte) (string, []byte, []byte, bool, error) {
-	return func(key, value []byte) (string, []byte, []byte, bool, error) { return to, key, value, true, nil }
+// writtenGeneration moves policy_gen's generation into
+// policy_generation, with the bit InstallPolicy sets (a generation 0 would
+// be all zero, which a second run of an interrupted upgrade takes for an
+// entry not written yet, and would overwrite).
+func writtenGeneration(key, value []byte) (string, []byte, []byte, bool, error) {
+	if len(value) != 4 {
+		return "", nil, nil, false, fmt.Errorf("policy_gen value of %d bytes, want 4", len(value))
+	}
+	v := append([]byte(nil), value...)
+	binary.NativeEndian.PutUint32(v, binary.NativeEndian.Uint32(v)&1|2)
+	return "policy_generation", key, v, true, nil
 }
 
 // dropEntry moves nothing.
-func dropEntry(key, value []byte) (string, []byte, []byte, bool, error) { return "", nil, nil, false, nil }
+func dropEntry(key, value []byte) (string, []byte, []byte, bool, error) {
+	return "", nil, nil, false, nil
+}

@@ -274,6 +274,9 @@ type range6 struct{ Hi, Lo, V uint64 }
 func putRanges(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*ebpf.Map, uint64, error) {
 	t := buildRanges(prefixes, v6)
 	n := t.entries()
+	if n >= 1<<32 {
+		return nil, 0, fmt.Errorf("%d prefixes make %d table entries, more than a map holds", len(prefixes), n)
+	}
 	valueSize := uint32(8)
 	if v6 {
 		valueSize = uint32(binary.Size(range6{}))
@@ -290,7 +293,7 @@ func putRanges(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*eb
 		if e.count == 0 {
 			return uint64(e.first)
 		}
-		return uint64(e.count)<<32 | uint64(rangesAt) + uint64(e.first)
+		return uint64(e.count)<<32 | (uint64(rangesAt) + uint64(e.first))
 	}
 	if v6 {
 		values := make([]range6, 0, n)
