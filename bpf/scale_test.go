@@ -74,6 +74,33 @@ func spreadPrefixes(seed uint64, n4, n6 int) (lists [2][]netip.Prefix) {
 	return lists
 }
 
+// tablePrefixesNoMerge are n4 IPv4 prefixes in 100.64.0.0/10 and n6 IPv6
+// ones in 2001:db8::/32, each alone in its slot (none touching another,
+// so nothing merges), of random lengths that fit it.
+func tablePrefixesNoMerge(seed uint64, n4, n6 int) []netip.Prefix {
+	rng := rand.New(rand.NewPCG(seed, 3))
+	var out []netip.Prefix
+	if n4 > 0 {
+		slot := uint64(1) << 22 / uint64(2*n4)
+		minBits := 32 - (bits.Len64(max(slot, 1)) - 1)
+		for i := 0; i < n4; i++ {
+			var b [4]byte
+			binary.BigEndian.PutUint32(b[:], 100<<24|64<<16+uint32(uint64(i)*2*slot))
+			out = append(out, netip.PrefixFrom(netip.AddrFrom4(b), minBits+rng.IntN(33-minBits)).Masked())
+		}
+	}
+	if n6 > 0 {
+		slot := uint64(1) << 32 / uint64(2*n6)
+		minBits := 64 - (bits.Len64(slot) - 1)
+		for i := 0; i < n6; i++ {
+			var b [16]byte
+			binary.BigEndian.PutUint64(b[:8], 0x20010db8<<32|uint64(i)*2*slot)
+			out = append(out, netip.PrefixFrom(netip.AddrFrom16(b), minBits+rng.IntN(65-minBits)).Masked())
+		}
+	}
+	return out
+}
+
 // A policy of 100,000 IPv4 and 20,000 IPv6 prefixes (a country's list,
 // many times over) steers by them, and a replacement by another such
 // policy leaves one generation of tries behind, not two.
@@ -163,18 +190,40 @@ func BenchmarkLANNewFlowPolicyPrefixes(b *testing.B) {
 	for _, c := range []struct {
 		family string
 		n      int
-	}{{"ipv4", 10}, {"ipv4", 10_000}, {"ipv4", 1_000_000}, {"ipv6", 10}, {"ipv6", 10_000}, {"ipv6", 200_000}} {
-		b.Run(fmt.Sprintf("%s/prefixes=%d", c.family, c.n), func(b *testing.B) {
+		// clustered: the list fills one /10 (IPv4) or /32 (IPv6),
+		// and one prefix far away: the part all prefixes share is
+		// short, the direct index cuts only a few bits into the
+		// cluster, and the binary search in its entries is long (the
+		// range tables' worst case; about the trie's cost).
+		clustered bool
+	}{{"ipv4", 10, false}, {"ipv4", 10_000, false}, {"ipv4", 1_000_000, false}, {"ipv4", 1_000_000, true},
+		{"ipv6", 10, false}, {"ipv6", 10_000, false}, {"ipv6", 200_000, false}, {"ipv6", 200_000, true}} {
+		name := fmt.Sprintf("%s/prefixes=%d", c.family, c.n)
+		if c.clustered {
+			name += "/clustered"
+		}
+		b.Run(name, func(b *testing.B) {
 			e := benchEnv(b)
 			var lists [2][]netip.Prefix
 			src := lanHost
-			if c.family == "ipv4" {
+			switch {
+			case c.family == "ipv4" && c.clustered:
+				lists[0] = append(tablePrefixesNoMerge(9, c.n, 0), netip.MustParsePrefix("8.8.8.0/24"))
+			case c.family == "ipv4":
 				lists = spreadPrefixes(9, c.n, 0)
-			} else {
+			case c.clustered:
+				lists[0], src = append(tablePrefixesNoMerge(9, 0, c.n), netip.MustParsePrefix("2a00:1450::/32")), lanHost6
+			default:
 				lists, src = spreadPrefixes(9, 0, c.n), lanHost6
 			}
 			vpnOnly := maps.Action{Uplinks: []maps.Choice{{Uplink: vpn, Weight: 1}}, Fallback: maps.FallbackUnreachable}
-			e.policy(maps.Policy{Default: balanced(), Rules: []maps.Rule{{Dst: lists[0], Action: vpnOnly}, {Dst: lists[1], Action: vpnOnly}}})
+			var rules []maps.Rule
+			for _, l := range lists {
+				if len(l) > 0 { // (a rule without prefixes would hold everywhere)
+					rules = append(rules, maps.Rule{Dst: l, Action: vpnOnly})
+				}
+			}
+			e.policy(maps.Policy{Default: balanced(), Rules: rules})
 			e.uplink(vpn, markVPN, 1, false)
 			// a third of the way: the middle of the IPv4 space is 127/8
 			p := syn(ap(src, 40000), ap(lists[0][len(lists[0])/3].Addr(), 443))

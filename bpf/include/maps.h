@@ -239,27 +239,30 @@ struct lpm6_key {
  * direction and family, which the daemon creates at the size of the policy,
  * fills, and puts into its generation's slot of the outer array
  * (policy_ranges_dst4 and so on) before it switches policy_generation over.
- * A lookup costs the same few array reads whatever the policy's size (an
- * LPM trie walks deeper the more prefixes it holds):
+ * A lookup costs about the same few array reads whatever the policy's size
+ * (an LPM trie walks deeper the more prefixes it holds):
  *
- *   [0]  header: skip (bits 0-7), index bits (8-15), sets (16-63): where
- *        the rule sets start
- *   [1]  base: the first skip bits every prefix shares (outside them no
- *        prefix holds)
- *   [2 + c]  chunk c of the 2^index bits that follow skip: its ranges
- *        (first, count); count 0: one rule set covers it all (first is it)
- *   ranges: sorted by start within a chunk, the first at the chunk's
- *        start; a range's rule set holds up to the next one's start
+ *   [0]  where the rule sets start
+ *   a node (the root at 1): its span's ranges share the leading `from`
+ *        bits of base; it indexes the 2^ib values of the bits after them
+ *     IPv4: [n] from (bits 0-7), ib (8-15), above (32-63): the set above
+ *              base's span; [n + 1] base << 32 | below: the set below it
+ *     IPv6: [n] base in hi:lo, v: from (bits 0-7), ib (8-15), below
+ *              (16-39), above (40-63)
+ *     then (from [n + 2] or [n + 1]) index entry c: count << 32 | first (its ranges, sorted,
+ *              the first at the entry's start), count 0: one set covers the
+ *              entry (first is it), or RANGE_CHILD | the node of its bits
+ *   ranges: a range's set holds up to the next one's start
  *   sets: the rule sets (bit i: rule i), 1-based (0: no rule)
  *
  * Go (internal/maps/ranges.go) builds it; a set is every rule whose prefix
  * contains the range (the longest match carries the shorter ones' rules).
- * IPv4 entries are one __u64: a range is start (host order) << 32 | set, a
- * chunk count << 32 | first. IPv6 entries are struct range6. */
+ * IPv4 entries are one __u64: a range is start (host order) << 32 | set,
+ * base start << 32 | below. IPv6 entries are struct range6. */
 struct range6 {
 	__u64 hi; /* address, host order: bits 0-63 */
 	__u64 lo; /* bits 64-127 */
-	__u64 v;  /* set, chunk (count << 32 | first), header or sets' bits */
+	__u64 v;  /* set, index entry, header, below, or a rule set's bits */
 };
 
 struct sticky_key {

@@ -67,50 +67,77 @@ static __always_inline bool is_bypassed(__u8 family, const __u32 *daddr)
 	return bpf_map_lookup_elem(&bypass6, &k) != NULL;
 }
 
-/* The ranges (maps.h) have at most 2^32 entries: a binary search ends
- * within 32 halvings. */
+/* The tables (maps.h) have fewer than 2^31 entries: a binary search ends
+ * within 32 halvings. RANGE_LEVELS is how deep Go builds nodes
+ * (internal/maps/ranges.go rangeLevels). */
 #define RANGE_SEARCH_STEPS 32
+#define RANGE_LEVELS 4
+#define RANGE_CHILD (1ULL << 63)
 
 /* The rules whose prefixes contain a (host order), from the IPv4 table
- * tbl (maps.h has its layout). */
+ * tbl (maps.h has its layout; internal/maps/ranges_test.go lookup4 is this
+ * function in Go, held to a longest-prefix match). */
 static __always_inline __u64 range_rules4(void *tbl, __u64 a)
 {
 	__u32 k = 0;
-	__u64 *h = bpf_map_lookup_elem(tbl, &k);
-	if (!h)
+	__u64 *g = bpf_map_lookup_elem(tbl, &k);
+	if (!g)
 		return 0;
-	__u32 skip = *h & 0xff, ibits = (*h >> 8) & 0xff;
-	__u32 sets = *h >> 16;
-	if (skip) {
-		k = 1;
-		__u64 *base = bpf_map_lookup_elem(tbl, &k);
-		/* skip < 32, so the shift is defined */
-		if (!base || ((a ^ *base) >> (32 - skip)))
+	__u32 sets = *g, node = 1, set = 0, lo = 0, hi = 0;
+	bool search = false;
+	for (int level = 0; level < RANGE_LEVELS; level++) {
+		k = node;
+		__u64 *h0 = bpf_map_lookup_elem(tbl, &k);
+		if (!h0)
 			return 0;
-	}
-	/* skip + ibits <= 32 and ibits >= 1 (Go sees to both) */
-	k = 2 + ((((a << skip) & 0xffffffff)) >> ((32 - ibits) & 63));
-	__u64 *c = bpf_map_lookup_elem(tbl, &k);
-	if (!c)
-		return 0;
-	__u32 set = (__u32)*c, count = *c >> 32;
-	if (count) {
-		__u32 lo = set, hi = set + count - 1;
-		for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
-			__u32 mid = lo + (hi - lo + 1) / 2;
-			__u64 *r = bpf_map_lookup_elem(tbl, &mid);
-			if (!r)
+		__u32 from = *h0 & 0xff, ib = (*h0 >> 8) & 0xff;
+		if (from) {
+			k = node + 1;
+			__u64 *h1 = bpf_map_lookup_elem(tbl, &k);
+			if (!h1)
 				return 0;
-			if ((*r >> 32) <= a)
-				lo = mid;
-			else
-				hi = mid - 1;
+			/* from < 32 and ib >= 1 (Go sees to both): every shift
+			 * below is 1-31 */
+			__u64 top = a >> ((32 - from) & 63), btop = (*h1 >> 32) >> ((32 - from) & 63);
+			if (top != btop) {
+				set = top < btop ? (__u32)*h1 : (__u32)(*h0 >> 32);
+				goto found;
+			}
 		}
-		__u64 *r = bpf_map_lookup_elem(tbl, &lo);
+		k = node + 2 + (((a << from) & 0xffffffff) >> ((32 - ib) & 63));
+		__u64 *e = bpf_map_lookup_elem(tbl, &k);
+		if (!e)
+			return 0;
+		if (*e & RANGE_CHILD) {
+			node = (__u32)*e;
+			continue;
+		}
+		if (!(*e >> 32)) {
+			set = (__u32)*e;
+			goto found;
+		}
+		lo = (__u32)*e;
+		hi = lo + (__u32)(*e >> 32) - 1;
+		search = true;
+		break;
+	}
+	if (!search)
+		return 0;
+	for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
+		__u32 mid = lo + (hi - lo + 1) / 2;
+		__u64 *r = bpf_map_lookup_elem(tbl, &mid);
 		if (!r)
 			return 0;
-		set = (__u32)*r;
+		if ((*r >> 32) <= a)
+			lo = mid;
+		else
+			hi = mid - 1;
 	}
+	__u64 *r = bpf_map_lookup_elem(tbl, &lo);
+	if (!r)
+		return 0;
+	set = (__u32)*r;
+found:
 	if (!set)
 		return 0;
 	k = sets + set - 1;
@@ -132,49 +159,80 @@ static __always_inline __u64 bits128(__u64 hi, __u64 lo, __u32 from, __u32 n)
 	return x >> ((64 - n) & 63);
 }
 
-/* The IPv6 counterpart of range_rules4: a is the address, host order. */
+/* -1, 0, 1: where the top from bits of a stand against b's (0 < from < 128). */
+static __always_inline int cmp_top128(__u64 ahi, __u64 alo, __u64 bhi, __u64 blo, __u32 from)
+{
+	__u64 x, y;
+	if (from <= 64) {
+		x = ahi >> ((64 - from) & 63);
+		y = bhi >> ((64 - from) & 63);
+	} else if (ahi != bhi) {
+		x = ahi;
+		y = bhi;
+	} else {
+		x = alo >> ((128 - from) & 63);
+		y = blo >> ((128 - from) & 63);
+	}
+	return x < y ? -1 : x > y;
+}
+
+/* The IPv6 counterpart of range_rules4 (lookup6 in Go): a is the address,
+ * host order. */
 static __always_inline __u64 range_rules6(void *tbl, __u64 ahi, __u64 alo)
 {
 	__u32 k = 0;
-	struct range6 *h = bpf_map_lookup_elem(tbl, &k);
-	if (!h)
+	struct range6 *g = bpf_map_lookup_elem(tbl, &k);
+	if (!g)
 		return 0;
-	__u32 skip = h->v & 0xff, ibits = (h->v >> 8) & 0xff;
-	__u32 sets = h->v >> 16;
-	if (skip) {
-		k = 1;
-		struct range6 *base = bpf_map_lookup_elem(tbl, &k);
-		if (!base)
+	__u32 sets = g->v, node = 1, set = 0, lo = 0, hi = 0;
+	bool search = false;
+	for (int level = 0; level < RANGE_LEVELS; level++) {
+		k = node;
+		struct range6 *h = bpf_map_lookup_elem(tbl, &k);
+		if (!h)
 			return 0;
-		/* 0 < skip < 128: every shift below is 1-63 */
-		if (skip < 64) {
-			if ((ahi ^ base->hi) >> ((64 - skip) & 63))
-				return 0;
-		} else if (ahi != base->hi || (skip > 64 && ((alo ^ base->lo) >> ((128 - skip) & 63))))
-			return 0;
-	}
-	k = 2 + bits128(ahi, alo, skip, ibits);
-	struct range6 *c = bpf_map_lookup_elem(tbl, &k);
-	if (!c)
-		return 0;
-	__u32 set = (__u32)c->v, count = c->v >> 32;
-	if (count) {
-		__u32 lo = set, hi = set + count - 1;
-		for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
-			__u32 mid = lo + (hi - lo + 1) / 2;
-			struct range6 *r = bpf_map_lookup_elem(tbl, &mid);
-			if (!r)
-				return 0;
-			if (r->hi < ahi || (r->hi == ahi && r->lo <= alo))
-				lo = mid;
-			else
-				hi = mid - 1;
+		__u32 from = h->v & 0xff, ib = (h->v >> 8) & 0xff;
+		if (from) {
+			int c = cmp_top128(ahi, alo, h->hi, h->lo, from);
+			if (c) {
+				set = c < 0 ? (h->v >> 16) & 0xffffff : h->v >> 40;
+				goto found;
+			}
 		}
-		struct range6 *r = bpf_map_lookup_elem(tbl, &lo);
+		k = node + 1 + bits128(ahi, alo, from, ib);
+		struct range6 *e = bpf_map_lookup_elem(tbl, &k);
+		if (!e)
+			return 0;
+		if (e->v & RANGE_CHILD) {
+			node = (__u32)e->v;
+			continue;
+		}
+		if (!(e->v >> 32)) {
+			set = (__u32)e->v;
+			goto found;
+		}
+		lo = (__u32)e->v;
+		hi = lo + (__u32)(e->v >> 32) - 1;
+		search = true;
+		break;
+	}
+	if (!search)
+		return 0;
+	for (int i = 0; i < RANGE_SEARCH_STEPS && lo < hi; i++) {
+		__u32 mid = lo + (hi - lo + 1) / 2;
+		struct range6 *r = bpf_map_lookup_elem(tbl, &mid);
 		if (!r)
 			return 0;
-		set = (__u32)r->v;
+		if (r->hi < ahi || (r->hi == ahi && r->lo <= alo))
+			lo = mid;
+		else
+			hi = mid - 1;
 	}
+	struct range6 *r = bpf_map_lookup_elem(tbl, &lo);
+	if (!r)
+		return 0;
+	set = (__u32)r->v;
+found:
 	if (!set)
 		return 0;
 	k = sets + set - 1;
@@ -256,15 +314,22 @@ static __always_inline struct policy *policy_lookup(const struct target *t, __u8
 		return &meta->dflt;
 
 	struct match_ctx m = { .t = t, .gen = gen, .found = -1 };
-	__u64 dst = policy_rules_of(&policy_ranges_dst4, &policy_ranges_dst6, gen, t->family, t->daddr) | meta->any_dst;
+	__u32 nrules = meta->nrules < MAX_RULES ? meta->nrules : MAX_RULES;
+	__u64 all = nrules >= 64 ? ~0ULL : (1ULL << nrules) - 1;
+	/* A direction in which no rule lists prefixes needs no lookup, nor
+	 * does the source when no rule holds for the destination. */
+	__u64 dst = meta->any_dst;
+	if ((dst & all) != all)
+		dst |= policy_rules_of(&policy_ranges_dst4, &policy_ranges_dst6, gen, t->family, t->daddr);
+	if (!dst)
+		return &meta->dflt;
 	__u64 src = meta->any_src;
-	if (t->has_saddr)
+	if ((src & all) != all && t->has_saddr)
 		src |= policy_rules_of(&policy_ranges_src4, &policy_ranges_src6, gen, t->family, t->saddr);
 	m.candidates = dst & src;
 	if (!m.candidates)
 		return &meta->dflt;
 
-	__u32 nrules = meta->nrules < MAX_RULES ? meta->nrules : MAX_RULES;
 #ifdef MHBPF_NO_BPF_LOOP
 	/* Kernels before 5.17 have no bpf_loop: the same walk as a bounded loop
 	 * (the *Compat objects, which the loader picks there). */

@@ -14,17 +14,27 @@ import (
 
 // The policy's prefixes reach the programs as a range table
 // (bpf/include/maps.h has its layout): the address space cut into ranges
-// of one rule set each, sorted, with a direct index over the bits after
-// the part every prefix shares. A lookup reads the header, the index
-// entry and a binary search over the few ranges of one index entry: the
-// same few array reads at 10 prefixes as at a million, where an LPM trie
-// walks deeper the more it holds. Its size is bounded by the prefixes:
-// at most 2P+1 ranges, one per index entry more, and an index of at most
-// 2^maxIndexBits entries, about as many as there are ranges.
+// of one rule set each, sorted, behind a tree of direct indexes. A node
+// indexes the bits after the part its ranges share; an index entry holds
+// at most a few ranges (leafRanges), or a node of its own for the bits
+// after. A lookup reads one or a few nodes, an index entry, a short binary
+// search and the rule set: about the same array reads at 10 prefixes as at
+// a million, where an LPM trie walks deeper the more it holds, and a list
+// crowded into one /10 or /32 gets nodes down into it instead of one long
+// search. Its size is bounded by the prefixes: at most 2P+1 ranges, one
+// more per index entry, and indexes about as long as their ranges.
 
-// maxIndexBits bounds the direct index: 2^20 entries (8 MB for IPv4, 24
-// MB for IPv6) once a policy has a million ranges.
-const maxIndexBits = 20
+const (
+	// maxIndexBits bounds the root's index: 2^20 entries (8 MB for IPv4,
+	// 24 MB for IPv6) once a policy has a million ranges; a node below
+	// has at most 2^maxNodeIndexBits.
+	maxIndexBits     = 20
+	maxNodeIndexBits = 16
+	// leafRanges: an index entry of more ranges gets a node of its own,
+	// down to rangeLevels levels (RANGE_LEVELS in bpf/include/policy.h).
+	leafRanges  = 8
+	rangeLevels = 4
+)
 
 // u128 is an address as a number: IPv4 in the low 32 bits.
 type u128 struct{ hi, lo uint64 }
@@ -108,21 +118,31 @@ type addrRange struct {
 	set   uint32
 }
 
-// indexEntry is one entry of the direct index: first and count index
-// rangeTable.ranges; count 0: the whole entry is set first.
-type indexEntry struct{ first, count uint32 }
+// tableNode indexes a span of the address space: the bits [from, from +
+// indexBits) of the addresses under base (its ranges' shared from bits);
+// below base the span is set below, above it set above.
+type tableNode struct {
+	from, indexBits int
+	base            u128
+	below, above    uint32
+	entries         []tableEntry
+}
+
+// tableEntry is one index entry: count ranges from first (of
+// rangeTable.ranges), or with count 0 the whole entry is set first, or
+// node child (> 0).
+type tableEntry struct {
+	first, count uint32
+	child        int
+}
 
 // rangeTable is the table of one direction and family.
 type rangeTable struct {
-	width       int // 32 or 128
-	skip        int // leading bits every prefix shares (base's)
-	indexBits   int
-	base        u128
-	index       []indexEntry
-	ranges      []addrRange
-	sets        []uint64 // the rule sets, set i at sets[i-1]
-	setOf       map[uint64]uint32
-	firstRanges int // where the ranges start in the map
+	width  int // 32 or 128
+	nodes  []*tableNode
+	ranges []addrRange
+	sets   []uint64 // the rule sets, set i at sets[i-1]
+	setOf  map[uint64]uint32
 }
 
 func (t *rangeTable) set(rules uint64) uint32 {
@@ -144,47 +164,57 @@ func buildRanges(prefixes []prefixRules, v6 bool) *rangeTable {
 	if v6 {
 		t.width = 128
 	}
-	whole := ranges(t, prefixes)
-	if len(prefixes) > 0 {
-		first, last := addrNumber(prefixes[0].Prefix.Addr()), addrNumber(prefixes[len(prefixes)-1].Prefix.Addr())
-		t.skip = commonBits(first, last, t.width)
-		for _, p := range prefixes {
-			t.skip = min(t.skip, p.Prefix.Bits())
-		}
-		// The index needs a bit at least.
-		t.skip = min(t.skip, t.width-1)
-		t.base = highBits(first, t.width, t.skip).shl(t.width - t.skip)
+	t.node(ranges(t, prefixes), 0)
+	return t
+}
+
+// node makes the node of a span whose ranges are rs (rs[0] starts the
+// span) and returns its number.
+func (t *rangeTable) node(rs []addrRange, level int) int {
+	n := &tableNode{below: rs[0].set, above: rs[len(rs)-1].set}
+	id := len(t.nodes)
+	t.nodes = append(t.nodes, n)
+	if len(rs) > 1 {
+		// The index must keep a bit: from < width.
+		n.from = min(commonBits(rs[1].start, rs[len(rs)-1].start, t.width), t.width-1)
+		n.base = highBits(rs[1].start, t.width, n.from).shl(t.width - n.from)
 	}
-	// Outside base's region no prefix holds: only its ranges are kept.
-	regionEnd := t.base.or(ones(t.width - t.skip))
-	lo := sort.Search(len(whole), func(i int) bool { return t.base.less(whole[i].start) }) - 1 // holds base
-	hi := sort.Search(len(whole), func(i int) bool { return regionEnd.less(whole[i].start) })
-	region := whole[lo:hi]
-	t.indexBits = min(max(bits.Len(uint(len(region)))-1, 1), maxIndexBits, t.width-t.skip)
-	shift := t.width - t.skip - t.indexBits
-	t.index = make([]indexEntry, 1<<t.indexBits)
-	t.ranges = make([]addrRange, 0, len(region)+len(t.index))
+	end := n.base.or(ones(t.width - n.from))
+	lo := sort.Search(len(rs), func(i int) bool { return n.base.less(rs[i].start) }) - 1 // holds base
+	hi := sort.Search(len(rs), func(i int) bool { return end.less(rs[i].start) })
+	region := rs[lo:hi]
+	maxBits := maxNodeIndexBits
+	if level == 0 {
+		maxBits = maxIndexBits
+	}
+	n.indexBits = min(max(bits.Len(uint(len(region)))-1, 1), maxBits, t.width-n.from)
+	shift := t.width - n.from - n.indexBits
+	n.entries = make([]tableEntry, 1<<n.indexBits)
 	j := 0 // region[j] holds the entry's first address
-	for c := range t.index {
-		start := t.base.or(u128{0, uint64(c)}.shl(shift))
-		end := start.or(ones(shift))
+	for c := range n.entries {
+		start := n.base.or(u128{0, uint64(c)}.shl(shift))
+		last := start.or(ones(shift))
 		for j+1 < len(region) && !start.less(region[j+1].start) {
 			j++
 		}
 		k := j + 1
-		for k < len(region) && !end.less(region[k].start) {
+		for k < len(region) && !last.less(region[k].start) {
 			k++
 		}
-		if k == j+1 {
-			t.index[c] = indexEntry{first: region[j].set}
-			continue
+		switch count := k - j; {
+		case count == 1:
+			n.entries[c] = tableEntry{first: region[j].set}
+		case count > leafRanges && level+1 < rangeLevels:
+			sub := make([]addrRange, 0, count)
+			sub = append(append(sub, addrRange{start, region[j].set}), region[j+1:k]...)
+			n.entries[c] = tableEntry{child: t.node(sub, level+1)}
+		default:
+			n.entries[c] = tableEntry{first: uint32(len(t.ranges)), count: uint32(count)}
+			t.ranges = append(append(t.ranges, addrRange{start, region[j].set}), region[j+1:k]...)
 		}
-		t.index[c] = indexEntry{first: uint32(len(t.ranges)), count: uint32(k - j)}
-		t.ranges = append(t.ranges, addrRange{start, region[j].set})
-		t.ranges = append(t.ranges, region[j+1:k]...)
 		j = k - 1
 	}
-	return t
+	return id
 }
 
 // ranges cuts the whole address space into ranges of one rule set, from
@@ -237,33 +267,92 @@ func ranges(t *rangeTable, prefixes []prefixRules) []addrRange {
 	return out
 }
 
-// lookup is what the programs compute for a (range_rules4/6): the tests
-// hold the kernel's answers to it.
-func (t *rangeTable) lookup(a u128) uint64 {
-	if t.skip > 0 && highBits(a, t.width, t.skip) != highBits(t.base, t.width, t.skip) {
-		return 0
-	}
-	c := highBits(a.shl(t.skip).and(ones(t.width)), t.width, t.indexBits).lo
-	e := t.index[c]
-	set := e.first
-	if e.count > 0 {
-		rs := t.ranges[e.first : e.first+e.count]
-		i := 0
-		for i+1 < len(rs) && !a.less(rs[i+1].start) {
-			i++
-		}
-		set = rs[i].set
-	}
-	if set == 0 {
-		return 0
-	}
-	return t.sets[set-1]
-}
-
 func (a u128) and(b u128) u128 { return u128{a.hi & b.hi, a.lo & b.lo} }
 
-// entries are the map's: header, base, index, ranges, sets.
-func (t *rangeTable) entries() int { return 2 + len(t.index) + len(t.ranges) + len(t.sets) }
+// The map's layout (bpf/include/maps.h): [0] where the sets start, the
+// nodes from 1 (the root first), each its two header entries and its
+// index, then the ranges, then the sets.
+const childEntry = 1 << 63
+
+// nodeHeaders is how many entries a node's header takes: IPv4 two (base
+// and the sets below and above do not fit in one), IPv6 one.
+func (t *rangeTable) nodeHeaders() int {
+	if t.width == 128 {
+		return 1
+	}
+	return 2
+}
+
+// maxSets6: an IPv6 node's header holds the sets below and above in 24
+// bits each.
+const maxSets6 = 1<<24 - 1
+
+// layout gives each node its offset in the map, and says where the
+// ranges and the sets start.
+func (t *rangeTable) layout() (offsets []int, rangesAt, setsAt, entries int) {
+	at := 1
+	for _, n := range t.nodes {
+		offsets = append(offsets, at)
+		at += t.nodeHeaders() + len(n.entries)
+	}
+	rangesAt = at
+	setsAt = rangesAt + len(t.ranges)
+	return offsets, rangesAt, setsAt, setsAt + len(t.sets)
+}
+
+// entryValue is an index entry as the programs read it: count << 32 |
+// first, the set alone (count 0), or childEntry | the node's offset.
+func entryValue(e tableEntry, offsets []int, rangesAt int) uint64 {
+	switch {
+	case e.child > 0:
+		return childEntry | uint64(offsets[e.child])
+	case e.count == 0:
+		return uint64(e.first)
+	}
+	return uint64(e.count)<<32 | (uint64(rangesAt) + uint64(e.first))
+}
+
+func nodeHeader(n *tableNode) uint64 {
+	return uint64(n.from) | uint64(n.indexBits)<<8 | uint64(n.above)<<32
+}
+
+// encode4 is an IPv4 table's entries.
+func (t *rangeTable) encode4() []uint64 {
+	offsets, rangesAt, setsAt, total := t.layout()
+	v := make([]uint64, 0, total)
+	v = append(v, uint64(setsAt))
+	for _, n := range t.nodes {
+		v = append(v, nodeHeader(n), n.base.lo<<32|uint64(n.below))
+		for _, e := range n.entries {
+			v = append(v, entryValue(e, offsets, rangesAt))
+		}
+	}
+	for _, r := range t.ranges {
+		v = append(v, r.start.lo<<32|uint64(r.set))
+	}
+	return append(v, t.sets...)
+}
+
+// encode6 is an IPv6 table's entries.
+func (t *rangeTable) encode6() []range6 {
+	offsets, rangesAt, setsAt, total := t.layout()
+	v := make([]range6, 0, total)
+	v = append(v, range6{V: uint64(setsAt)})
+	for _, n := range t.nodes {
+		v = append(v, range6{Hi: n.base.hi, Lo: n.base.lo,
+			V: uint64(n.from) | uint64(n.indexBits)<<8 | uint64(n.below)<<16 | uint64(n.above)<<40})
+		for _, e := range n.entries {
+			v = append(v, range6{V: entryValue(e, offsets, rangesAt)})
+		}
+	}
+	for _, r := range t.ranges {
+		v = append(v, range6{Hi: r.start.hi, Lo: r.start.lo, V: uint64(r.set)})
+	}
+	for _, s := range t.sets {
+		v = append(v, range6{V: s})
+	}
+	return v
+}
 
 // range6 is struct range6 of bpf/include/maps.h.
 type range6 struct{ Hi, Lo, V uint64 }
@@ -273,8 +362,11 @@ type range6 struct{ Hi, Lo, V uint64 }
 // and returns it, open, with the memory the kernel accounts to it.
 func putRanges(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*ebpf.Map, uint64, error) {
 	t := buildRanges(prefixes, v6)
-	n := t.entries()
-	if n >= 1<<32 {
+	_, _, _, n := t.layout()
+	if v6 && len(t.sets) > maxSets6 {
+		return nil, 0, fmt.Errorf("%d distinct sets of rules among the IPv6 prefixes, at most %d", len(t.sets), maxSets6)
+	}
+	if n >= 1<<31 {
 		return nil, 0, fmt.Errorf("%d prefixes make %d table entries, more than a map holds", len(prefixes), n)
 	}
 	valueSize := uint32(8)
@@ -286,39 +378,10 @@ func putRanges(gens *ebpf.Map, gen uint32, prefixes []prefixRules, v6 bool) (*eb
 	if err != nil {
 		return nil, 0, fmt.Errorf("create a table of %d prefixes (%d entries): %w", len(prefixes), n, err)
 	}
-	rangesAt := 2 + len(t.index)
-	setsAt := rangesAt + len(t.ranges)
-	header := uint64(t.skip) | uint64(t.indexBits)<<8 | uint64(setsAt)<<16
-	index := func(e indexEntry) uint64 {
-		if e.count == 0 {
-			return uint64(e.first)
-		}
-		return uint64(e.count)<<32 | (uint64(rangesAt) + uint64(e.first))
-	}
 	if v6 {
-		values := make([]range6, 0, n)
-		values = append(values, range6{V: header}, range6{Hi: t.base.hi, Lo: t.base.lo})
-		for _, e := range t.index {
-			values = append(values, range6{V: index(e)})
-		}
-		for _, r := range t.ranges {
-			values = append(values, range6{Hi: r.start.hi, Lo: r.start.lo, V: uint64(r.set)})
-		}
-		for _, s := range t.sets {
-			values = append(values, range6{V: s})
-		}
-		err = fillArray(tbl, values)
+		err = fillArray(tbl, t.encode6())
 	} else {
-		values := make([]uint64, 0, n)
-		values = append(values, header, t.base.lo)
-		for _, e := range t.index {
-			values = append(values, index(e))
-		}
-		for _, r := range t.ranges {
-			values = append(values, r.start.lo<<32|uint64(r.set))
-		}
-		values = append(values, t.sets...)
-		err = fillArray(tbl, values)
+		err = fillArray(tbl, t.encode4())
 	}
 	if err == nil {
 		err = gens.Put(gen, tbl)
