@@ -416,3 +416,56 @@ func TestFailedRetirementIsRetried(t *testing.T) {
 		t.Fatalf("retired again once done: generation %d", h.os.gens[0])
 	}
 }
+
+// What a status pass relies on: the plan of a world a pass has applied
+// touches nothing in the kernel however the probes' figures move (the
+// status gets them); a changed verdict, a changed world and an ended
+// hold-down each need a full pass.
+func TestPlanTouchesKernel(t *testing.T) {
+	h := startBoth(t, probed, "")
+	ok := health.Result{Verdict: true, Healthy: true, RTT: 12 * time.Millisecond}
+	h.os.probes[0] = ok
+	h.pass("start")
+	h.pass("settled")
+	replan := func() (Plan, Snapshot) {
+		s := h.snapshot()
+		return plan(h.cfg, s, h.mem), s
+	}
+	if p, s := replan(); p.touchesKernel(s) {
+		t.Fatalf("the plan of an applied world touches the kernel: %+v", p)
+	}
+	h.os.probes[0] = health.Result{Verdict: true, Healthy: true, RTT: 31 * time.Millisecond, Loss: 0.05, Fails: 1, Reason: "1 round without an answer"}
+	p, s := replan()
+	if p.touchesKernel(s) {
+		t.Fatalf("new RTT and loss, the same verdict: the plan touches the kernel: %+v", p)
+	}
+	if u := p.Status.Uplinks[0]; u.RTTms != 31 || u.Loss != 0.05 {
+		t.Fatalf("the status has RTT %v ms, loss %v; want the new result's 31, 0.05", u.RTTms, u.Loss)
+	}
+	h.os.probes[0] = health.Result{Verdict: true, Fails: 3, Reason: "3 rounds without an answer"}
+	if p, s := replan(); !p.touchesKernel(s) {
+		t.Fatal("a verdict turned unhealthy: the plan touches nothing")
+	}
+	h.os.probes[0] = ok
+	for k := range h.os.rules {
+		delete(h.os.rules, k) // somebody flushed a rule
+		break
+	}
+	if p, s := replan(); !p.touchesKernel(s) {
+		t.Fatal("a rule of mhbpf's gone: the plan touches nothing")
+	}
+	h.pass("the rule back")
+	// A hold-down ending: isp2's link went and came back; up_delay later
+	// it is usable again, which only a full pass can make so.
+	h.link("ppp1", 3, false)
+	h.pass("isp2's link down")
+	h.link("ppp1", 3, true, "100.64.1.2/24")
+	h.pass("isp2's link back: held for up_delay")
+	if p, s := replan(); p.touchesKernel(s) {
+		t.Fatalf("while isp2 is held: the plan touches the kernel: %+v", p)
+	}
+	h.advance(time.Second)
+	if p, s := replan(); !p.touchesKernel(s) || len(p.Up) != 1 {
+		t.Fatalf("up_delay over: the plan touches nothing (up: %v)", p.Up)
+	}
+}
