@@ -202,8 +202,14 @@ func pppUplinks(t *testing.T) (topo *topology.Topology, isp1 *pppLink, waitDev f
 	startPPP(t, rt, topo.ISP2, 1, "100.64.1.2", "100.64.1.1")
 	waitDev = func(ns, dev string) {
 		t.Helper()
+		// pppd sets the address before it brings the device up: a route
+		// over it needs both.
+		up := func() bool {
+			out, _ := exec.Command("ip", "-n", ns, "-o", "link", "show", "dev", dev).CombinedOutput()
+			return strings.Contains(string(out), ",UP") || strings.Contains(string(out), "<UP")
+		}
 		for start := time.Now(); time.Since(start) < 30*time.Second; time.Sleep(100 * time.Millisecond) {
-			if out, _ := exec.Command("ip", "-n", ns, "-br", "addr", "show", "dev", dev).CombinedOutput(); strings.Contains(string(out), "100.64.") {
+			if out, _ := exec.Command("ip", "-n", ns, "-br", "addr", "show", "dev", dev).CombinedOutput(); strings.Contains(string(out), "100.64.") && up() {
 				return
 			}
 		}
