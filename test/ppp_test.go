@@ -177,7 +177,8 @@ last_resort = "unreachable"
 
 // pppUplinks is the small topology with its ppp0 and ppp1 veths replaced by
 // real pppd sessions to the ISPs, up, with the ISPs' routes to the LAN over
-// them. waitDev waits for a ppp device of a namespace to have its address.
+// them. waitDev waits for a ppp device of a namespace to be up with its
+// address.
 func pppUplinks(t *testing.T) (topo *topology.Topology, isp1 *pppLink, waitDev func(ns, dev string)) {
 	t.Helper()
 	testutil.RequireRoot(t)
