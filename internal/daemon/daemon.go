@@ -418,10 +418,7 @@ func (d *Daemon) statusPass(wake *<-chan time.Time) bool {
 	}
 	s := *d.last
 	s.Now = time.Now()
-	s.Probes = make(map[int]health.Result, len(d.probes))
-	for id, r := range d.probes {
-		s.Probes[id] = r
-	}
+	s.Probes = d.probeResults()
 	p := plan(d.cfg, s, d.mem)
 	if p.touchesKernel(s) {
 		return false

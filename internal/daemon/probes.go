@@ -113,6 +113,15 @@ func (d *Daemon) probeResult(r health.Result) (verdictChanged bool) {
 	return !had || prev.Verdict != r.Verdict || prev.Healthy != r.Healthy
 }
 
+// probeResults is a copy of the latest results, for a snapshot.
+func (d *Daemon) probeResults() map[int]health.Result {
+	out := make(map[int]health.Result, len(d.probes))
+	for id, r := range d.probes {
+		out[id] = r
+	}
+	return out
+}
+
 // keepPinned notes, before the first pass writes the uplinks map, which
 // probed uplinks the datapath was using: those stay in use until their
 // first verdict.

@@ -71,16 +71,14 @@ type ObserveError struct {
 
 // observe reads the snapshot for one pass.
 func (d *Daemon) observe() Snapshot {
-	s := Snapshot{Now: time.Now(), Links: map[string]Link{}, Probes: map[int]health.Result{}, TC: map[string]TCState{}}
+	s := Snapshot{Now: time.Now(), Links: map[string]Link{}, TC: map[string]TCState{}}
 	for _, u := range d.cfg.Uplinks {
 		s.Links[u.Interface] = d.observeLink(u.Interface)
 	}
 	for _, ifname := range d.cfg.LAN.Interfaces {
 		s.Links[ifname] = d.observeLink(ifname)
 	}
-	for id, r := range d.probes {
-		s.Probes[id] = r
-	}
+	s.Probes = d.probeResults()
 	var err error
 	if s.Routing, err = routing.Current(d.nl, d.routingSettings()); err != nil {
 		s.Errors = append(s.Errors, ObserveError{"routing", err})

@@ -75,11 +75,6 @@ func (a u128) shl(n int) u128 {
 	return u128{}
 }
 
-// highBits is the top n bits of a (an address of width bits).
-func highBits(a u128, width, n int) u128 {
-	return a.shr(width - n)
-}
-
 func (a u128) shr(n int) u128 {
 	switch {
 	case n <= 0:
@@ -177,7 +172,7 @@ func (t *rangeTable) node(rs []addrRange, level int) int {
 	if len(rs) > 1 {
 		// The index must keep a bit: from < width.
 		n.from = min(commonBits(rs[1].start, rs[len(rs)-1].start, t.width), t.width-1)
-		n.base = highBits(rs[1].start, t.width, n.from).shl(t.width - n.from)
+		n.base = rs[1].start.shr(t.width - n.from).shl(t.width - n.from)
 	}
 	end := n.base.or(ones(t.width - n.from))
 	lo := sort.Search(len(rs), func(i int) bool { return n.base.less(rs[i].start) }) - 1 // holds base
@@ -266,8 +261,6 @@ func ranges(t *rangeTable, prefixes []prefixRules) []addrRange {
 	closeBefore(u128{}, true)
 	return out
 }
-
-func (a u128) and(b u128) u128 { return u128{a.hi & b.hi, a.lo & b.lo} }
 
 // The map's layout (bpf/include/maps.h): [0] where the sets start, the
 // nodes from 1 (the root first), each its two header entries and its
