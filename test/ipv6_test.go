@@ -166,8 +166,16 @@ last_resort = "unreachable"
 		}
 		return got
 	}
-	if got := tally(20); got["isp1"] == 0 || got["isp2"] == 0 || got["error"] > 0 {
-		t.Fatalf("20 IPv6 connections per flow with both up: %v, want both uplinks used, no error", got)
+	// With weights 8:2, 20 flows all choose isp1 about once in 90 runs (CI
+	// saw it): dial until both have been chosen, at most 60 (0.8^60 ≈ 1.5e-6).
+	both := map[string]int{}
+	for i := 0; i < 60 && (both["isp1"] == 0 || both["isp2"] == 0); i++ {
+		for name, n := range tally(1) {
+			both[name] += n
+		}
+	}
+	if both["isp1"] == 0 || both["isp2"] == 0 || both["error"] > 0 {
+		t.Fatalf("up to 60 IPv6 connections per flow with both up: %v, want both uplinks used, no error", both)
 	}
 	if got, err := dial6(e, e.topo.LAN, topology.Internet6, 8064); !answeredBy(got, err, "isp1", topology.LANHost6) {
 		t.Fatalf("isp1-only policy with isp1 up: %q, %v", got, err)
