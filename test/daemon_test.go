@@ -254,6 +254,14 @@ func (e *daemonEnv) snapshot() string {
 
 func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 	e := newDaemonEnv(t, "", "")
+	// Strict reverse-path filtering everywhere (conf.all), but off on
+	// ppp1: the uplinks come out loose, ppp1 included (the greater of the
+	// two counts), the LAN keeps its strict check.
+	for _, kv := range []string{"net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.ppp1.rp_filter=0"} {
+		if out, err := e.inRouter("sysctl", "-qw", kv).CombinedOutput(); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+	}
 	e.start()
 	e.waitFor("main's multipath default route", 3*time.Second, func() bool { return e.mainVia("ppp0", "ppp1") })
 	r := e.defaultRoute()
@@ -305,7 +313,8 @@ func TestDaemonInstallsTheMarkScheme(t *testing.T) {
 		t.Errorf("IPv6 main default route %q, want weights 8 and 2", r)
 	}
 	for k, v := range map[string]string{"net.ipv4.ip_forward": "1", "net.ipv4.tcp_fwmark_accept": "1", "net.ipv4.fwmark_reflect": "1",
-		"net.ipv4.conf.ppp1.rp_filter": "2"} {
+		"net.ipv4.conf.ppp0.rp_filter": "2", "net.ipv4.conf.ppp1.rp_filter": "2",
+		"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.eth2.rp_filter": "0"} {
 		out, _ := e.inRouter("sysctl", "-n", k).Output()
 		if strings.TrimSpace(string(out)) != v {
 			t.Errorf("sysctl %s = %q, want %s", k, out, v)
@@ -466,7 +475,7 @@ func TestDaemonBadConfigAtStartChangesNothing(t *testing.T) {
 func TestDownAfterCrashRestoresEverything(t *testing.T) {
 	e := newDaemonEnv(t, "masquerade = true", "")
 	// Start from values mhbpf changes, so restoring is visible.
-	for _, kv := range []string{"net.ipv4.ip_forward=0", "net.ipv4.tcp_fwmark_accept=0", "net.ipv4.conf.all.rp_filter=0"} {
+	for _, kv := range []string{"net.ipv4.ip_forward=0", "net.ipv4.tcp_fwmark_accept=0", "net.ipv4.conf.ppp0.rp_filter=1"} {
 		if out, err := e.inRouter("sysctl", "-qw", kv).CombinedOutput(); err != nil {
 			t.Fatalf("%v %s", err, out)
 		}

@@ -52,6 +52,12 @@ func newScenario(t *testing.T) *scenario {
 	}
 	t.Cleanup(topo.Close)
 	rt := topo.Router
+	// The router filters strictly by reverse path: the uplinks loose, as
+	// the daemon makes them (an answer arrives by isp2 while main's route
+	// back is isp1).
+	if out, err := topo.Exec(rt, "sysctl", "-qw", "net.ipv4.conf.ppp0.rp_filter=2", "net.ipv4.conf.ppp1.rp_filter=2").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
 	for _, args := range [][]string{
 		{"route", "add", "default", "via", topology.ISP1Peer.String(), "table", tableISP1},
 		{"route", "add", "default", "via", topology.ISP2Peer.String(), "table", tableISP2},

@@ -99,8 +99,11 @@ func newBed(self string, track *tracker) (b *bed, err error) {
 		}
 	}
 	sysctls := map[string][]string{
-		t.ISP1: {"net.ipv4.ip_forward=1"},
-		t.ISP2: {"net.ipv4.ip_forward=1"},
+		// The kernel's default, which mhbpf leaves as found: no setup
+		// pays a reverse-path lookup per packet that another does not.
+		t.Router: {"net.ipv4.conf.all.rp_filter=0"},
+		t.ISP1:   {"net.ipv4.ip_forward=1"},
+		t.ISP2:   {"net.ipv4.ip_forward=1"},
 		// A burst of new connections must not overflow the listener.
 		b.Srv: {"net.core.somaxconn=4096", "net.ipv4.tcp_max_syn_backlog=4096"},
 		// The client's ports are free again at once (the server closes

@@ -14,20 +14,29 @@ import (
 // Sysctls are settings under /proc/sys, by dotted name.
 type Sysctls map[string]string
 
+// RPFilterNotStrict is what DesiredSysctls wants of an uplink's rp_filter:
+// loose (2) where the interface would otherwise filter strictly (1, from its
+// own setting or from conf.all: the kernel uses the greater), else left as
+// found. An answer may arrive on another uplink than main's route back, which
+// strict filtering drops; but filtering the admin turned off stays off: the
+// loose check is one more FIB lookup, through every rule, on each packet.
+// conf.all is never touched: it would change every other interface too (the
+// LAN's strict check, a container's veth).
+const RPFilterNotStrict = "not strict"
+
 // DesiredSysctls are what the mark scheme needs: forwarding, sockets that
 // inherit the mark of the SYN that opened them, kernel replies (ICMP, RST)
-// with the mark of what they answer, and loose reverse-path filtering on
-// uplinks (an answer may arrive on another uplink than the route back).
+// with the mark of what they answer, and uplinks that do not filter
+// strictly by reverse path.
 func DesiredSysctls(uplinkIfaces []string, ipv6 bool) Sysctls {
 	s := Sysctls{
-		"net.ipv4.ip_forward":         "1",
-		"net.ipv4.tcp_fwmark_accept":  "1",
-		"net.ipv4.fwmark_reflect":     "1",
-		"net.ipv6.fwmark_reflect":     "1",
-		"net.ipv4.conf.all.rp_filter": "2",
+		"net.ipv4.ip_forward":        "1",
+		"net.ipv4.tcp_fwmark_accept": "1",
+		"net.ipv4.fwmark_reflect":    "1",
+		"net.ipv6.fwmark_reflect":    "1",
 	}
 	for _, i := range uplinkIfaces {
-		s["net.ipv4.conf."+i+".rp_filter"] = "2"
+		s["net.ipv4.conf."+i+".rp_filter"] = RPFilterNotStrict
 	}
 	if ipv6 {
 		s["net.ipv6.conf.all.forwarding"] = "1"
@@ -65,7 +74,12 @@ type Saved struct {
 
 // ApplySysctls sets want, first recording in the state file the value each
 // setting had before mhbpf first touched it. Interfaces that do not exist
-// yet are skipped and tried again on the next pass.
+// yet are skipped and tried again on the next pass. An rp_filter recorded
+// but no longer wanted (an uplink taken out of the configuration, the
+// conf.all an earlier version set) is put back and forgotten; the others
+// stay until 'mhbpf down': whether IPv6 forwarding is wanted follows the
+// uplinks' addresses of the moment, and turning it off and on again resets
+// every interface's router behaviour.
 func ApplySysctls(stateFile string, want Sysctls) error {
 	saved, err := LoadSaved(stateFile)
 	if err != nil {
@@ -73,12 +87,7 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 	}
 	changed := false
 	var errs []error
-	names := make([]string, 0, len(want))
-	for n := range want {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
+	for _, n := range sortedNames(want) {
 		cur, err := ReadSysctl(n)
 		if errors.Is(err, os.ErrNotExist) {
 			continue // an interface that is not there yet
@@ -87,15 +96,39 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 			errs = append(errs, err)
 			continue
 		}
-		if _, ok := saved.Sysctls[n]; !ok {
+		_, recorded := saved.Sysctls[n]
+		value := want[n]
+		if value == RPFilterNotStrict {
+			strict, err := rpFilterStrict(n, cur)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if !recorded && !strict {
+				continue // as the admin has it: not ours
+			}
+			value = "2"
+		}
+		if !recorded {
 			saved.Sysctls[n] = cur
 			changed = true
 		}
-		if cur != want[n] {
-			if err := WriteSysctl(n, want[n]); err != nil {
+		if cur != value {
+			if err := WriteSysctl(n, value); err != nil {
 				errs = append(errs, fmt.Errorf("set %s: %w", n, err))
 			}
 		}
+	}
+	for _, n := range sortedNames(saved.Sysctls) {
+		if _, ok := want[n]; ok || !strings.HasSuffix(n, ".rp_filter") {
+			continue
+		}
+		if err := WriteSysctl(n, saved.Sysctls[n]); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("restore %s: %w", n, err))
+			continue
+		}
+		delete(saved.Sysctls, n)
+		changed = true
 	}
 	if changed {
 		if err := statefile.Write(stateFile, saved); err != nil {
@@ -103,6 +136,26 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// rpFilterStrict tells whether the interface of an rp_filter setting (name,
+// its value cur) filters strictly: the kernel applies the greater of its own
+// value and conf.all's.
+func rpFilterStrict(name, cur string) (bool, error) {
+	all, err := ReadSysctl("net.ipv4.conf.all.rp_filter")
+	if err != nil {
+		return false, err
+	}
+	return max(cur, all) == "1", nil // single digits 0-2: compare as text
+}
+
+func sortedNames(s Sysctls) []string {
+	names := make([]string, 0, len(s))
+	for n := range s {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
 }
 
 // RestoreSysctls puts back what the state file recorded and removes it.

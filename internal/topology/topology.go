@@ -140,8 +140,11 @@ func (t *Topology) build() error {
 		"net.ipv4.ip_forward=1",
 		"net.ipv4.tcp_fwmark_accept=1",
 		"net.ipv4.fwmark_reflect=1",
-		"net.ipv4.conf.all.rp_filter=2",
-		"net.ipv4.conf.default.rp_filter=2",
+		// Strict reverse-path filtering, as many routers are set up (the
+		// scenario's lab has it off): mhbpf must loosen its uplinks, an
+		// answer may come back by the other one, and nothing else.
+		"net.ipv4.conf.all.rp_filter=1",
+		"net.ipv4.conf.default.rp_filter=1",
 		"net.ipv6.conf.all.forwarding=1",
 		// A link that goes down keeps its IPv6 addresses, as pppd's and
 		// IPv4's do; otherwise a flap loses them for good here.
