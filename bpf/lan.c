@@ -20,8 +20,18 @@ int lan_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	struct packet p = {};
-	if (parse_packet(skb, ifc->l3_off, &p) < 0 || p.fragment)
+	if (parse_packet(skb, ifc->l3_off, &p) < 0)
 		return TC_ACT_OK;
+	if (p.fragment) {
+		/* No ports: the mark its datagram's first fragment got. */
+		struct fragment *fr = fragment_of(&p);
+		if (fr) {
+			skb->mark = apply_mark(skb->mark, fr->mark);
+			if (fr->uplink != NO_UPLINK)
+				count_packet(fr->uplink, skb->len, false);
+		}
+		return TC_ACT_OK;
+	}
 
 	/* Known flows first: they are most packets, and a bypassed destination
 	 * never gets a flow, so the bypass check is only needed on a miss. A
@@ -45,6 +55,8 @@ int lan_ingress(struct __sk_buff *skb)
 		flow_seen(f);
 		count_packet(f->uplink, skb->len, false);
 		skb->mark = apply_mark(skb->mark, f->mark);
+		if (p.first_fragment)
+			fragment_remember(&p, f->mark, f->uplink);
 		return TC_ACT_OK;
 	}
 	if (is_bypassed(p.family, p.daddr))
@@ -73,6 +85,7 @@ int lan_ingress(struct __sk_buff *skb)
 	if (choose(&t, &c) < 0)
 		return TC_ACT_OK;
 	skb->mark = apply_mark(skb->mark, c.mark);
+	fragment_remember(&p, c.mark, c.uplink);
 	if (c.uplink < 0)
 		return TC_ACT_OK; /* nothing up: main or unreachable, and ask again next packet */
 

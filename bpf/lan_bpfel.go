@@ -45,6 +45,23 @@ type LanFlow6Key struct {
 	Pad   [3]uint8
 }
 
+type LanFragment struct {
+	_      structs.HostLayout
+	Mark   uint32
+	Uplink uint8
+	Pad    [3]uint8
+}
+
+type LanFragmentKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Proto  uint8
+	Pad    uint16
+	Id     uint32
+	Saddr  [4]uint32
+	Daddr  [4]uint32
+}
+
 type LanIface struct {
 	_      structs.HostLayout
 	Role   uint8
@@ -183,6 +200,7 @@ const (
 	LanMapCounters          = "counters"
 	LanMapFlows4            = "flows4"
 	LanMapFlows6            = "flows6"
+	LanMapFragments         = "fragments"
 	LanMapIfaceSlots        = "iface_slots"
 	LanMapIfaces            = "ifaces"
 	LanMapInbound4          = "inbound4"
@@ -265,6 +283,7 @@ type LanMapSpecs struct {
 	Counters         *ebpf.MapSpec `ebpf:"counters"`
 	Flows4           *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6           *ebpf.MapSpec `ebpf:"flows6"`
+	Fragments        *ebpf.MapSpec `ebpf:"fragments"`
 	IfaceSlots       *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces           *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4         *ebpf.MapSpec `ebpf:"inbound4"`
@@ -321,6 +340,7 @@ type LanMaps struct {
 	Counters         *ebpf.Map `ebpf:"counters"`
 	Flows4           *ebpf.Map `ebpf:"flows4"`
 	Flows6           *ebpf.Map `ebpf:"flows6"`
+	Fragments        *ebpf.Map `ebpf:"fragments"`
 	IfaceSlots       *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces           *ebpf.Map `ebpf:"ifaces"`
 	Inbound4         *ebpf.Map `ebpf:"inbound4"`
@@ -345,6 +365,7 @@ func (m *LanMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.Fragments,
 		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,

@@ -45,6 +45,23 @@ type LanCompatFlow6Key struct {
 	Pad   [3]uint8
 }
 
+type LanCompatFragment struct {
+	_      structs.HostLayout
+	Mark   uint32
+	Uplink uint8
+	Pad    [3]uint8
+}
+
+type LanCompatFragmentKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Proto  uint8
+	Pad    uint16
+	Id     uint32
+	Saddr  [4]uint32
+	Daddr  [4]uint32
+}
+
 type LanCompatIface struct {
 	_      structs.HostLayout
 	Role   uint8
@@ -183,6 +200,7 @@ const (
 	LanCompatMapCounters          = "counters"
 	LanCompatMapFlows4            = "flows4"
 	LanCompatMapFlows6            = "flows6"
+	LanCompatMapFragments         = "fragments"
 	LanCompatMapIfaceSlots        = "iface_slots"
 	LanCompatMapIfaces            = "ifaces"
 	LanCompatMapInbound4          = "inbound4"
@@ -265,6 +283,7 @@ type LanCompatMapSpecs struct {
 	Counters         *ebpf.MapSpec `ebpf:"counters"`
 	Flows4           *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6           *ebpf.MapSpec `ebpf:"flows6"`
+	Fragments        *ebpf.MapSpec `ebpf:"fragments"`
 	IfaceSlots       *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces           *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4         *ebpf.MapSpec `ebpf:"inbound4"`
@@ -321,6 +340,7 @@ type LanCompatMaps struct {
 	Counters         *ebpf.Map `ebpf:"counters"`
 	Flows4           *ebpf.Map `ebpf:"flows4"`
 	Flows6           *ebpf.Map `ebpf:"flows6"`
+	Fragments        *ebpf.Map `ebpf:"fragments"`
 	IfaceSlots       *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces           *ebpf.Map `ebpf:"ifaces"`
 	Inbound4         *ebpf.Map `ebpf:"inbound4"`
@@ -345,6 +365,7 @@ func (m *LanCompatMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.Fragments,
 		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,

@@ -839,6 +839,48 @@ func TestFirstFragmentMakesAFlow(t *testing.T) {
 	}
 }
 
+// A later fragment has no ports: it gets the mark its datagram's first
+// fragment got (the same addresses, protocol and identification), and is
+// counted to that uplink; one of a datagram whose first fragment was not
+// seen passes as it came. IPv4 and IPv6.
+func TestLaterFragmentsTakeTheFirstsMark(t *testing.T) {
+	for _, c := range []struct {
+		name         string
+		host, remote netip.Addr
+		ext          []uint8
+	}{{"ipv4", lanHost, remote, nil}, {"ipv6", lanHost6, remote6, []uint8{44}},
+		// Options after the fragment header: in the first fragment the
+		// parser goes on to UDP, in the later ones it stops at the
+		// fragment header; both take its next header for the key.
+		{"ipv6+dstopts", lanHost6, remote6, []uint8{44, 60}}} {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t)
+			a := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}
+			e.policy(maps.Policy{Default: a})
+			first := packet.Packet{Src: ap(c.host, 4000), Dst: ap(c.remote, 4000), Proto: packet.ProtoUDP, Ext: c.ext,
+				MoreFragments: true, FragID: 0x1234, Payload: 100}
+			m := e.lanRun(first, 0)
+			if uplinkOf(m) != isp2 {
+				t.Fatalf("first fragment: mark %#x, want isp2's", m)
+			}
+			later := first
+			later.FragOffset, later.MoreFragments = 185, false
+			before, _ := e.m.UplinkCounters(isp2)
+			if got := e.lanRun(later, 0x5); got != m|0x5 {
+				t.Errorf("later fragment: mark %#x, want the first's %#x and its own bits 0x5", got, m|0x5)
+			}
+			if after, _ := e.m.UplinkCounters(isp2); after.TxPackets != before.TxPackets+1 {
+				t.Errorf("later fragment: isp2 counted %d packets, want 1", after.TxPackets-before.TxPackets)
+			}
+			other := later
+			other.FragID = 0x1235
+			if got := e.lanRun(other, 0); got != 0 {
+				t.Errorf("a fragment of a datagram whose first was not seen: mark %#x, want none", got)
+			}
+		})
+	}
+}
+
 func TestCounters(t *testing.T) {
 	e := newEnv(t)
 	a := maps.Action{Uplinks: []maps.Choice{{Uplink: isp2, Weight: 1}}}

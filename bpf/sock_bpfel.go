@@ -45,6 +45,23 @@ type SockFlow6Key struct {
 	Pad   [3]uint8
 }
 
+type SockFragment struct {
+	_      structs.HostLayout
+	Mark   uint32
+	Uplink uint8
+	Pad    [3]uint8
+}
+
+type SockFragmentKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Proto  uint8
+	Pad    uint16
+	Id     uint32
+	Saddr  [4]uint32
+	Daddr  [4]uint32
+}
+
 type SockIface struct {
 	_      structs.HostLayout
 	Role   uint8
@@ -183,6 +200,7 @@ const (
 	SockMapCounters          = "counters"
 	SockMapFlows4            = "flows4"
 	SockMapFlows6            = "flows6"
+	SockMapFragments         = "fragments"
 	SockMapIfaceSlots        = "iface_slots"
 	SockMapIfaces            = "ifaces"
 	SockMapInbound4          = "inbound4"
@@ -271,6 +289,7 @@ type SockMapSpecs struct {
 	Counters         *ebpf.MapSpec `ebpf:"counters"`
 	Flows4           *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6           *ebpf.MapSpec `ebpf:"flows6"`
+	Fragments        *ebpf.MapSpec `ebpf:"fragments"`
 	IfaceSlots       *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces           *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4         *ebpf.MapSpec `ebpf:"inbound4"`
@@ -329,6 +348,7 @@ type SockMaps struct {
 	Counters         *ebpf.Map `ebpf:"counters"`
 	Flows4           *ebpf.Map `ebpf:"flows4"`
 	Flows6           *ebpf.Map `ebpf:"flows6"`
+	Fragments        *ebpf.Map `ebpf:"fragments"`
 	IfaceSlots       *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces           *ebpf.Map `ebpf:"ifaces"`
 	Inbound4         *ebpf.Map `ebpf:"inbound4"`
@@ -353,6 +373,7 @@ func (m *SockMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.Fragments,
 		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,

@@ -52,6 +52,23 @@ type UplinkFlow6Key struct {
 	Pad   [3]uint8
 }
 
+type UplinkFragment struct {
+	_      structs.HostLayout
+	Mark   uint32
+	Uplink uint8
+	Pad    [3]uint8
+}
+
+type UplinkFragmentKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Proto  uint8
+	Pad    uint16
+	Id     uint32
+	Saddr  [4]uint32
+	Daddr  [4]uint32
+}
+
 type UplinkIface struct {
 	_      structs.HostLayout
 	Role   uint8
@@ -217,6 +234,7 @@ const (
 	UplinkMapCounters          = "counters"
 	UplinkMapFlows4            = "flows4"
 	UplinkMapFlows6            = "flows6"
+	UplinkMapFragments         = "fragments"
 	UplinkMapIfaceSlots        = "iface_slots"
 	UplinkMapIfaces            = "ifaces"
 	UplinkMapInbound4          = "inbound4"
@@ -297,6 +315,7 @@ type UplinkMapSpecs struct {
 	Counters         *ebpf.MapSpec `ebpf:"counters"`
 	Flows4           *ebpf.MapSpec `ebpf:"flows4"`
 	Flows6           *ebpf.MapSpec `ebpf:"flows6"`
+	Fragments        *ebpf.MapSpec `ebpf:"fragments"`
 	IfaceSlots       *ebpf.MapSpec `ebpf:"iface_slots"`
 	Ifaces           *ebpf.MapSpec `ebpf:"ifaces"`
 	Inbound4         *ebpf.MapSpec `ebpf:"inbound4"`
@@ -353,6 +372,7 @@ type UplinkMaps struct {
 	Counters         *ebpf.Map `ebpf:"counters"`
 	Flows4           *ebpf.Map `ebpf:"flows4"`
 	Flows6           *ebpf.Map `ebpf:"flows6"`
+	Fragments        *ebpf.Map `ebpf:"fragments"`
 	IfaceSlots       *ebpf.Map `ebpf:"iface_slots"`
 	Ifaces           *ebpf.Map `ebpf:"ifaces"`
 	Inbound4         *ebpf.Map `ebpf:"inbound4"`
@@ -377,6 +397,7 @@ func (m *UplinkMaps) Close() error {
 		m.Counters,
 		m.Flows4,
 		m.Flows6,
+		m.Fragments,
 		m.IfaceSlots,
 		m.Ifaces,
 		m.Inbound4,

@@ -14,6 +14,43 @@ static __always_inline struct iface *iface_with_role(__u32 ifindex, __u8 role)
 	return ifc && ifc->role == role ? ifc : 0;
 }
 
+/* The key of the datagram p is a fragment of. */
+static __always_inline void fragment_key_of(const struct packet *p, struct fragment_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = p->family;
+	k->proto = p->frag_proto;
+	k->id = p->frag_id;
+	__builtin_memcpy(k->saddr, p->saddr, 16);
+	__builtin_memcpy(k->daddr, p->daddr, 16);
+}
+
+/* A first fragment (p: any packet) hands the mark it got, and its uplink,
+ * to the fragments after it. Written only when it changes: the IPv4 id comes round
+ * again every 65536 datagrams of a pair. */
+__attribute__((noinline)) int fragment_remember(struct packet *p, __u32 mark, int uplink)
+{
+	/* Global, and the test for a first fragment in here: the verifier
+	 * checks it once on its own, and a caller's paths do not split on
+	 * it (after the policy lookup, they are many). */
+	if (!p || !p->first_fragment)
+		return 0;
+	struct fragment_key k;
+	fragment_key_of(p, &k);
+	struct fragment v = { .mark = mark, .uplink = uplink < 0 ? NO_UPLINK : uplink };
+	struct fragment *old = bpf_map_lookup_elem(&fragments, &k);
+	if (!old || old->mark != v.mark || old->uplink != v.uplink)
+		bpf_map_update_elem(&fragments, &k, &v, BPF_ANY);
+	return 0;
+}
+
+static __always_inline struct fragment *fragment_of(const struct packet *p)
+{
+	struct fragment_key k;
+	fragment_key_of(p, &k);
+	return bpf_map_lookup_elem(&fragments, &k);
+}
+
 /* A flow's key in the layout of its family. */
 union flow_key {
 	struct flow4_key v4;

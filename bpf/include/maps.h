@@ -410,6 +410,37 @@ struct {
 	__type(value, struct uplink_counters);
 } counters SEC(".maps");
 
+/* A fragmented datagram's mark, from its first fragment (the one with the
+ * ports, which the flow and the policy go by) for the fragments after it.
+ * Where nothing reassembles before routing (no conntrack on the box: no
+ * masquerade) each fragment is routed on its own, and the later ones, left
+ * unmarked, would follow main, perhaps by another uplink than the first:
+ * the datagram, split between two providers, never arrives. A later
+ * fragment that overtakes the first passes unmarked. */
+struct fragment_key {
+	__u8 family;
+	__u8 proto; /* IPv6: the fragment header's next header */
+	__u16 pad;
+	__be32 id;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+struct fragment {
+	__u32 mark;   /* the mhbpf bits of the first fragment's mark */
+	__u8 uplink;  /* whose counters the fragments go to; NO_UPLINK: none */
+	__u8 pad[3];
+};
+
+#define NO_UPLINK 0xff
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct fragment_key);
+	__type(value, struct fragment);
+} fragments SEC(".maps");
+
 /* Flows a remote peer started on an uplink (uplink ingress records them),
  * in a map of their own: a flood from the internet evicts only its own kind,
  * never the LAN's flows in `flows4` and `flows6`. */

@@ -16,11 +16,14 @@ struct packet {
 	__u8 tcp_flags;
 	__u8 icmp_type;
 	__u8 fragment; /* a non-first fragment: no L4 header, no flow identity */
-	__u8 pad[3];
+	__u8 first_fragment; /* the first of several: the L4 header, more follow */
+	__u8 frag_proto; /* what follows the fragment header (IPv4: proto) */
+	__u8 pad;
 	__be16 sport; /* ICMP echo: the identifier */
 	__be16 dport;
 	__u32 saddr[4];
 	__u32 daddr[4];
+	__be32 frag_id; /* a fragment's datagram (IPv4: 16 bits), when fragment or first_fragment */
 };
 
 #define TCP_FLAG_SYN 0x02
@@ -100,10 +103,16 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	p->proto = ip->protocol;
 	p->saddr[0] = ip->saddr;
 	p->daddr[0] = ip->daddr;
-	if (bpf_ntohs(ip->frag_off) & IP_OFFSET) {
+	__u16 frag = bpf_ntohs(ip->frag_off);
+	if (frag & (IP_OFFSET | IP_MF)) {
+		p->frag_id = ip->id;
+		p->frag_proto = p->proto;
+	}
+	if (frag & IP_OFFSET) {
 		p->fragment = 1;
 		return 0;
 	}
+	p->first_fragment = !!(frag & IP_MF);
 	return parse_l4(skb, off + (ver_ihl & 0xf) * 4, p);
 }
 
@@ -122,6 +131,31 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	__builtin_memcpy(p->daddr, ip->daddr, 16);
 	nh = ip->nexthdr;
 	off += sizeof(buf);
+
+	/* A fragment header right after the IPv6 one, where a source that
+	 * fragments puts it: read here, before the loop (in the loop, the
+	 * verifier's states multiply with what it writes). Its next header is
+	 * never 0 (hop-by-hop comes first or not at all), so a fragment whose
+	 * header the loop finds deeper, with frag_proto 0, matches no first
+	 * fragment: it passes as it came. */
+	if (nh == IPPROTO_FRAGMENT) {
+		__u8 fbuf[8];
+		const __u8 *fh = header(skb, off, fbuf, 8);
+
+		if (!fh)
+			return -1;
+		nh = fh[0];
+		off += 8;
+		p->frag_proto = nh;
+		__builtin_memcpy(&p->frag_id, &fh[4], 4);
+		if (((fh[2] << 8) | fh[3]) & 0xfff8) {
+			p->proto = nh;
+			p->fragment = 1;
+			return 0;
+		}
+		/* An atomic fragment (offset 0, no M flag) is whole. */
+		p->first_fragment = fh[3] & 1;
+	}
 
 	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
 		__u8 ebuf[8];
@@ -152,7 +186,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 			off += 8;
 			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
 				p->proto = nh;
-				p->fragment = 1;
+				p->fragment = 1; /* frag_proto 0: no datagram to join */
 				return 0;
 			}
 			continue;

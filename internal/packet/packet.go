@@ -29,12 +29,15 @@ type Packet struct {
 	IPv4Options []byte
 	// Ext are IPv6 extension headers (next-header numbers) put before L4:
 	// 0 hop-by-hop, 60 destination options, 43 routing (8 bytes each),
-	// 44 fragment (offset 0).
+	// 44 fragment (FragOffset, MoreFragments, FragID).
 	Ext []uint8
-	// FragOffset makes an IPv4 packet a fragment at this offset (in 8-byte
-	// units); MoreFragments sets MF.
+	// FragOffset makes an IPv4 packet, or an IPv6 packet's fragment header
+	// (Ext 44), a fragment at this offset (in 8-byte units); MoreFragments
+	// sets MF (IPv6: M); FragID is the datagram's identification (IPv4:
+	// the low 16 bits).
 	FragOffset    uint16
 	MoreFragments bool
+	FragID        uint32
 	Payload       int
 	// L3 leaves out the Ethernet header, as on ppp and tun devices.
 	L3 bool
@@ -95,6 +98,7 @@ func (p Packet) ipv4(l4len int) []byte {
 	if p.MoreFragments {
 		frag |= 0x2000
 	}
+	binary.BigEndian.PutUint16(h[4:], uint16(p.FragID))
 	binary.BigEndian.PutUint16(h[6:], frag)
 	h[8] = 64
 	h[9] = p.Proto
@@ -117,6 +121,14 @@ func (p Packet) ipv6(l4 []byte) []byte {
 	for i := len(p.Ext) - 1; i >= 0; i-- {
 		e := make([]byte, 8)
 		e[0] = next
+		if p.Ext[i] == 44 {
+			frag := p.FragOffset << 3
+			if p.MoreFragments {
+				frag |= 1
+			}
+			binary.BigEndian.PutUint16(e[2:], frag)
+			binary.BigEndian.PutUint32(e[4:], p.FragID)
+		}
 		// Hop-by-hop, routing and destination options: length 0 means 8
 		// bytes; the fragment header is always 8 bytes.
 		ext = append(e, ext...)
