@@ -73,13 +73,15 @@ type Saved struct {
 }
 
 // ApplySysctls sets want, first recording in the state file the value each
-// setting had before mhbpf first touched it. Interfaces that do not exist
-// yet are skipped and tried again on the next pass. An rp_filter recorded
-// but no longer wanted (an uplink taken out of the configuration, the
-// conf.all an earlier version set) is put back and forgotten; the others
-// stay until 'mhbpf down': whether IPv6 forwarding is wanted follows the
-// uplinks' addresses of the moment, and turning it off and on again resets
-// every interface's router behaviour.
+// setting had before mhbpf first touched it (recorded before written: a
+// crash in between leaves nothing 'mhbpf down' would not put back).
+// Interfaces that do not exist yet are skipped and tried again on the next
+// pass. An rp_filter goes back to its recorded value, and is forgotten, once
+// it is not wanted (an uplink taken out of the configuration, the conf.all
+// an earlier version set) or would not be strict as found (the admin turned
+// conf.all off); the others stay until 'mhbpf down': whether IPv6
+// forwarding is wanted follows the uplinks' addresses of the moment, and
+// turning it off and on again resets every interface's router behaviour.
 func ApplySysctls(stateFile string, want Sysctls) error {
 	saved, err := LoadSaved(stateFile)
 	if err != nil {
@@ -87,6 +89,23 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 	}
 	changed := false
 	var errs []error
+	restore := func(n string) {
+		if err := WriteSysctl(n, saved.Sysctls[n]); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("restore %s: %w", n, err))
+			return
+		}
+		delete(saved.Sysctls, n)
+		changed = true
+	}
+	// What is no longer wanted first: an earlier version's conf.all is
+	// back before the uplinks are judged by it.
+	for _, n := range sortedNames(saved.Sysctls) {
+		if _, ok := want[n]; !ok && strings.HasSuffix(n, ".rp_filter") {
+			restore(n)
+		}
+	}
+	type write struct{ name, value string }
+	var writes []write
 	for _, n := range sortedNames(want) {
 		cur, err := ReadSysctl(n)
 		if errors.Is(err, os.ErrNotExist) {
@@ -96,15 +115,21 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 			errs = append(errs, err)
 			continue
 		}
-		_, recorded := saved.Sysctls[n]
+		found, recorded := saved.Sysctls[n]
 		value := want[n]
 		if value == RPFilterNotStrict {
-			strict, err := rpFilterStrict(n, cur)
+			if !recorded {
+				found = cur
+			}
+			strict, err := rpFilterStrict(found)
 			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			if !recorded && !strict {
+			if !strict {
+				if recorded {
+					restore(n) // as found is not strict (any more)
+				}
 				continue // as the admin has it: not ours
 			}
 			value = "2"
@@ -114,39 +139,32 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 			changed = true
 		}
 		if cur != value {
-			if err := WriteSysctl(n, value); err != nil {
-				errs = append(errs, fmt.Errorf("set %s: %w", n, err))
-			}
+			writes = append(writes, write{n, value})
 		}
-	}
-	for _, n := range sortedNames(saved.Sysctls) {
-		if _, ok := want[n]; ok || !strings.HasSuffix(n, ".rp_filter") {
-			continue
-		}
-		if err := WriteSysctl(n, saved.Sysctls[n]); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("restore %s: %w", n, err))
-			continue
-		}
-		delete(saved.Sysctls, n)
-		changed = true
 	}
 	if changed {
 		if err := statefile.Write(stateFile, saved); err != nil {
-			errs = append(errs, err)
+			// Nothing written that is not recorded.
+			return errors.Join(append(errs, fmt.Errorf("record the sysctls as found: %w", err))...)
+		}
+	}
+	for _, w := range writes {
+		if err := WriteSysctl(w.name, w.value); err != nil {
+			errs = append(errs, fmt.Errorf("set %s: %w", w.name, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// rpFilterStrict tells whether the interface of an rp_filter setting (name,
-// its value cur) filters strictly: the kernel applies the greater of its own
-// value and conf.all's.
-func rpFilterStrict(name, cur string) (bool, error) {
+// rpFilterStrict tells whether an interface whose own rp_filter is value
+// filters strictly: the kernel applies the greater of its own value and
+// conf.all's.
+func rpFilterStrict(value string) (bool, error) {
 	all, err := ReadSysctl("net.ipv4.conf.all.rp_filter")
 	if err != nil {
 		return false, err
 	}
-	return max(cur, all) == "1", nil // single digits 0-2: compare as text
+	return max(value, all) == "1", nil // single digits 0-2: compare as text
 }
 
 func sortedNames(s Sysctls) []string {

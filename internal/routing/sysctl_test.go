@@ -10,9 +10,10 @@ import (
 )
 
 // An uplink's rp_filter is loosened only where the kernel would filter it
-// strictly, conf.all is never written (it would loosen the LAN's strict
-// check too), a recorded rp_filter no longer wanted goes back, and
-// RestoreSysctls leaves everything as found.
+// strictly as found, conf.all is never written (it would loosen the LAN's
+// strict check too), a recorded rp_filter no longer wanted, or no longer
+// strict as found, goes back, and RestoreSysctls leaves everything as
+// found.
 func TestApplySysctlsRPFilter(t *testing.T) {
 	testutil.RequireRoot(t)
 	ns := testutil.UniqueName("mhs")
@@ -67,8 +68,10 @@ func TestApplySysctlsRPFilter(t *testing.T) {
 		}
 		expect("all strict", map[string]string{all: "1", up0: "2", up1: "2", lan0: "1"})
 
-		// An earlier version's conf.all, recorded, goes back; so does the
-		// rp_filter of an uplink no longer configured.
+		// An earlier version's conf.all, recorded, goes back before the
+		// uplinks are judged: off as found, so is up0 (its own 0, now
+		// not strict), which goes back too; so does the rp_filter of an
+		// uplink no longer configured.
 		s, _ := LoadSaved(file)
 		s.Sysctls[all] = "0"
 		set(map[string]string{all: "2"})
@@ -78,10 +81,18 @@ func TestApplySysctlsRPFilter(t *testing.T) {
 		if err := ApplySysctls(file, DesiredSysctls([]string{"up0"}, false)); err != nil {
 			t.Fatal(err)
 		}
-		expect("up1 gone from the configuration", map[string]string{all: "0", up0: "2", up1: "1"})
-		if s, _ := LoadSaved(file); len(s.Sysctls) != 5 || s.Sysctls[all] != "" || s.Sysctls[up1] != "" {
-			t.Errorf("recorded %v, want the four forwarding settings and up0 only", s.Sysctls)
+		expect("an earlier version's conf.all, up1 gone from the configuration", map[string]string{all: "0", up0: "0", up1: "1"})
+		if s, _ := LoadSaved(file); len(s.Sysctls) != 4 || s.Sysctls[all] != "" || s.Sysctls[up0] != "" || s.Sysctls[up1] != "" {
+			t.Errorf("recorded %v, want the four forwarding settings only", s.Sysctls)
 		}
+
+		// The admin makes conf.all strict again: up0 is loosened again.
+		set(map[string]string{all: "1"})
+		if err := ApplySysctls(file, DesiredSysctls([]string{"up0"}, false)); err != nil {
+			t.Fatal(err)
+		}
+		expect("all strict again", map[string]string{all: "1", up0: "2"})
+		set(map[string]string{all: "0"})
 
 		if err := RestoreSysctls(file); err != nil {
 			t.Fatal(err)
