@@ -122,8 +122,8 @@ type ipExtras struct {
 // length, and over the IPv6 hop-by-hop, routing, destination-options and
 // AH headers and a fragment header at offset 0 to the L4 header: packets
 // with them are ordinary flows, on every path, at the cost of a header
-// read per extension header. A non-first fragment has no ports: it passes
-// unmarked (lan-known-fragment).
+// read per extension header. A non-first fragment has no ports: it takes
+// the mark its first fragment got (lan-known-fragment).
 var (
 	// Router alert (RFC 2113: type 148, length 4, value 0), as IGMP and
 	// RSVP send it.

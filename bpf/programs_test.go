@@ -877,7 +877,45 @@ func TestLaterFragmentsTakeTheFirstsMark(t *testing.T) {
 			if got := e.lanRun(other, 0); got != 0 {
 				t.Errorf("a fragment of a datagram whose first was not seen: mark %#x, want none", got)
 			}
+			// The flow's next datagram: its first fragment is a known
+			// flow's packet now, and hands its mark on all the same.
+			next, nextLater := first, later
+			next.FragID, nextLater.FragID = 0x2000, 0x2000
+			if got := e.lanRun(next, 0); got != m {
+				t.Fatalf("the flow's next first fragment: mark %#x, want %#x", got, m)
+			}
+			if got := e.lanRun(nextLater, 0); got != m {
+				t.Errorf("a later fragment of the flow's next datagram: mark %#x, want %#x", got, m)
+			}
 		})
+	}
+}
+
+// A first fragment that gets no mark (here a TCP segment of a connection
+// never seen open) leaves none for its later fragments, not even an
+// earlier datagram's of the same addresses, protocol and id.
+func TestFragmentsTakeNoStaleMark(t *testing.T) {
+	e := newEnv(t)
+	first := syn(ap(lanHost, 4000), ap(remote, 80))
+	first.MoreFragments, first.FragID, first.Payload = true, 0x77, 100
+	m := e.lanRun(first, 0)
+	if uplinkOf(m) < 0 {
+		t.Fatalf("first fragment of a SYN: mark %#x", m)
+	}
+	later := first
+	later.FragOffset, later.MoreFragments = 185, false
+	if got := e.lanRun(later, 0); got != m {
+		t.Fatalf("its later fragment: mark %#x, want %#x", got, m)
+	}
+	// The id comes round again for a segment of a connection mhbpf
+	// never saw open: unmarked, and so are its later fragments.
+	ack := packet.Packet{Src: ap(lanHost, 4001), Dst: ap(remote, 80), Proto: packet.ProtoTCP, TCPFlags: packet.TCPAck,
+		MoreFragments: true, FragID: 0x77, Payload: 100}
+	if got := e.lanRun(ack, 0); got != 0 {
+		t.Fatalf("first fragment of an unknown connection's segment: mark %#x, want none", got)
+	}
+	if got := e.lanRun(later, 0); got != 0 {
+		t.Errorf("a later fragment after it: mark %#x, want none (the earlier datagram's %#x is stale)", got, m)
 	}
 }
 

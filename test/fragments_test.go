@@ -51,7 +51,7 @@ uplinks = ["isp2"]
 	if out, _ := e.inRouter("nft", "list", "ruleset").CombinedOutput(); strings.Contains(string(out), "masquerade") || strings.Contains(string(out), " ct ") {
 		t.Fatalf("the router has conntrack in use, which reassembles before routing: the test proves nothing\n%s", out)
 	}
-	payload := strings.Repeat("f", 3000) + "\n" // two fragments at 1500
+	payload := strings.Repeat("f", 3000) + "\n" // three fragments at an MTU of 1500
 	for _, c := range []struct {
 		addr netip.Addr
 		peer netip.Addr

@@ -26,8 +26,9 @@ static __always_inline void fragment_key_of(const struct packet *p, struct fragm
 }
 
 /* A first fragment (p: any packet) hands the mark it got, and its uplink,
- * to the fragments after it. Written only when it changes: the IPv4 id comes round
- * again every 65536 datagrams of a pair. */
+ * to the fragments after it (mark 0, uplink -1: nothing to hand on, and no
+ * earlier datagram's entry of the same key left to take). Written only
+ * when it changes: a pair's datagrams of one flow mostly repeat it. */
 __attribute__((noinline)) int fragment_remember(struct packet *p, __u32 mark, int uplink)
 {
 	/* Global, and the test for a first fragment in here: the verifier
