@@ -188,7 +188,11 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}) error {
 			// kernel: it updates the status only, without reading the
 			// world again (with 16 probed uplinks, a full pass per
 			// result was 6 % of a core while idle).
-			if !d.probeResult(r) && d.statusPass(&wake) {
+			// Not while a netlink event waits: the last snapshot is
+			// older than it, and a status written now would describe a
+			// world that has changed (a link that just went down, still
+			// usable) as current.
+			if !d.probeResult(r) && !eventPending(events) && d.statusPass(&wake) {
 				continue
 			}
 		case <-events:
@@ -214,6 +218,17 @@ const (
 	debounceQuiet = 10 * time.Millisecond
 	debounceMax   = 50 * time.Millisecond
 )
+
+// eventPending takes an event waiting in ch, if there is one, and says so:
+// the caller makes the full pass it asks for.
+func eventPending(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
 
 // drain swallows events until quiet passes without one, or max since it
 // was called.
