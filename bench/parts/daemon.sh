@@ -104,7 +104,9 @@ successes 2), up_delay 1 s, resync_every 10 s, flow_map_size 262,144.
   says isp1 is out. The probes' own bound is interval × failures +
   timeout = 4 s.
 - **ConvergeAfterLinkEvents**: 100 carrier changes 1 ms apart (isp1 down,
-  isp2 down, isp1 up, isp2 up, ...; both up at the end); \`ms/converge\` from
+  isp2 down, isp1 up, isp2 up, ...; both down for 200 ms before the last
+  two, which bring both up: flaps of a millisecond may all fall between
+  the daemon's passes, and then nothing is held back); \`ms/converge\` from
   the last one until a status written after it says every uplink is in use
   and main's multipath route and both uplink tables have their default
   routes (up_delay, 1 s, is most of it); \`passes\` and \`ms-cpu\`: the
