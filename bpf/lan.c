@@ -59,13 +59,8 @@ int lan_ingress(struct __sk_buff *skb)
 			fragment_remember(&p, f->mark, f->uplink);
 		return TC_ACT_OK;
 	}
-	/* From here on a first fragment that leaves early leaves no mark for
-	 * its datagram's later fragments, nor an earlier datagram's of the
-	 * same id (fragment_remember of 0). */
-	if (is_bypassed(p.family, p.daddr)) {
-		fragment_remember(&p, 0, -1);
-		return TC_ACT_OK;
-	}
+	if (is_bypassed(p.family, p.daddr))
+		goto unmarked;
 
 	/* A TCP segment of a connection we never saw open (it predates mhbpf,
 	 * or its record was evicted) already has a NAT binding on some uplink;
@@ -73,10 +68,8 @@ int lan_ingress(struct __sk_buff *skb)
 	 * One whose record its uplink's failure retired chooses again: that
 	 * binding is gone with the uplink (the daemon makes conntrack forget
 	 * it). */
-	if (!f && p.proto == IPPROTO_TCP && !(p.tcp_flags & TCP_FLAG_SYN)) {
-		fragment_remember(&p, 0, -1);
-		return TC_ACT_OK;
-	}
+	if (!f && p.proto == IPPROTO_TCP && !(p.tcp_flags & TCP_FLAG_SYN))
+		goto unmarked;
 
 	struct target t = {
 		.family = p.family,
@@ -89,10 +82,8 @@ int lan_ingress(struct __sk_buff *skb)
 	t.flow_hash = flow_key_hash(p.family, &k);
 
 	struct choice c;
-	if (choose(&t, &c) < 0) {
-		fragment_remember(&p, 0, -1);
-		return TC_ACT_OK;
-	}
+	if (choose(&t, &c) < 0)
+		goto unmarked;
 	skb->mark = apply_mark(skb->mark, c.mark);
 	fragment_remember(&p, c.mark, c.uplink);
 	if (c.uplink < 0)
@@ -115,6 +106,12 @@ int lan_ingress(struct __sk_buff *skb)
 			bpf_map_update_elem(&remotes, &rk, &rv, BPF_ANY);
 		}
 	}
+	return TC_ACT_OK;
+
+unmarked:
+	/* A first fragment left unmarked leaves no mark for its datagram's
+	 * later fragments, nor an earlier datagram's of the same id. */
+	fragment_remember(&p, 0, -1);
 	return TC_ACT_OK;
 }
 

@@ -34,15 +34,8 @@ uplinks = ["isp2"]
 `)
 	for ns, name := range map[string]string{e.topo.ISP1: "isp1", e.topo.ISP2: "isp2"} {
 		for _, port := range []uint16{8071, 8072} {
-			for _, listen := range []string{
-				fmt.Sprintf("UDP4-RECVFROM:%d,bind=%s,fork,reuseaddr", port, topology.Internet),
-				fmt.Sprintf("UDP6-RECVFROM:%d,bind=[%s],fork,reuseaddr", port, topology.Internet6),
-			} {
-				srv, err := e.topo.ServeSocat(ns, listen, "echo "+name+" $SOCAT_PEERADDR", "-Hlun", port)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(srv.Close)
+			for _, addr := range []netip.Addr{topology.Internet, topology.Internet6} {
+				serveUDPAnswers(t, ns, name, addr, port)
 			}
 		}
 	}

@@ -3,9 +3,10 @@ package routing
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/mhbpf/mhbpf/internal/statefile"
@@ -99,14 +100,14 @@ func ApplySysctls(stateFile string, want Sysctls) error {
 	}
 	// What is no longer wanted first: an earlier version's conf.all is
 	// back before the uplinks are judged by it.
-	for _, n := range sortedNames(saved.Sysctls) {
+	for _, n := range slices.Sorted(maps.Keys(saved.Sysctls)) {
 		if _, ok := want[n]; !ok && strings.HasSuffix(n, ".rp_filter") {
 			restore(n)
 		}
 	}
 	type write struct{ name, value string }
 	var writes []write
-	for _, n := range sortedNames(want) {
+	for _, n := range slices.Sorted(maps.Keys(want)) {
 		cur, err := ReadSysctl(n)
 		if errors.Is(err, os.ErrNotExist) {
 			continue // an interface that is not there yet
@@ -165,15 +166,6 @@ func rpFilterStrict(value string) (bool, error) {
 		return false, err
 	}
 	return max(value, all) == "1", nil // single digits 0-2: compare as text
-}
-
-func sortedNames(s Sysctls) []string {
-	names := make([]string, 0, len(s))
-	for n := range s {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
 }
 
 // RestoreSysctls puts back what the state file recorded and removes it.
